@@ -1,0 +1,48 @@
+"""Importance scores as pure functions over captured activations (tested on small tensors)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def block_influence(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
+    """Per-token Block Influence (ShortGPT): 1 - cos(input, output) of a layer, shape [tokens]."""
+    h_in = h_in.reshape(-1, h_in.shape[-1]).double()
+    h_out = h_out.reshape(-1, h_out.shape[-1]).double()
+    return 1.0 - torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)
+
+
+def head_output_norms(o_proj_weight: torch.Tensor, o_proj_input: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Per-token norm of each head's contribution to the attention output, shape [tokens, heads].
+
+    The o_proj input is the concatenation of the heads' outputs, so head h contributes
+    W_o[:, h*d:(h+1)*d] @ x[h*d:(h+1)*d] to the residual stream.
+    """
+    x = o_proj_input.reshape(-1, o_proj_input.shape[-1]).double()
+    n_head = x.shape[-1] // head_dim
+    w = o_proj_weight.double().reshape(o_proj_weight.shape[0], n_head, head_dim)  # [hidden, head, d]
+    xh = x.reshape(x.shape[0], n_head, head_dim)  # [tokens, head, d]
+    contrib = torch.einsum("ohd,thd->tho", w, xh)
+    return contrib.norm(dim=-1)
+
+
+def group_scores(head_scores: torch.Tensor, n_head_kv: int) -> torch.Tensor:
+    """Sum of the query-head scores of each KV group, shape [n_head_kv]."""
+    return head_scores.reshape(n_head_kv, -1).sum(dim=-1)
+
+
+def select_heads(head_scores: torch.Tensor, n_head_kv: int, keep_groups: int, keep_per_group: int) -> tuple[int, ...]:
+    """GQA-consistent choice: the `keep_groups` best KV groups, and in each its best query heads.
+
+    Returns sorted query-head indices; a KV head is kept exactly when some of its queries are.
+    """
+    group_size = head_scores.numel() // n_head_kv
+    if not (1 <= keep_groups <= n_head_kv and 1 <= keep_per_group <= group_size):
+        raise ValueError(f"cannot keep {keep_groups} groups x {keep_per_group} heads of {n_head_kv} x {group_size}")
+    groups = torch.argsort(group_scores(head_scores, n_head_kv), descending=True, stable=True)[:keep_groups]
+    kept: list[int] = []
+    for g in groups.tolist():
+        within = head_scores[g * group_size : (g + 1) * group_size]
+        best = torch.argsort(within, descending=True, stable=True)[:keep_per_group]
+        kept.extend(g * group_size + int(i) for i in best)
+    return tuple(sorted(kept))

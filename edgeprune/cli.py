@@ -1,0 +1,171 @@
+"""Command line: thin click commands that build the config objects the library runs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from edgeprune import __version__, progress
+from edgeprune.config import Target, available, load_profile, load_target
+from edgeprune.errors import BudgetNotMet, EdgepruneError
+
+MIB = 1 << 20
+log = logging.getLogger("edgeprune")
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s" if verbose == 0 else "%(levelname)s %(name)s: %(message)s")
+    if verbose < 2:
+        for noisy in ("llama.cpp", "gguf", "gguf.gguf_writer"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    progress.set_enabled(not quiet)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgeprune")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug, llama.cpp logs included).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings, errors and the final summary; no progress bars.")
+def cli(verbose: int, quiet: bool) -> None:
+    """Prune and quantize Llama-family models until they meet an edge device's budget."""
+    _setup_logging(verbose, quiet)
+
+
+@cli.command()
+@click.option("-t", "--target", "target_name", required=True, help="Target name (see `edgeprune targets`) or a .toml path.")
+@click.option("-m", "--model", default=None, help="HF directory, hub id or .gguf file. Default: the embedded SmolLM2-135M-Instruct.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration text (.txt or .jsonl with a \"text\" field). Default: self-generated.")
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=None, help="Output directory. Default: out/<target>.")
+@click.option("--latency-budget", type=float, default=None, help="Override the SLO: p90 latency budget in seconds.")
+@click.option("--speedup", type=float, default=None, help="Override the SLO: required speed-up over the unpruned model.")
+@click.option("-p", "--profile", "profile_name", default="default", show_default=True, help="Search profile name or .toml path.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Artifact cache. Default: $EDGEPRUNE_CACHE or ~/.cache/edgeprune.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow custom code from the model's repository (off by default).")
+def build(target_name: str, model: str | None, calib: Path | None, output_dir: Path | None,
+          latency_budget: float | None, speedup: float | None, profile_name: str, cache_dir: Path | None,
+          force: bool, trust_remote_code: bool) -> None:
+    """Search pruning + quantization candidates until one meets the target's SLO; write it out.
+
+    --latency-budget and --speedup replace the target's latency criteria (giving one drops the other).
+    """
+    from edgeprune.build import BuildConfig, build as run_build, default_cache_dir
+
+    target = load_target(target_name)
+    if latency_budget is not None or speedup is not None:
+        target = target.with_budget(latency_budget, speedup)
+    config = BuildConfig(
+        target=target,
+        profile=load_profile(profile_name),
+        model=model,
+        calib=calib,
+        output_dir=output_dir or Path("out") / target.name,
+        cache_dir=cache_dir or default_cache_dir(),
+        trust_remote_code=trust_remote_code,
+        force=force,
+    )
+    result = run_build(config)
+    _print_summary(result)
+    if not result.budget_met:
+        closest = result.outcome.closest
+        raise BudgetNotMet(
+            f"No candidate within the search limits meets the budget ({result.outcome.budget.describe()}): "
+            f"the closest is {closest.id} ({closest.state.describe()}) at p90 {closest.bench.latency_p90:.3f} s, "
+            f"{closest.bench.speedup:.2f}x faster than the unpruned model; relax --latency-budget/--speedup or widen the profile's search limits "
+            f"(report: {result.output_dir}/report.md)."
+        )
+
+
+def _print_summary(result) -> None:
+    report, search = result.report, result.report["search"]
+    sel = next((c for c in search["candidates"] if c["selected"]), None)
+    device = report["device"]
+    where = f"measured on {device['url']} ({device['arch']})"
+    if not device["is_target_arch"]:
+        where += f", a stand-in for the {report['target']['hardware']['arch']} target: not verified on the target"
+    echo = click.echo
+    echo("")
+    echo(f"Candidates: {len(search['candidates'])} measured; budget: {search['budget']['description']}")
+    if sel is None:
+        echo(f"SLO:        NOT met ({where})")
+        echo(f"Report:     {result.output_dir / 'report.md'}")
+        return
+    artifact = result.output_dir / report["artifact"]
+    echo(f"Artifact:   {artifact} ({artifact.stat().st_size / MIB:.1f} MiB)")
+    pruned = sel["step"] if sel["step"] != "unpruned" else "nothing (the unpruned model meets the budget)"
+    echo(f"Pruned:     {pruned}")
+    echo(f"SLO:        met: p90 {sel['latency_p90_s']:.3f} s, {sel['speedup']:.2f}x faster than the unpruned "
+         f"model timed alongside ({where})")
+    echo(f"Quality:    mean KLD {sel['mean_kld']:.3f}, top-1 agreement {sel['top1_agreement'] * 100:.1f}%, "
+         f"perplexity {sel['perplexity']:.2f} (reference {report['calibration']['reference_perplexity']:.2f})")
+    echo(f"Report:     {result.output_dir / 'report.md'}")
+
+
+def _describe_budget(t: Target) -> str:
+    parts = []
+    if t.slo.latency_budget_s is not None:
+        parts.append(f"<= {t.slo.latency_budget_s:g} s")
+    if t.slo.speedup is not None:
+        parts.append(f">= {t.slo.speedup:g}x faster")
+    return " and ".join(parts)
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def targets(ctx: click.Context) -> None:
+    """List the available targets (`targets show NAME` prints one)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    rows = []
+    for name, path in available("targets").items():
+        try:
+            t = load_target(str(path))
+        except EdgepruneError as e:
+            rows.append((name, "invalid", "", "", str(e)))
+            continue
+        slo = t.slo
+        rows.append((name, t.hardware.arch, f"{t.hardware.cores}c/{t.hardware.ram_gib:g}GiB",
+                     f"{slo.prompt_tokens}+{slo.answer_tokens} tok {_describe_budget(t)}", t.device.url))
+    widths = [max(len(r[i]) for r in rows + [("name", "arch", "hardware", "slo", "device")]) for i in range(5)]
+    for row in [("name", "arch", "hardware", "slo", "device"), *rows]:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+@targets.command("show")
+@click.argument("name")
+def targets_show(name: str) -> None:
+    """Print one target: its file and validated contents."""
+    target = load_target(name)
+    path = Path(name) if name.endswith(".toml") else available("targets")[name]
+    click.echo(f"# {target.name}: {path}")
+    click.echo(path.read_text(encoding="utf-8").rstrip())
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except BudgetNotMet as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except EdgepruneError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)

@@ -1,0 +1,169 @@
+"""Schemas for what users write: targets (device + SLO) and build profiles (search presets).
+
+Both are TOML files whose name (the file stem) is the name users type: `--target arm16g` reads
+`targets/arm16g.toml`. Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edgeprune.errors import EdgepruneError
+
+QUANT_TYPES = ("Q4_K_M",)  # issue: per-tensor and other types extend this list
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Hardware(Strict):
+    arch: Literal["x86_64", "aarch64", "armv7l"]
+    cores: int = Field(ge=1, description="CPU cores the model may use (becomes the thread count)")
+    ram_gib: float = Field(gt=0)
+    memory_bandwidth_gbs: float = Field(gt=0, description="sustained memory bandwidth, GB/s")
+
+
+class SLO(Strict):
+    prompt_tokens: int = Field(ge=1, le=8192)
+    answer_tokens: int = Field(ge=1, le=8192)
+    latency_budget_s: float | None = Field(default=None, gt=0, description="end-to-end p90 latency")
+    speedup: float | None = Field(
+        default=None, gt=1.0, description="required speed-up over the unpruned model, same device"
+    )
+    ram_ceiling_gib: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _has_budget(self) -> SLO:
+        if self.latency_budget_s is None and self.speedup is None:
+            raise ValueError("an SLO needs latency_budget_s, speedup, or both")
+        return self
+
+
+class Toolchain(Strict):
+    triple: str = Field(pattern=r"^[a-z0-9_]+-[a-z0-9_]+-[a-z0-9_]+$")
+    cpu_flags: str = Field(description="value for -march, e.g. armv8.2-a+dotprod")
+
+
+class DeviceConfig(Strict):
+    url: str = "local"
+
+
+class Target(Strict):
+    name: str = Field(exclude=True, description="the file stem; not a key in the file")
+    description: str
+    hardware: Hardware
+    slo: SLO
+    toolchain: Toolchain
+    device: DeviceConfig = DeviceConfig()
+
+    def with_budget(self, latency_budget_s: float | None, speedup: float | None) -> Target:
+        """Replace the SLO's latency criteria (both of them) with the given ones."""
+        slo = self.slo.model_dump() | {"latency_budget_s": latency_budget_s, "speedup": speedup}
+        try:
+            return self.model_copy(update={"slo": SLO(**slo)})
+        except ValidationError as e:
+            raise EdgepruneError(f"Invalid budget override: {_first_error(e)}.") from None
+
+
+class CalibrationSettings(Strict):
+    samples: int = Field(ge=1, description="calibration sequences")
+    heldout_samples: int = Field(ge=1, description="held-out sequences for quality evaluation")
+    seq_len: int = Field(ge=16, le=4096)
+    seed: int = 0
+
+
+class BenchmarkSettings(Strict):
+    warmup: int = Field(ge=0)
+    repetitions: int = Field(ge=3, description="timed runs; p90 of fewer than 3 means nothing")
+
+
+class SearchSettings(Strict):
+    quant: Literal[QUANT_TYPES] = "Q4_K_M"  # type: ignore[valid-type]
+    layer_step: int = Field(ge=1, description="layers removed per depth step")
+    max_layer_fraction: float = Field(gt=0, lt=1)
+    max_head_fraction: float = Field(ge=0, lt=1, description="share of query heads removable")
+    max_candidates: int = Field(ge=1)
+
+
+class Profile(Strict):
+    name: str = Field(exclude=True)
+    description: str
+    calibration: CalibrationSettings
+    benchmark: BenchmarkSettings
+    search: SearchSettings
+
+
+def shipped_dir(kind: str) -> Path:
+    """Where the shipped `targets/` or `profiles/` live: the repository, or inside a wheel."""
+    repo = Path(__file__).resolve().parent.parent / kind
+    if repo.is_dir():
+        return repo
+    return Path(__file__).resolve().parent / "_shipped" / kind
+
+
+def search_dirs(kind: str) -> list[Path]:
+    """User directories first (EDGEPRUNE_TARGETS / EDGEPRUNE_PROFILES, ./targets), then shipped."""
+    dirs = [Path(p) for p in os.environ.get(f"EDGEPRUNE_{kind.upper()}", "").split(os.pathsep) if p]
+    dirs.append(Path.cwd() / kind)
+    dirs.append(shipped_dir(kind))
+    unique: list[Path] = []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in [u.resolve() for u in unique]:
+            unique.append(d)
+    return unique
+
+
+def available(kind: str) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in search_dirs(kind):
+        for f in sorted(d.glob("*.toml")):
+            found.setdefault(f.stem, f)
+    return found
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "file"
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{where}'"
+    if err["type"] == "missing":
+        return f"missing key '{where}'"
+    return f"'{where}': {err['msg']}"
+
+
+def _load(kind: str, schema: type[Strict], name_or_path: str) -> Strict:
+    path = Path(name_or_path)
+    if not (path.suffix == ".toml" or os.sep in name_or_path):
+        known = available(kind)
+        if name_or_path not in known:
+            names = ", ".join(sorted(known)) or "none"
+            raise EdgepruneError(
+                f"Unknown {kind[:-1]} '{name_or_path}': choose one of {names}, or give a .toml path."
+            )
+        path = known[name_or_path]
+    if not path.is_file():
+        raise EdgepruneError(f"{kind[:-1].capitalize()} file {path} does not exist.")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise EdgepruneError(f"{path} is not valid TOML ({e}); fix the syntax.") from None
+    if "name" in data:
+        raise EdgepruneError(f"{path}: remove the 'name' key; the file name ({path.stem}) is the name.")
+    try:
+        return schema(name=path.stem, **data)
+    except ValidationError as e:
+        raise EdgepruneError(f"{path}: {_first_error(e)}; fix the file.") from None
+
+
+def load_target(name_or_path: str) -> Target:
+    return _load("targets", Target, name_or_path)  # type: ignore[return-value]
+
+
+def load_profile(name_or_path: str) -> Profile:
+    return _load("profiles", Profile, name_or_path)  # type: ignore[return-value]

@@ -1,0 +1,141 @@
+"""Our GGUF writer for torch Llama models (architecture `llama`), on top of gguf-py.
+
+Only torch -> GGUF layout lives here: tensor names, the Q/K row permutation llama.cpp's RoPE
+expects, hyper-parameters, and edgeprune's provenance keys. The tokenizer writes itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from edgeprune import __version__
+from edgeprune.errors import EdgepruneError
+from edgeprune.models.tokenizer import TokenizerSpec
+from edgeprune.prune.plan import ModelShape
+
+ARCH = gguf.MODEL_ARCH.LLAMA
+T = gguf.MODEL_TENSOR
+
+
+class ProvenanceKeys:
+    """edgeprune's own GGUF metadata keys."""
+
+    VERSION = "edgeprune.version"
+    SOURCE = "edgeprune.source"
+    SOURCE_SHA256 = "edgeprune.source_sha256"
+    PLAN = "edgeprune.plan"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    source: str
+    source_sha256: str
+    plan: dict[str, Any]
+
+
+# HF parameter name (inside a layer, or global) -> GGUF tensor kind.
+_GLOBAL = {
+    "model.embed_tokens.weight": T.TOKEN_EMBD,
+    "model.norm.weight": T.OUTPUT_NORM,
+    "lm_head.weight": T.OUTPUT,
+}
+_LAYER = {
+    "input_layernorm.weight": T.ATTN_NORM,
+    "self_attn.q_proj.weight": T.ATTN_Q,
+    "self_attn.k_proj.weight": T.ATTN_K,
+    "self_attn.v_proj.weight": T.ATTN_V,
+    "self_attn.o_proj.weight": T.ATTN_OUT,
+    "post_attention_layernorm.weight": T.FFN_NORM,
+    "mlp.gate_proj.weight": T.FFN_GATE,
+    "mlp.up_proj.weight": T.FFN_UP,
+    "mlp.down_proj.weight": T.FFN_DOWN,
+}
+DTYPES = {"F32": (np.float32, gguf.LlamaFileType.ALL_F32), "F16": (np.float16, gguf.LlamaFileType.MOSTLY_F16)}
+
+
+def rope_interleave(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF stores Q/K rows per head in rotate-half order; llama.cpp's RoPE pairs adjacent rows."""
+    head_dim = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    if hf_name in _GLOBAL:
+        return gguf.TENSOR_NAMES[_GLOBAL[hf_name]] + ".weight"
+    parts = hf_name.split(".", 3)  # model, layers, N, rest
+    if parts[:2] == ["model", "layers"] and parts[3] in _LAYER:
+        return gguf.TENSOR_NAMES[_LAYER[parts[3]]].format(bid=int(parts[2])) + ".weight"
+    raise EdgepruneError(f"The model has a tensor edgeprune cannot place in a llama GGUF: {hf_name}.")
+
+
+def _rope_metadata(writer: gguf.GGUFWriter, config: Any) -> None:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    writer.add_rope_freq_base(float(theta))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(params["factor"]))
+    elif kind != "default":
+        raise EdgepruneError(f"The model uses RoPE scaling '{kind}', which edgeprune cannot export yet.")
+
+
+def export_gguf(
+    model: Any, tokenizer: TokenizerSpec, path: Path, dtype: str, provenance: Provenance, name: str
+) -> None:
+    """Write `model` to `path` (atomically) as a llama-architecture GGUF of F32 or F16 weights."""
+    np_dtype, file_type = DTYPES[dtype]
+    config = model.config
+    shape = ModelShape.from_config(config)
+    tmp = path.with_name(path.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[ARCH])
+    try:
+        writer.add_name(name)
+        writer.add_file_type(file_type)
+        writer.add_vocab_size(shape.vocab)
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(shape.hidden)
+        writer.add_block_count(shape.n_layers)
+        writer.add_feed_forward_length(shape.ffn)
+        writer.add_head_count(shape.n_head)
+        writer.add_head_count_kv(shape.n_head_kv)
+        # Written always: after head pruning head_dim != hidden / heads.
+        writer.add_key_length(shape.head_dim)
+        writer.add_value_length(shape.head_dim)
+        writer.add_rope_dimension_count(shape.head_dim)
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        _rope_metadata(writer, config)
+        tokenizer.write(writer)
+        writer.add_string(ProvenanceKeys.VERSION, __version__)
+        writer.add_string(ProvenanceKeys.SOURCE, provenance.source)
+        writer.add_string(ProvenanceKeys.SOURCE_SHA256, provenance.source_sha256)
+        writer.add_string(ProvenanceKeys.PLAN, json.dumps(provenance.plan, sort_keys=True))
+
+        for hf_name, tensor in model.state_dict().items():
+            if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+                continue  # tied: llama.cpp reuses token_embd when `output` is absent
+            t = tensor.detach().float()
+            if hf_name.endswith("q_proj.weight"):
+                t = rope_interleave(t, shape.n_head)
+            elif hf_name.endswith("k_proj.weight"):
+                t = rope_interleave(t, shape.n_head_kv)
+            data = t.numpy().astype(np.float32 if t.ndim == 1 else np_dtype)
+            writer.add_tensor(gguf_tensor_name(hf_name), data)
+
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise

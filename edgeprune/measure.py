@@ -1,0 +1,92 @@
+"""What a benchmark asks for (Workload) and what it returns (BenchmarkRecord), device-independent."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+LATENCY_PERCENTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One SLO-shaped request, repeated: prefill `prompt` then decode `answer_tokens` tokens."""
+
+    prompt: tuple[int, ...]
+    answer_tokens: int
+    threads: int
+    warmup: int
+    repetitions: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"prompt": list(self.prompt)}
+
+
+@dataclass
+class BenchmarkRecord:
+    device: str
+    runs: list[dict[str, float]]  # one per timed repetition (warm-up excluded)
+    peak_rss_bytes: int
+    load_s: float
+    threads: int
+    runtime: str  # runtime name and version
+    system_info: str
+    # The unpruned model's runs, alternated with these ones in the same process (empty for the
+    # baseline itself): speed-ups are ratios of runs taken side by side.
+    baseline_runs: list[dict[str, float]] = field(default_factory=list)
+    summary: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.summary = summarize(self.runs, self.baseline_runs)
+
+    @property
+    def latency_p50(self) -> float:
+        return self.summary["latency_p50_s"]
+
+    @property
+    def latency_p90(self) -> float:
+        return self.summary["latency_p90_s"]
+
+    @property
+    def speedup(self) -> float:
+        """Speed-up over the baseline timed alongside: the median of the ratios of adjacent runs
+        (1.0 for the baseline itself)."""
+        return self.summary.get("paired_speedup", 1.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def pooled(self, other: BenchmarkRecord) -> BenchmarkRecord:
+        """Both measurements' runs as one record (for confirming a verdict with a second run)."""
+        return BenchmarkRecord(
+            device=self.device,
+            runs=self.runs + other.runs,
+            peak_rss_bytes=max(self.peak_rss_bytes, other.peak_rss_bytes),
+            load_s=min(self.load_s, other.load_s),
+            threads=self.threads,
+            runtime=self.runtime,
+            system_info=self.system_info,
+            baseline_runs=self.baseline_runs + other.baseline_runs,
+        )
+
+
+def summarize(runs: list[dict[str, float]], baseline_runs: list[dict[str, float]] = ()) -> dict[str, float]:
+    """Medians and percentiles over repetitions, plus the spread that says how far to trust them."""
+    lat = np.array([r["latency_s"] for r in runs])
+    out = {f"latency_p{p}_s": float(np.percentile(lat, p)) for p in LATENCY_PERCENTILES}
+    out["latency_min_s"] = float(lat.min())
+    out["latency_max_s"] = float(lat.max())
+    out["latency_spread"] = float((lat.max() - lat.min()) / np.median(lat))
+    out["ttft_p50_s"] = float(np.median([r["ttft_s"] for r in runs]))
+    out["prefill_tok_s_p50"] = float(np.median([r["prefill_tok_s"] for r in runs]))
+    out["decode_tok_s_p50"] = float(np.median([r["decode_tok_s"] for r in runs]))
+    out["repetitions"] = len(runs)
+    if baseline_runs:
+        ratios = [b["latency_s"] / r["latency_s"] for r, b in zip(runs, baseline_runs)]
+        out["paired_baseline_p50_s"] = float(np.median([b["latency_s"] for b in baseline_runs]))
+        out["paired_speedup"] = float(np.median(ratios))
+        out["paired_speedup_min"] = float(np.min(ratios))
+        out["paired_speedup_max"] = float(np.max(ratios))
+    return out

@@ -1,0 +1,5 @@
+"""Quantize GGUF files with llama.cpp."""
+
+from edgeprune.quantize.llamacpp import QUANT_FTYPES, quantize
+
+__all__ = ["QUANT_FTYPES", "quantize"]

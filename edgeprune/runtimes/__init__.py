@@ -1,0 +1,1 @@
+"""Run a model file: llama.cpp through llama-cpp-python (timings, logits)."""

@@ -1,0 +1,76 @@
+"""Benchmark process: time a GGUF with llama.cpp, print one JSON record.
+
+Runs as its own process (`python -m edgeprune.runtimes.bench_worker < request.json`) so that its
+peak RSS is the runtime's alone, not torch's, and a crash cannot take the build down.
+
+With a `baseline` model in the request, the two are timed in alternation (candidate, baseline,
+candidate, ...) in the same process, so a speed-up is a ratio of runs taken side by side: on a
+shared machine, speed drifts by 10-20% within seconds, far more than within one alternation.
+The candidate's peak RSS is read before the baseline is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+from edgeprune.runtimes import llamacpp
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak RSS. VmHWM resets at exec; ru_maxrss would report the forking parent's."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main() -> None:
+    request = json.load(sys.stdin)
+    prompt, answer, threads = request["prompt"], request["answer_tokens"], request["threads"]
+    n_ctx = len(prompt) + answer + 8
+
+    t0 = time.perf_counter()
+    llm = llamacpp.load(Path(request["model"]), n_ctx=n_ctx, threads=threads)
+    load_s = time.perf_counter() - t0
+    for _ in range(request["warmup"]):
+        llamacpp.timed_generation(llm, prompt, answer)
+    peak_rss = peak_rss_bytes()
+
+    baseline = None
+    if request.get("baseline"):
+        baseline = llamacpp.load(Path(request["baseline"]), n_ctx=n_ctx, threads=threads)
+        for _ in range(request["warmup"]):
+            llamacpp.timed_generation(baseline, prompt, answer)
+
+    runs, baseline_runs = [], []
+    for _ in range(request["repetitions"]):
+        runs.append(llamacpp.timed_generation(llm, prompt, answer))
+        if baseline is not None:
+            baseline_runs.append(llamacpp.timed_generation(baseline, prompt, answer))
+    llm.close()
+    if baseline is not None:
+        baseline.close()
+    json.dump(
+        {
+            "runs": runs,
+            "baseline_runs": baseline_runs,
+            "load_s": load_s,
+            "peak_rss_bytes": peak_rss,
+            "threads": threads,
+            "runtime": llamacpp.version(),
+            "system_info": llamacpp.system_info(),
+        },
+        sys.stdout,
+    )
+
+
+if __name__ == "__main__":
+    main()

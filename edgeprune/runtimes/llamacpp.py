@@ -1,0 +1,132 @@
+"""llama.cpp through llama-cpp-python: load a GGUF, get its logits, time a generation."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeprune.errors import EdgepruneError
+
+log = logging.getLogger(__name__)
+_log_callback: Any = None  # keep the ctypes callback alive for the process lifetime
+
+
+def route_logs_to_python() -> None:
+    """Send llama.cpp's own log lines to `logging` (DEBUG) instead of stderr."""
+    global _log_callback
+    import llama_cpp
+
+    if _log_callback is not None:
+        return
+    cpp_log = logging.getLogger("llama.cpp")
+
+    @llama_cpp.llama_log_callback
+    def _callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        cpp_log.debug(text.decode("utf-8", errors="replace").rstrip())
+
+    _log_callback = _callback
+    llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+
+
+def version() -> str:
+    import llama_cpp
+
+    return f"llama-cpp-python {llama_cpp.__version__} (llama.cpp {llama_cpp.llama_version().decode()})"
+
+
+def system_info() -> str:
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode().strip()
+
+
+def load(path: Path, n_ctx: int, threads: int, logits_all: bool = False, f32_kv_cache: bool = False) -> Any:
+    """Load a GGUF. The KV cache is F16 as deployed, unless `f32_kv_cache` (for parity checks:
+    F16 K/V rounding alone moves a pruned model's logits by up to ~0.2)."""
+    import llama_cpp
+
+    route_logs_to_python()
+    try:
+        return llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_ubatch=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=logits_all,
+            type_k=llama_cpp.GGML_TYPE_F32 if f32_kv_cache else None,
+            type_v=llama_cpp.GGML_TYPE_F32 if f32_kv_cache else None,
+            verbose=False,
+        )
+    except (ValueError, RuntimeError) as e:
+        raise EdgepruneError(f"llama.cpp cannot load {path.name}: {e}") from None
+
+
+def sequence_logits(
+    path: Path, sequences: np.ndarray, threads: int, f32_kv_cache: bool = False
+) -> Iterator[np.ndarray]:
+    """llama.cpp's logits for every position of every sequence, one [len, vocab] array at a time."""
+    llm = load(path, n_ctx=sequences.shape[1], threads=threads, logits_all=True, f32_kv_cache=f32_kv_cache)
+    try:
+        for seq in sequences:
+            llm.reset()
+            llm.eval(seq.tolist())
+            yield np.array(llm.scores[: len(seq)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def greedy_answer(path: Path, prompt_tokens: list[int], max_tokens: int, threads: int) -> list[int]:
+    """Greedy continuation that stops at end-of-generation tokens."""
+    llm = load(path, n_ctx=len(prompt_tokens) + max_tokens + 8, threads=threads)
+    try:
+        out: list[int] = []
+        llm.eval(prompt_tokens)
+        for _ in range(max_tokens):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            if llm.token_eos() == token or _is_eog(llm, token):
+                break
+            out.append(token)
+            llm.eval([token])
+        return out
+    finally:
+        llm.close()
+
+
+def _is_eog(llm: Any, token: int) -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token))
+
+
+def timed_generation(llm: Any, prompt_tokens: list[int], answer_tokens: int) -> dict[str, float]:
+    """One SLO-shaped request: prefill the prompt, then decode exactly `answer_tokens` greedily.
+
+    End-of-sequence tokens do not stop it: the SLO is about an answer of that length. Timed by
+    wall clock around llama.cpp's evals (each returns when its logits are ready), as an
+    application calling llama.cpp would see it.
+    """
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(prompt_tokens)
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t_first = time.perf_counter()
+    for _ in range(answer_tokens - 1):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t_end = time.perf_counter()
+    ttft = t_first - t0
+    decode_s = t_end - t_first
+    return {
+        "ttft_s": ttft,
+        "latency_s": t_end - t0,
+        "prefill_tok_s": len(prompt_tokens) / ttft,
+        "decode_tok_s": (answer_tokens - 1) / decode_s if answer_tokens > 1 else float("nan"),
+    }

@@ -1,0 +1,91 @@
+"""The search space: depth (least important layers first) x GQA-consistent head structures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from edgeprune.analysis import Importance
+from edgeprune.analysis.scores import select_heads
+from edgeprune.config import SearchSettings
+from edgeprune.prune import ModelShape, Plan
+
+
+@dataclass(frozen=True, order=True)
+class HeadStructure:
+    """Uniform per layer: `groups` KV groups kept, each with `per_group` query heads."""
+
+    groups: int
+    per_group: int
+
+    @property
+    def heads(self) -> int:
+        return self.groups * self.per_group
+
+    def __str__(self) -> str:
+        return f"{self.groups}x{self.per_group} heads"
+
+
+@dataclass(frozen=True)
+class State:
+    layers_dropped: int
+    heads: HeadStructure | None  # None: all heads
+
+    def describe(self) -> str:
+        parts = [f"-{self.layers_dropped} layers"] if self.layers_dropped else []
+        parts += [str(self.heads)] if self.heads else []
+        return ", ".join(parts) or "unpruned"
+
+
+class SearchSpace:
+    def __init__(self, shape: ModelShape, importance: Importance, settings: SearchSettings) -> None:
+        self.shape, self.importance, self.settings = shape, importance, settings
+        # The first and last layers are never candidates: they read the embeddings and write the
+        # logits, and their Block Influence is always among the highest.
+        self.layer_order = importance.layers_by_importance(protect=(0, shape.n_layers - 1))
+        self.max_layers = min(int(settings.max_layer_fraction * shape.n_layers), len(self.layer_order))
+        min_heads = (1 - settings.max_head_fraction) * shape.n_head
+        full = HeadStructure(shape.n_head_kv, shape.group_size)
+        self.head_structures = sorted(
+            (
+                HeadStructure(g, q)
+                for g in range(1, shape.n_head_kv + 1)
+                for q in range(1, shape.group_size + 1)
+                if g * q >= min_heads and HeadStructure(g, q) != full
+            ),
+            key=lambda s: (-s.heads, -s.groups),
+        )
+
+    def plan(self, state: State) -> Plan:
+        drop = tuple(self.layer_order[: state.layers_dropped])
+        heads: tuple = ()
+        if state.heads is not None:
+            heads = tuple(
+                (
+                    layer,
+                    select_heads(
+                        torch.tensor(self.importance.head_scores[layer]),
+                        self.shape.n_head_kv,
+                        state.heads.groups,
+                        state.heads.per_group,
+                    ),
+                )
+                for layer in range(self.shape.n_layers)
+                if layer not in drop
+            )
+        return Plan(drop_layers=drop, heads=heads)
+
+    def deeper(self, state: State, step: int | None = None) -> State | None:
+        n = state.layers_dropped + (step or self.settings.layer_step)
+        n = min(n, self.max_layers)
+        return State(n, state.heads) if n > state.layers_dropped else None
+
+    def narrower(self, state: State) -> list[State]:
+        """The next-smaller head structures (all of those with the next lower head count)."""
+        current = state.heads.heads if state.heads else self.shape.n_head
+        smaller = [s for s in self.head_structures if s.heads < current]
+        if not smaller:
+            return []
+        top = smaller[0].heads
+        return [State(state.layers_dropped, s) for s in smaller if s.heads == top]

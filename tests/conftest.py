@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny Llama models built in-process, the embedded default model, llama.cpp's source."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgeprune.models.tokenizer import TokenizerSpec
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """One artifact cache for the whole session (the embedded reference takes ~30 s to build once)."""
+    path = Path(os.environ.get("EDGEPRUNE_TEST_CACHE", REPO / ".cache" / "tests"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_reference(cache_dir: Path):
+    from edgeprune.models import load_reference, resolve_source
+
+    return load_reference(resolve_source(None), cache_dir)
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer_spec() -> TokenizerSpec:
+    import gguf
+
+    from edgeprune.models.embedded import embedded_gguf
+
+    return TokenizerSpec.from_gguf(gguf.GGUFReader(str(embedded_gguf())))
+
+
+def tiny_llama(*, tied: bool, n_head: int = 4, n_head_kv: int = 2, n_layers: int = 4, seed: int = 0,
+               vocab: int = 49152):
+    """A small random Llama whose logits are spread enough for top-1 comparisons to mean something."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_head,
+        num_key_value_heads=n_head_kv,
+        head_dim=16,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # RMSNorm gains around 1, not all equal
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                # Default init (std 0.02) gives near-uniform logits where top-1 is a coin toss;
+                # std 0.15 spreads logits over several units.
+                p.normal_(0.0, 0.15)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_src() -> Path:
+    """llama.cpp's source tree from the llama-cpp-python sdist (unpacked by `make test`)."""
+    path = Path(os.environ.get("EDGEPRUNE_LLAMA_CPP_SRC", REPO / ".deps" / "llama.cpp"))
+    if not (path / "convert_hf_to_gguf.py").is_file():
+        pytest.fail(f"llama.cpp source not found at {path}: run `make install` (it unpacks the llama-cpp-python sdist).")
+    return path
+
+
+def run_converter(src: Path, hf_dir: Path, out: Path, outtype: str = "f32") -> None:
+    proc = subprocess.run(
+        [sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype", outtype, "--outfile", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]

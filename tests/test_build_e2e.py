@@ -1,0 +1,83 @@
+"""`edgeprune build` end to end on the embedded default model, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from edgeprune.hashing import sha256_file
+from edgeprune.runtimes import llamacpp
+
+pytestmark = pytest.mark.slow
+
+
+def build(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgeprune", "build", *args], capture_output=True, text=True)
+
+
+def test_build_prunes_until_the_speedup_is_met(tmp_path, cache_dir, embedded_reference):
+    out = tmp_path / "out"
+    proc = build("--target", "demo", "--profile", "quick", "--speedup", "1.25", "-o", str(out),
+                 "--cache-dir", str(cache_dir), "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert "Artifact:" in proc.stdout and "SLO:        met" in proc.stdout
+
+    report = json.loads((out / "report.json").read_text())
+    search = report["search"]
+    candidates = search["candidates"]
+    baseline = candidates[0]
+    assert baseline["plan"] == {"drop_layers": [], "heads": {}}
+    assert baseline["verdict"] != "meets"  # a speed-up SLO is never met by the unpruned model
+    assert any(c["verdict"] != "meets" for c in candidates[1:]) or len(candidates) == 2
+
+    selected = [c for c in candidates if c["selected"]]
+    assert len(selected) == 1 and search["selected"] == selected[0]["id"]
+    sel = selected[0]
+    assert sel["verdict"] == "meets" and sel["confirmed"] and sel["speedup"] >= 1.25
+    assert sel["plan"]["drop_layers"] or sel["plan"]["heads"], "a pruning step must have been applied"
+    assert search["budget_met"] and report["device"]["is_target_arch"]
+    for c in candidates:
+        assert c["latency_p50_s"] <= c["latency_p90_s"]
+        assert c["decode_tok_s"] > 0 and c["prefill_tok_s"] > 0 and c["peak_rss_bytes"] > 0
+        assert 0 <= c["top1_agreement"] <= 1 and c["mean_kld"] >= 0 and c["perplexity"] > 1
+    # Pruning costs quality: the selected candidate is further from the reference than Q4_K_M alone.
+    assert sel["mean_kld"] > baseline["mean_kld"]
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = {p.name for p in out.iterdir()} - {"manifest.json"}
+    assert set(manifest["files"]) == files == {report["artifact"], "report.json", "report.md"}
+    for name, digest in manifest["files"].items():
+        assert sha256_file(out / name) == digest
+    assert manifest["plan"] == sel["plan"] and manifest["model"]["sha256"] == report["model"]["sha256"]
+    assert "llama.cpp" in manifest["tools"] and manifest["target"]["name"] == "demo"
+    assert sel["id"] in (out / "report.md").read_text()
+
+    tok = embedded_reference.tokenizer
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    answer = tok.decode(llamacpp.greedy_answer(out / report["artifact"], ids, max_tokens=40, threads=2))
+    assert re.search(r"[A-Za-z]{3,}", answer), answer
+
+
+def test_unreachable_budget_fails_naming_the_closest_candidate(tmp_path, cache_dir):
+    profile = tmp_path / "tiny-search.toml"
+    quick = (REPO / "profiles" / "quick.toml").read_text()
+    profile.write_text(quick.replace("max_candidates = 10", "max_candidates = 2"))
+    out = tmp_path / "out"
+    proc = build("--target", "arm16g", "--profile", str(profile), "--latency-budget", "0.001", "-o", str(out),
+                 "--cache-dir", str(cache_dir), "-q")
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert re.search(r"the closest is c0\d .* at p90 \d+\.\d+ s", line), line
+    report = json.loads((out / "report.json").read_text())
+    assert not report["search"]["budget_met"] and report["search"]["selected"] is None
+    assert not report["device"]["is_target_arch"]  # arm16g measured on this x86 machine: a stand-in
+    assert "stand-in" in (out / "report.md").read_text()
+    assert not list(out.glob("*.gguf"))
