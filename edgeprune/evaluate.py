@@ -70,5 +70,5 @@ def reference_log_probs(model, windows: torch.Tensor) -> list[torch.Tensor]:
 
 
 def reference_perplexity(ref_logps: list[torch.Tensor], windows: torch.Tensor) -> float:
-    nll = sum(float(next_token_nll(lp, w).sum()) for lp, w in zip(ref_logps, windows))
+    nll = sum(float(next_token_nll(lp, w).sum()) for lp, w in zip(ref_logps, windows, strict=True))
     return float(np.exp(nll / sum(w.numel() - 1 for w in windows)))

@@ -84,7 +84,7 @@ def summarize(runs: list[dict[str, float]], baseline_runs: list[dict[str, float]
     out["decode_tok_s_p50"] = float(np.median([r["decode_tok_s"] for r in runs]))
     out["repetitions"] = len(runs)
     if baseline_runs:
-        ratios = [b["latency_s"] / r["latency_s"] for r, b in zip(runs, baseline_runs)]
+        ratios = [b["latency_s"] / r["latency_s"] for r, b in zip(runs, baseline_runs, strict=True)]
         out["paired_baseline_p50_s"] = float(np.median([b["latency_s"] for b in baseline_runs]))
         out["paired_speedup"] = float(np.median(ratios))
         out["paired_speedup_min"] = float(np.min(ratios))

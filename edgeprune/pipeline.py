@@ -15,6 +15,7 @@ from edgeprune.data import TextSplits, generation_key, self_generated
 from edgeprune.evaluate import QualityTally
 from edgeprune.export import Provenance, export_gguf
 from edgeprune.models import Reference
+from edgeprune.progress import progress
 from edgeprune.prune import Plan, apply_plan
 from edgeprune.quantize import quantize
 from edgeprune.runtimes import llamacpp
@@ -107,6 +108,7 @@ class CandidateQuality(Stage):
         tally = QualityTally()
         windows = self.splits.heldout
         logits = llamacpp.sequence_logits(self.model, windows.numpy(), self.threads)
-        for ref_logp, cand, tokens in zip(self.ref_logps, logits, windows):
+        pairs = zip(self.ref_logps, logits, windows, strict=True)
+        for ref_logp, cand, tokens in progress(pairs, "quality", total=len(windows)):
             tally.add(ref_logp, cand, tokens)
         return tally.result().to_dict()

@@ -70,7 +70,7 @@ def tiny_llama(*, tied: bool, n_head: int = 4, n_head_kv: int = 2, n_layers: int
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:  # RMSNorm gains around 1, not all equal
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             else:
@@ -85,7 +85,7 @@ def llama_cpp_src() -> Path:
     """llama.cpp's source tree from the llama-cpp-python sdist (unpacked by `make test`)."""
     path = Path(os.environ.get("EDGEPRUNE_LLAMA_CPP_SRC", REPO / ".deps" / "llama.cpp"))
     if not (path / "convert_hf_to_gguf.py").is_file():
-        pytest.fail(f"llama.cpp source not found at {path}: run `make install` (it unpacks the llama-cpp-python sdist).")
+        pytest.fail(f"llama.cpp source not found at {path}: run `make install` (it unpacks the sdist).")
     return path
 
 

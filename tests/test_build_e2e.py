@@ -21,8 +21,9 @@ def build(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_build_prunes_until_the_speedup_is_met(tmp_path, cache_dir, embedded_reference):
+    # 1.15x: enough to force pruning anywhere, little enough that the 135M model still answers.
     out = tmp_path / "out"
-    proc = build("--target", "demo", "--profile", "quick", "--speedup", "1.25", "-o", str(out),
+    proc = build("--target", "demo", "--profile", "quick", "--speedup", "1.15", "-o", str(out),
                  "--cache-dir", str(cache_dir), "-q")
     assert proc.returncode == 0, proc.stderr
     assert "Artifact:" in proc.stdout and "SLO:        met" in proc.stdout
@@ -38,7 +39,7 @@ def test_build_prunes_until_the_speedup_is_met(tmp_path, cache_dir, embedded_ref
     selected = [c for c in candidates if c["selected"]]
     assert len(selected) == 1 and search["selected"] == selected[0]["id"]
     sel = selected[0]
-    assert sel["verdict"] == "meets" and sel["confirmed"] and sel["speedup"] >= 1.25
+    assert sel["verdict"] == "meets" and sel["confirmed"] and sel["speedup"] >= 1.15
     assert sel["plan"]["drop_layers"] or sel["plan"]["heads"], "a pruning step must have been applied"
     assert search["budget_met"] and report["device"]["is_target_arch"]
     for c in candidates:

@@ -28,7 +28,8 @@ def test_shipped_profile_validates(name):
 
 def test_arm16g_is_the_case_study():
     t = load_target("arm16g")
-    assert (t.hardware.arch, t.hardware.ram_gib, t.slo.answer_tokens, t.slo.latency_budget_s) == ("aarch64", 16, 100, 2.0)
+    assert (t.hardware.arch, t.hardware.ram_gib) == ("aarch64", 16)
+    assert (t.slo.answer_tokens, t.slo.latency_budget_s) == (100, 2.0)
 
 
 def test_demo_target_forces_pruning_by_speedup():

@@ -17,7 +17,8 @@ def tiny_gguf(tmp_path_factory, embedded_tokenizer_spec) -> Path:
     export_gguf(tiny_llama(tied=True), embedded_tokenizer_spec, f32, "F32", Provenance("t", "0" * 64, {}), "t")
     q = d / "tiny-q4km.gguf"
     quantize(f32, q, "Q4_K_M", threads=2)
-    assert q.stat().st_size < f32.stat().st_size / 3
+    # Width 64 is no multiple of 256, so llama.cpp falls back from K-quants to Q5_0/Q8_0 here.
+    assert q.stat().st_size < f32.stat().st_size / 2
     return q
 
 

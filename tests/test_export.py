@@ -10,6 +10,8 @@ to ~0.2, which is why parity is checked with F32 caches.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -108,3 +110,32 @@ def test_unpruned_export_carries_the_converters_metadata_tokenizer_and_tensors(t
     for name, (shape, dtype, data) in their_tensors.items():
         assert our_tensors[name][:2] == (shape, dtype), name
         assert np.array_equal(our_tensors[name][2], data), name
+
+
+def test_f16_export_halves_the_file_and_keeps_top1(tmp_path, embedded_tokenizer_spec):
+    model = tiny_llama(tied=False)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(TOKENS)).logits[0].numpy()
+    paths = {}
+    for dtype in ("F32", "F16"):
+        paths[dtype] = tmp_path / f"{dtype}.gguf"
+        export_gguf(model, embedded_tokenizer_spec, paths[dtype], dtype, Provenance("t", "0" * 64, {}), "t")
+    assert paths["F16"].stat().st_size < 0.55 * paths["F32"].stat().st_size
+    top1, maxdiff = _compare(expected, _llama_cpp_logits(paths["F16"]))
+    assert top1 >= 0.9 and maxdiff < 0.05 * float(expected.max() - expected.min())
+
+
+def test_export_writes_provenance(tmp_path, embedded_tokenizer_spec):
+    import gguf
+
+    from edgeprune.export.gguf_llama import ProvenanceKeys
+
+    plan = Plan(drop_layers=(1,))
+    path = tmp_path / "p.gguf"
+    export_gguf(apply_plan(tiny_llama(tied=True), plan), embedded_tokenizer_spec, path, "F32",
+                Provenance("org/model", "ab" * 32, plan.to_dict()), "model")
+    reader = gguf.GGUFReader(str(path))
+    assert reader.get_field(ProvenanceKeys.SOURCE).contents() == "org/model"
+    assert reader.get_field(ProvenanceKeys.SOURCE_SHA256).contents() == "ab" * 32
+    assert Plan.from_dict(json.loads(reader.get_field(ProvenanceKeys.PLAN).contents())) == plan
+    assert reader.get_field("llama.block_count").contents() == 3

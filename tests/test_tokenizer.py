@@ -47,7 +47,7 @@ def test_gguf_tokenizes_exactly_like_hf(gguf_tokenizers, embedded_reference, sou
     expected = tok(text, add_special_tokens=False)["input_ids"]
     got = gguf_tokenizers[source].tokenize(text.encode("utf-8"), add_bos=False, special=True)
     assert got == expected
-    assert gguf_tokenizers[source].detokenize(got).decode("utf-8") == text
+    assert gguf_tokenizers[source].detokenize(got, special=True).decode("utf-8") == text
 
 
 def test_specs_from_gguf_and_hf_agree(embedded_reference, embedded_tokenizer_spec):

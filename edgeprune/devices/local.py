@@ -37,7 +37,9 @@ class LocalDevice(Device):
                 timeout=TIMEOUT_S,
             )
         except subprocess.TimeoutExpired:
-            raise EdgepruneError(f"Benchmarking {model.name} took over {TIMEOUT_S} s; the device is too slow.") from None
+            raise EdgepruneError(
+                f"Benchmarking {model.name} took over {TIMEOUT_S} s; the device is too slow for this workload."
+            ) from None
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise EdgepruneError(f"The benchmark of {model.name} failed on {self.url}: {tail}")

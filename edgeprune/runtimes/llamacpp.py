@@ -83,6 +83,14 @@ def sequence_logits(
         llm.close()
 
 
+def last_logits(llm: Any) -> np.ndarray:
+    """Logits of the last evaluated token (llama-cpp-python keeps `scores` only with logits_all)."""
+    import llama_cpp
+
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+
+
 def greedy_answer(path: Path, prompt_tokens: list[int], max_tokens: int, threads: int) -> list[int]:
     """Greedy continuation that stops at end-of-generation tokens."""
     llm = load(path, n_ctx=len(prompt_tokens) + max_tokens + 8, threads=threads)
@@ -90,7 +98,7 @@ def greedy_answer(path: Path, prompt_tokens: list[int], max_tokens: int, threads
         out: list[int] = []
         llm.eval(prompt_tokens)
         for _ in range(max_tokens):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(last_logits(llm)))
             if llm.token_eos() == token or _is_eog(llm, token):
                 break
             out.append(token)
@@ -116,11 +124,11 @@ def timed_generation(llm: Any, prompt_tokens: list[int], answer_tokens: int) -> 
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(prompt_tokens)
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = int(np.argmax(last_logits(llm)))
     t_first = time.perf_counter()
     for _ in range(answer_tokens - 1):
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits(llm)))
     t_end = time.perf_counter()
     ttft = t_first - t0
     decode_s = t_end - t_first
