@@ -82,3 +82,27 @@ def test_unreachable_budget_fails_naming_the_closest_candidate(tmp_path, cache_d
     assert not report["device"]["is_target_arch"]  # arm16g measured on this x86 machine: a stand-in
     assert "stand-in" in (out / "report.md").read_text()
     assert not list(out.glob("*.gguf"))
+
+
+def test_build_from_hf_directory_with_calibration_file(tmp_path, cache_dir, embedded_reference):
+    """A safetensors HF checkpoint and a .jsonl calibration file; a budget the unpruned model meets."""
+    from conftest import tiny_llama
+
+    model_dir = tmp_path / "tiny-llama"
+    tiny_llama(tied=False).save_pretrained(model_dir)
+    embedded_reference.tokenizer.save_pretrained(model_dir)
+    sentences = [f"Pump {i} reported a pressure of {i * 7 % 90} bar at {i % 24}:00, within limits." for i in range(400)]
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"text": " ".join(sentences[i : i + 8])}) for i in range(0, 400, 8)))
+
+    out = tmp_path / "out"
+    proc = build("--target", "demo", "--model", str(model_dir), "--calib", str(calib), "--profile", "quick",
+                 "--latency-budget", "60", "-o", str(out), "--cache-dir", str(cache_dir), "-q")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["source"] == "hf_dir" and report["model"]["id"] == "tiny-llama"
+    assert report["calibration"]["source"].startswith("file calib.jsonl")
+    assert report["search"]["stop_reason"] == "the unpruned model meets the budget"
+    assert report["search"]["selected"] == "c00" and len(report["search"]["candidates"]) == 1
+    assert (out / report["artifact"]).is_file() and report["artifact"] == "model-tiny-llama-Q4_K_M.gguf"
+    assert "nothing" in proc.stdout  # "Pruned: nothing (the unpruned model meets the budget)"
