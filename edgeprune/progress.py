@@ -18,4 +18,6 @@ def set_enabled(enabled: bool) -> None:
 
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
-    return tqdm(iterable, desc=desc, total=total, disable=not _enabled, leave=False, dynamic_ncols=True)
+    # disable=None: tqdm also stays quiet when stderr is not a terminal (logs, CI).
+    return tqdm(iterable, desc=desc, total=total, disable=None if _enabled else True, leave=False,
+                dynamic_ncols=True)

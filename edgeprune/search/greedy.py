@@ -5,8 +5,10 @@ of the current candidate (a few more layers removed; the next smaller head struc
 the one that loses the least quality (measured KLD) per byte of weights removed. Bytes, not the
 measured speed-up, rank the steps: CPU decoding reads every weight once per token, so bytes track
 speed without the 10-20% noise of a shared machine, which would otherwise pick steps at random
-when two of them save about as much. When a depth step lands within budget,
-also try the depths it skipped. Every candidate is timed alternating with the unpruned baseline,
+when two of them save about as much. When a round lands within budget, also try the depths a
+depth step skipped, and follow the most efficient step one layer at a time while its quality is
+still better than the best candidate within budget (a bound: going deeper only loses quality).
+Every candidate is timed alternating with the unpruned baseline,
 so speed-ups are ratios of runs taken side by side; before a candidate is selected, its verdict is
 confirmed by a second such measurement, pooled with the first: one noisy run never decides.
 """
@@ -111,6 +113,15 @@ class _Search:
                 if self.measure(State(n, cand.state.heads)).meets:
                     break
 
+    def follow_efficient_path(self, cand: Candidate) -> None:
+        """Remove one more layer at a time from `cand` while it could still beat the best."""
+        while not cand.meets and len(self.seen) < self.max_candidates:
+            best = self.best_within()
+            nxt = self.space.deeper(cand.state, step=1)
+            if best is None or nxt is None or nxt in self.seen or cand.quality.mean_kld >= best.quality.mean_kld:
+                return
+            cand = self.measure(nxt)
+
     def run(self) -> SearchOutcome:
         current = self.baseline
         while True:
@@ -129,10 +140,11 @@ class _Search:
                 stop = "candidate limit reached" if full else "search limits reached (max layers / heads removed)"
                 break
             measured = [self.measure(s) for s in steps]
-            if any(c.meets for c in measured):
-                self.refine_depth(current, measured)
             base = current
             current = min(measured, key=lambda c: (_efficiency(base, c), -c.bench.speedup))
+            if any(c.meets for c in measured):
+                self.refine_depth(base, measured)
+                self.follow_efficient_path(current)
 
         closest = min(self.seen.values(), key=lambda c: (self.budget.shortfall(c.bench), c.quality.mean_kld))
         return SearchOutcome(list(self.seen.values()), self.budget, self.best_within(), closest, stop)
