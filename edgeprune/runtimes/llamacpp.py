@@ -99,7 +99,7 @@ def greedy_answer(path: Path, prompt_tokens: list[int], max_tokens: int, threads
         llm.eval(prompt_tokens)
         for _ in range(max_tokens):
             token = int(np.argmax(last_logits(llm)))
-            if llm.token_eos() == token or _is_eog(llm, token):
+            if _is_eog(llm, token):
                 break
             out.append(token)
             llm.eval([token])
