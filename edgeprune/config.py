@@ -14,8 +14,7 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgeprune.errors import EdgepruneError
-
-QUANT_TYPES = ("Q4_K_M",)  # issue: per-tensor and other types extend this list
+from edgeprune.quantize.llamacpp import QUANT_FTYPES
 
 
 class Strict(BaseModel):
@@ -84,7 +83,7 @@ class BenchmarkSettings(Strict):
 
 
 class SearchSettings(Strict):
-    quant: Literal[QUANT_TYPES] = "Q4_K_M"  # type: ignore[valid-type]
+    quant: Literal[tuple(QUANT_FTYPES)] = "Q4_K_M"  # type: ignore[valid-type]
     layer_step: int = Field(ge=1, description="layers removed per depth step")
     max_layer_fraction: float = Field(gt=0, lt=1)
     max_head_fraction: float = Field(ge=0, lt=1, description="share of query heads removable")

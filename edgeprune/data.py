@@ -135,14 +135,13 @@ def self_generated(model: Any, tokenizer: Any, settings: CalibrationSettings, ba
         prompts.append(tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
     rows: list[list[int]] = []
-    generator_seed = settings.seed
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for start in progress(range(0, total, batch_size), "self-generating calibration text"):
         batch = prompts[start : start + batch_size]
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        torch.manual_seed(generator_seed + start)
+        torch.manual_seed(settings.seed + start)
         out = model.generate(
             input_ids=ids,
             attention_mask=mask,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -36,10 +37,10 @@ class BenchmarkRecord:
     # The unpruned model's runs, alternated with these ones in the same process (empty for the
     # baseline itself): speed-ups are ratios of runs taken side by side.
     baseline_runs: list[dict[str, float]] = field(default_factory=list)
-    summary: dict[str, float] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        self.summary = summarize(self.runs, self.baseline_runs)
+    @cached_property
+    def summary(self) -> dict[str, float]:
+        return summarize(self.runs, self.baseline_runs)
 
     @property
     def latency_p50(self) -> float:
@@ -56,7 +57,7 @@ class BenchmarkRecord:
         return self.summary.get("paired_speedup", 1.0)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"summary": self.summary}
 
     def pooled(self, other: BenchmarkRecord) -> BenchmarkRecord:
         """Both measurements' runs as one record (for confirming a verdict with a second run)."""

@@ -18,7 +18,6 @@ from edgeprune.errors import EdgepruneError
 
 K = gguf.Keys.Tokenizer
 
-_GPT2_REGEX = True  # ByteLevel(use_regex=True) is the GPT-2 split regex
 _LLAMA3_SPLIT = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
     "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
@@ -26,15 +25,16 @@ _LLAMA3_SPLIT = (
 
 
 def _byte_level(use_regex: bool) -> dict[str, Any]:
+    """ByteLevel with use_regex=True splits with the GPT-2 regex; False leaves splitting to a Split before it."""
     return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": use_regex}
 
 
 # llama.cpp pre-tokenizer name -> the tokenizers.json pre_tokenizer that splits text identically.
 PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
-    "gpt-2": _byte_level(_GPT2_REGEX),
+    "gpt-2": _byte_level(use_regex=True),
     "smollm": {
         "type": "Sequence",
-        "pretokenizers": [{"type": "Digits", "individual_digits": True}, _byte_level(_GPT2_REGEX)],
+        "pretokenizers": [{"type": "Digits", "individual_digits": True}, _byte_level(use_regex=True)],
     },
     "llama-bpe": {
         "type": "Sequence",
@@ -45,7 +45,7 @@ PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
                 "behavior": "Isolated",
                 "invert": False,
             },
-            _byte_level(False),
+            _byte_level(use_regex=False),
         ],
     },
 }

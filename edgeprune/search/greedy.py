@@ -73,7 +73,7 @@ def _efficiency(base: Candidate, step: Candidate) -> float:
 
 class _Search:
     def __init__(self, space: SearchSpace, evaluate: Evaluator, slo: SLO, max_candidates: int) -> None:
-        self.space, self.evaluate, self.slo, self.max_candidates = space, evaluate, slo, max_candidates
+        self.space, self.evaluate, self.max_candidates = space, evaluate, max_candidates
         self.seen: dict[State, Candidate] = {}
         self.budget = Budget.from_slo(slo)
         self.baseline: Candidate | None = None
