@@ -18,6 +18,7 @@ import torch
 
 from edgeprune import __version__
 from edgeprune.errors import EdgepruneError
+from edgeprune.export.rope import write_rope
 from edgeprune.models.tokenizer import TokenizerSpec
 from edgeprune.prune.plan import ModelShape
 
@@ -76,18 +77,6 @@ def gguf_tensor_name(hf_name: str) -> str:
     raise EdgepruneError(f"The model has a tensor edgeprune cannot place in a llama GGUF: {hf_name}.")
 
 
-def _rope_metadata(writer: gguf.GGUFWriter, config: Any) -> None:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    writer.add_rope_freq_base(float(theta))
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(params["factor"]))
-    elif kind != "default":
-        raise EdgepruneError(f"The model uses RoPE scaling '{kind}', which edgeprune cannot export yet.")
-
-
 def export_gguf(
     model: Any, tokenizer: TokenizerSpec, path: Path, dtype: str, provenance: Provenance, name: str
 ) -> None:
@@ -112,7 +101,7 @@ def export_gguf(
         writer.add_value_length(shape.head_dim)
         writer.add_rope_dimension_count(shape.head_dim)
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-        _rope_metadata(writer, config)
+        extra_tensors = write_rope(writer, config)
         tokenizer.write(writer)
         writer.add_string(ProvenanceKeys.VERSION, __version__)
         writer.add_string(ProvenanceKeys.SOURCE, provenance.source)
@@ -129,6 +118,9 @@ def export_gguf(
                 t = rope_interleave(t, shape.n_head_kv)
             data = t.numpy().astype(np.float32 if t.ndim == 1 else np_dtype)
             writer.add_tensor(gguf_tensor_name(hf_name), data)
+
+        for gguf_name, data in extra_tensors.items():
+            writer.add_tensor(gguf_name, data)
 
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
