@@ -1,7 +1,8 @@
-"""Apply a Plan to a Llama model: pure functions over the config and the state dict.
+"""Apply a Plan to a Llama state dict and config: pure functions, no modules.
 
-The pruned model is built fresh from the pruned config and loaded with `strict=True`, so a
-config that disagrees with its tensors fails here rather than in a runtime.
+A removed sublayer takes its norm with it: the attention's `input_layernorm`, the MLP's
+`post_attention_layernorm`. The per-layer slices are the model's truth; `prune/modules.py`
+builds the torch model that holds them.
 """
 
 from __future__ import annotations
@@ -12,17 +13,27 @@ from typing import Any
 
 import torch
 
-from edgeprune.prune.plan import ModelShape, Plan
+from edgeprune.prune.plan import ModelShape, Plan, PlanError
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+ATTENTION_PARAMS = ("self_attn.", "input_layernorm.")
+MLP_PARAMS = ("mlp.", "post_attention_layernorm.")
 
 
 def pruned_config(config: Any, plan: Plan) -> Any:
+    """The plain transformers config of a uniformly pruned model (what `save_pretrained` writes)."""
     shape = ModelShape.from_config(config)
     plan.validate(shape)
+    uniform = plan.uniform_shape(shape)
+    if uniform is None:
+        raise PlanError(
+            f"The plan gives layers different shapes ({plan.describe(shape)}); a plain transformers Llama config "
+            "has one head count and FFN width for all layers, so only the GGUF (arch deci) can hold this model."
+        )
     new = copy.deepcopy(config)
     new.num_hidden_layers = len(plan.kept_layers(shape))
-    new.num_attention_heads, new.num_key_value_heads = plan.layer_heads(shape)
+    new.num_attention_heads, new.num_key_value_heads = uniform.n_head, uniform.n_head_kv
+    new.intermediate_size = uniform.ffn
     # head_dim no longer follows from hidden_size / heads once heads are removed.
     new.head_dim = shape.head_dim
     if getattr(new, "layer_types", None) is not None:
@@ -49,6 +60,35 @@ def prune_layer_heads(tensors: dict[str, torch.Tensor], q_heads: tuple[int, ...]
     return out
 
 
+def prune_layer_channels(tensors: dict[str, torch.Tensor], channels: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Keep the given FFN channels (rows of gate and up, columns of down)."""
+    index = torch.tensor(channels, dtype=torch.long)
+    out = dict(tensors)
+    for name, t in tensors.items():
+        if name.startswith(("mlp.gate_proj.", "mlp.up_proj.")):
+            out[name] = t.index_select(0, index)
+        elif name == "mlp.down_proj.weight":
+            out[name] = t.index_select(1, index)
+    return out
+
+
+def _prune_layer(tensors: dict[str, torch.Tensor], layer: int, plan: Plan,
+                 shape: ModelShape) -> dict[str, torch.Tensor]:
+    heads, channels = dict(plan.heads), dict(plan.ffn)
+    if layer in heads:
+        if heads[layer]:
+            tensors = prune_layer_heads(tensors, plan.kept_heads(layer, shape), plan.kept_kv_heads(layer, shape),
+                                        shape.head_dim)
+        else:
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(ATTENTION_PARAMS)}
+    if layer in channels:
+        if channels[layer]:
+            tensors = prune_layer_channels(tensors, channels[layer])
+        else:
+            tensors = {k: v for k, v in tensors.items() if not k.startswith(MLP_PARAMS)}
+    return tensors
+
+
 def pruned_state_dict(state: dict[str, torch.Tensor], config: Any, plan: Plan) -> dict[str, torch.Tensor]:
     shape = ModelShape.from_config(config)
     plan.validate(shape)
@@ -62,21 +102,6 @@ def pruned_state_dict(state: dict[str, torch.Tensor], config: Any, plan: Plan) -
         elif int(m.group(1)) in new_index:
             per_layer.setdefault(int(m.group(1)), {})[m.group(2)] = tensor
     for old, tensors in per_layer.items():
-        if dict(plan.heads).get(old) is not None:
-            tensors = prune_layer_heads(
-                tensors, plan.kept_heads(old, shape), plan.kept_kv_heads(old, shape), shape.head_dim
-            )
-        for name, t in tensors.items():
+        for name, t in _prune_layer(tensors, old, plan, shape).items():
             out[f"model.layers.{new_index[old]}.{name}"] = t.clone()
     return out
-
-
-def apply_plan(model: Any, plan: Plan) -> Any:
-    """A pruned copy of `model` (the reference is left untouched)."""
-    from transformers import LlamaForCausalLM
-
-    config = pruned_config(model.config, plan)
-    state = pruned_state_dict(model.state_dict(), model.config, plan)
-    pruned = LlamaForCausalLM(config)
-    pruned.load_state_dict(state, strict=True)
-    return pruned.eval()
