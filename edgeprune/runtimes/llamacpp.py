@@ -91,15 +91,16 @@ def last_logits(llm: Any) -> np.ndarray:
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
 
 
-def greedy_answer(path: Path, prompt_tokens: list[int], max_tokens: int, threads: int) -> list[int]:
-    """Greedy continuation that stops at end-of-generation tokens."""
-    llm = load(path, n_ctx=len(prompt_tokens) + max_tokens + 8, threads=threads)
+def greedy_answer(path: Path, prompt_tokens: list[int], max_tokens: int, threads: int,
+                  f32_kv_cache: bool = False, stop_at_eog: bool = True) -> list[int]:
+    """Greedy continuation that stops at end-of-generation tokens (unless told not to)."""
+    llm = load(path, n_ctx=len(prompt_tokens) + max_tokens + 8, threads=threads, f32_kv_cache=f32_kv_cache)
     try:
         out: list[int] = []
         llm.eval(prompt_tokens)
         for _ in range(max_tokens):
             token = int(np.argmax(last_logits(llm)))
-            if _is_eog(llm, token):
+            if stop_at_eog and _is_eog(llm, token):
                 break
             out.append(token)
             llm.eval([token])
