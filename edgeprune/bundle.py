@@ -7,10 +7,13 @@ so a failed or interrupted build never leaves a half-written output.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -51,11 +54,43 @@ def model_filename(model_id: str, quant: str) -> str:
     return f"model-{slug or 'model'}-{quant}.gguf"
 
 
-def write_output(out: Path, outcome: SearchOutcome, report: dict[str, Any], reference: Reference,
-                 target: Target, force: bool) -> None:
+@contextmanager
+def staged_output(out: Path, force: bool) -> Iterator[Path]:
+    """A temporary sibling of `out` to fill; it replaces `out` only if the block completes."""
     check_output_dir(out, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        yield tmp
+        _default_permissions(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _default_permissions(root: Path) -> None:
+    """mkdtemp (and some writers) create owner-only files; outputs get the user's usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *root.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every file under `directory`, by relative path."""
+    return {str(p.relative_to(directory)): sha256_file(p) for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def write_output(out: Path, outcome: SearchOutcome, report: dict[str, Any], reference: Reference,
+                 target: Target, force: bool) -> None:
+    with staged_output(out, force) as tmp:
         selected = outcome.selected
         if selected is not None:
             name = model_filename(reference.source.model_id, report["profile"]["search"]["quant"])
@@ -71,17 +106,6 @@ def write_output(out: Path, outcome: SearchOutcome, report: dict[str, Any], refe
             "plan": selected.plan.to_dict() if selected else None,
             "budget_met": selected is not None,
             "tools": tool_versions(),
-            "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir())},
+            "files": file_hashes(tmp),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

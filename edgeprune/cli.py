@@ -109,6 +109,51 @@ def build(target_name: str, model: str | None, calib: Path | None, output_dir: P
         )
 
 
+@cli.command()
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True,
+              help="Plan file (.toml or .json): layers to drop, heads / FFN channels / sublayers to keep.")
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("-m", "--model", default=None,
+              help="HF directory, hub id or .gguf file. Default: the embedded SmolLM2-135M-Instruct.")
+@click.option("--quant", default="Q4_K_M", show_default=True, help="Quantization type of the GGUF.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help='Calibration text (.txt, or .jsonl with a "text" field). Default: self-generated.')
+@click.option("-p", "--profile", "profile_name", default="default", show_default=True,
+              help="Profile whose calibration settings are used.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Artifact cache. Default: $EDGEPRUNE_CACHE or ~/.cache/edgeprune.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow custom code from the model's repository (off by default).")
+@logging_options
+def prune(plan_path: Path, output_dir: Path, model: str | None, quant: str, calib: Path | None, profile_name: str,
+          cache_dir: Path | None, force: bool, trust_remote_code: bool) -> None:
+    """Apply one plan: write the pruned, quantized GGUF, its quality, and (for plans that keep one
+    shape in every layer) an HF safetensors checkpoint plain transformers loads."""
+    from pydantic import ValidationError
+
+    from edgeprune.build import default_cache_dir
+    from edgeprune.config import first_error
+    from edgeprune.prune_job import PruneConfig
+    from edgeprune.prune_job import prune as run_prune
+
+    try:
+        config = PruneConfig(plan=plan_path, output_dir=output_dir, profile=load_profile(profile_name),
+                             cache_dir=cache_dir or default_cache_dir(), model=model, quant=quant, calib=calib,
+                             trust_remote_code=trust_remote_code, force=force)
+    except ValidationError as e:
+        raise EdgepruneError(f"Invalid option: {first_error(e)}.") from None
+    r = run_prune(config)
+    q = r.quality
+    click.echo("")
+    click.echo(f"Plan:       {r.description} (GGUF architecture {r.architecture})")
+    click.echo(f"Artifact:   {r.output_dir / r.artifact} ({r.size_bytes / MIB:.1f} MiB, {r.parameters:,} parameters)")
+    click.echo(f"Quality:    mean KLD {q.mean_kld:.3f}, top-1 agreement {q.top1_agreement * 100:.1f}%, "
+               f"perplexity {q.perplexity:.2f} (reference {r.reference_perplexity:.2f})")
+    click.echo(f"HF:         {r.hf_dir}" if r.hf_dir else
+               "HF:         none (layers differ in shape; plain transformers cannot hold the model)")
+
+
 def _print_summary(result) -> None:
     report, search = result.report, result.report["search"]
     sel = next((c for c in search["candidates"] if c["selected"]), None)

@@ -67,7 +67,7 @@ class Target(Strict):
         try:
             return self.model_copy(update={"slo": SLO(**slo)})
         except ValidationError as e:
-            raise EdgepruneError(f"Invalid budget override: {_first_error(e)}.") from None
+            raise EdgepruneError(f"Invalid budget override: {first_error(e)}.") from None
 
 
 class CalibrationSettings(Strict):
@@ -126,7 +126,7 @@ def available(kind: str) -> dict[str, Path]:
     return found
 
 
-def _first_error(e: ValidationError) -> str:
+def first_error(e: ValidationError) -> str:
     err = e.errors()[0]
     where = ".".join(str(p) for p in err["loc"]) or "file"
     if err["type"] == "extra_forbidden":
@@ -157,7 +157,7 @@ def _load(kind: str, schema: type[Strict], name_or_path: str) -> Strict:
     try:
         return schema(name=path.stem, **data)
     except ValidationError as e:
-        raise EdgepruneError(f"{path}: {_first_error(e)}; fix the file.") from None
+        raise EdgepruneError(f"{path}: {first_error(e)}; fix the file.") from None
 
 
 def load_target(name_or_path: str) -> Target:

@@ -38,3 +38,19 @@ def test_select_heads_keeps_gqa_groups_consistent():
     assert kept == (0, 2, 3, 4)
     groups = [h // 3 for h in kept]
     assert groups.count(0) == groups.count(1) == 2
+
+
+def test_channel_output_norms_equal_direct_computation():
+    from edgeprune.analysis.scores import channel_output_norms, select_channels
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 10)  # hidden x ffn
+    x = torch.randn(2, 3, 10)
+    got = channel_output_norms(w, x)
+    flat = x.reshape(-1, 10)
+    for c in range(10):
+        direct = torch.outer(flat[:, c], w[:, c]).norm(dim=-1)
+        assert_close(got[:, c], direct.double())
+    scores = torch.tensor([0.5, 3.0, 1.0, 2.0])
+    assert select_channels(scores, 2) == (1, 3)
+    assert select_channels(scores, 0) == ()

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from edgeprune.analysis.scores import block_influence, head_output_norms
+from edgeprune.analysis.scores import block_influence, channel_output_norms, head_output_norms
 from edgeprune.progress import progress
 
 log = logging.getLogger(__name__)
@@ -18,13 +18,19 @@ log = logging.getLogger(__name__)
 class Importance:
     layer_scores: list[float]  # Block Influence per layer; low = the layer changes little
     head_scores: list[list[float]]  # per layer, per query head: mean output norm
+    channel_scores: list[list[float]]  # per layer, per FFN channel: mean output norm
 
     def to_dict(self) -> dict[str, Any]:
+        return {"layer_block_influence": self.layer_scores, "head_output_norm": self.head_scores,
+                "ffn_channel_output_norm": self.channel_scores}
+
+    def summary(self) -> dict[str, Any]:
+        """What reports show: per-layer scores (the per-channel lists run to thousands per layer)."""
         return {"layer_block_influence": self.layer_scores, "head_output_norm": self.head_scores}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Importance:
-        return cls(data["layer_block_influence"], data["head_output_norm"])
+        return cls(data["layer_block_influence"], data["head_output_norm"], data["ffn_channel_output_norm"])
 
     def layers_by_importance(self, protect: tuple[int, ...] = ()) -> list[int]:
         """Layer indices, least important first, excluding `protect`."""
@@ -39,6 +45,7 @@ def compute_importance(model: Any, tokens: torch.Tensor, batch_size: int = 4) ->
     n = len(layers)
     bi_sum = torch.zeros(n, dtype=torch.float64)
     head_sum = torch.zeros(n, model.config.num_attention_heads, dtype=torch.float64)
+    channel_sum = torch.zeros(n, model.config.intermediate_size, dtype=torch.float64)
     count = 0
     hooks = []
 
@@ -56,9 +63,16 @@ def compute_importance(model: Any, tokens: torch.Tensor, batch_size: int = 4) ->
 
         return hook
 
+    def down_proj_hook(i: int):
+        def hook(module, args):
+            channel_sum[i] += channel_output_norms(module.weight, args[0]).sum(dim=0)
+
+        return hook
+
     for i, layer in enumerate(layers):
         hooks.append(layer.register_forward_hook(layer_hook(i), with_kwargs=True))
         hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(o_proj_hook(i)))
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(down_proj_hook(i)))
     try:
         for start in progress(range(0, len(tokens), batch_size), "importance"):
             batch = tokens[start : start + batch_size]
@@ -70,4 +84,5 @@ def compute_importance(model: Any, tokens: torch.Tensor, batch_size: int = 4) ->
     return Importance(
         layer_scores=(bi_sum / count).tolist(),
         head_scores=(head_sum / count).tolist(),
+        channel_scores=(channel_sum / count).tolist(),
     )

@@ -26,6 +26,23 @@ def head_output_norms(o_proj_weight: torch.Tensor, o_proj_input: torch.Tensor, h
     return contrib.norm(dim=-1)
 
 
+def channel_output_norms(down_weight: torch.Tensor, down_input: torch.Tensor) -> torch.Tensor:
+    """Per-token norm of each FFN channel's contribution to the MLP output, shape [tokens, ffn].
+
+    Channel c adds W_down[:, c] * x_c to the residual stream, whose norm is |x_c| * ||W_down[:, c]||.
+    """
+    x = down_input.reshape(-1, down_input.shape[-1]).double()
+    return x.abs() * down_weight.double().norm(dim=0)
+
+
+def select_channels(channel_scores: torch.Tensor, keep: int) -> tuple[int, ...]:
+    """The `keep` highest-scoring FFN channels, sorted."""
+    if not 0 <= keep <= channel_scores.numel():
+        raise ValueError(f"cannot keep {keep} of {channel_scores.numel()} channels")
+    best = torch.argsort(channel_scores, descending=True, stable=True)[:keep]
+    return tuple(sorted(int(i) for i in best))
+
+
 def group_scores(head_scores: torch.Tensor, n_head_kv: int) -> torch.Tensor:
     """Sum of the query-head scores of each KV group, shape [n_head_kv]."""
     return head_scores.reshape(n_head_kv, -1).sum(dim=-1)

@@ -1,0 +1,127 @@
+"""`edgeprune prune`: apply one plan to a model and write the pruned GGUF (and, when plain
+transformers can hold it, an HF safetensors checkpoint), with its quality against the reference."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from edgeprune import __version__
+from edgeprune.bundle import MANIFEST, check_output_dir, file_hashes, model_filename, staged_output, tool_versions
+from edgeprune.config import Profile, Strict
+from edgeprune.evaluate import Quality, reference_log_probs, reference_perplexity
+from edgeprune.export.gguf_llama import architecture
+from edgeprune.models import load_reference, resolve_source
+from edgeprune.pipeline import MODEL_FILE, CandidateModel, CandidateQuality, calibration_splits, importance_of
+from edgeprune.prune import ModelShape, Plan, apply_plan
+from edgeprune.prune.spec import check, load_plan_spec, resolve
+from edgeprune.quantize import QUANT_FTYPES
+from edgeprune.stages import StageRunner
+
+log = logging.getLogger(__name__)
+
+HF_DIR = "hf"
+PLAN_FILE = "plan.json"
+
+
+class PruneConfig(Strict):
+    """Everything `edgeprune prune` depends on; the CLI builds exactly this object."""
+
+    plan: Path
+    output_dir: Path
+    profile: Profile  # calibration settings (importance, quality)
+    cache_dir: Path
+    model: str | None = None  # None: the embedded default
+    quant: Literal[tuple(QUANT_FTYPES)] = "Q4_K_M"  # type: ignore[valid-type]
+    calib: Path | None = None
+    threads: int = max(1, os.cpu_count() or 1)
+    trust_remote_code: bool = False
+    force: bool = False
+
+
+@dataclass
+class PruneResult:
+    output_dir: Path
+    artifact: str
+    plan: Plan
+    description: str
+    architecture: str
+    size_bytes: int
+    parameters: int
+    quality: Quality
+    reference_perplexity: float
+    hf_dir: Path | None
+
+
+def prune(config: PruneConfig) -> PruneResult:
+    check_output_dir(config.output_dir, config.force)
+    spec = load_plan_spec(config.plan)  # a bad plan file fails before the model loads
+    runner = StageRunner(config.cache_dir / "stages")
+    reference = load_reference(resolve_source(config.model), config.cache_dir, config.trust_remote_code)
+    shape = ModelShape.from_config(reference.config)
+    check(spec, shape)
+    splits = calibration_splits(reference, config.profile.calibration, config.calib, runner)
+    importance = importance_of(reference, splits, runner) if spec.needs_importance() else None
+    plan = resolve(spec, shape, importance)
+    description = plan.describe(shape)
+    log.info("plan: %s", description)
+
+    model = runner.run(CandidateModel(reference, plan, config.quant, config.threads))
+    ref_logps = reference_log_probs(reference.model, splits.heldout)
+    gguf_path = model.dir / MODEL_FILE
+    quality = Quality(**runner.run(CandidateQuality(gguf_path, model.key, splits, ref_logps, config.threads)).result)
+    arch = architecture(plan.layer_shapes(shape))
+    uniform = plan.uniform_shape(shape) is not None
+    artifact = model_filename(reference.source.model_id, config.quant)
+    result = PruneResult(
+        output_dir=config.output_dir, artifact=artifact, plan=plan, description=description, architecture=arch,
+        size_bytes=model.result["size_bytes"], parameters=model.result["parameters"], quality=quality,
+        reference_perplexity=reference_perplexity(ref_logps, splits.heldout),
+        hf_dir=config.output_dir / HF_DIR if uniform else None,
+    )
+    with staged_output(config.output_dir, config.force) as tmp:
+        shutil.copyfile(gguf_path, tmp / artifact)
+        if uniform:
+            pruned = apply_plan(reference.model, plan)
+            pruned.save_pretrained(tmp / HF_DIR, safe_serialization=True)
+            reference.tokenizer.save_pretrained(tmp / HF_DIR)
+        else:
+            log.info("per-layer shapes: no HF checkpoint (plain transformers needs one shape for all layers)")
+        (tmp / PLAN_FILE).write_text(json.dumps(_plan_record(plan, shape, arch), indent=1))
+        report = _report(result, config, reference, splits.to_dict())
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        manifest = {"edgeprune_version": __version__, "model": report["model"], "tools": tool_versions(),
+                    "files": file_hashes(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return result
+
+
+def _plan_record(plan: Plan, shape: ModelShape, arch: str) -> dict[str, Any]:
+    return {
+        "plan": plan.to_dict(),
+        "description": plan.describe(shape),
+        "architecture": arch,
+        "layers": [s.__dict__ for s in plan.layer_shapes(shape)],
+    }
+
+
+def _report(result: PruneResult, config: PruneConfig, reference: Any, calibration: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "edgeprune_version": __version__,
+        "model": {"id": reference.source.model_id, "sha256": reference.sha256,
+                  "parameters": reference.model.num_parameters()},
+        "artifact": result.artifact,
+        "quant": config.quant,
+        "plan": result.description,
+        "architecture": result.architecture,
+        "size_bytes": result.size_bytes,
+        "parameters": result.parameters,
+        "hf_checkpoint": HF_DIR if result.hf_dir else None,
+        "quality": result.quality.to_dict() | {"reference_perplexity": result.reference_perplexity},
+        "calibration": calibration,
+    }

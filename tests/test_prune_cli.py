@@ -1,0 +1,81 @@
+"""`edgeprune prune`: one plan in, a pruned GGUF (+ HF checkpoint for uniform plans) out."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
+
+from edgeprune.hashing import sha256_file
+from edgeprune.prune import ModelShape, Plan, apply_plan
+from test_cli import assert_clean_error, edgeprune
+
+pytestmark = pytest.mark.slow
+
+
+def _prune(tmp_path, cache_dir, plan_text: str, *extra: str):
+    plan = tmp_path / "plan.toml"
+    plan.write_text(plan_text)
+    out = tmp_path / "out"
+    proc = edgeprune("prune", "--plan", str(plan), "-o", str(out), "-p", "quick", "--cache-dir", str(cache_dir), *extra)
+    return proc, out
+
+
+def test_uniform_plan_writes_gguf_and_a_plain_transformers_checkpoint(tmp_path, cache_dir, embedded_reference):
+    proc, out = _prune(tmp_path, cache_dir, "drop_layers = [14, 20]\n[all]\nheads = 6\nffn = 1024\n")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "plan.json").read_text())
+    assert record["architecture"] == "llama"
+    assert record["layers"] == [{"n_head": 6, "n_head_kv": 3, "ffn": 1024}] * 28
+
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf").eval()  # plain transformers, no custom code
+    c = hf.config
+    assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) == (28, 6, 3, 1024)
+    expected = apply_plan(embedded_reference.model, Plan.from_dict(record["plan"]))
+    tokens = torch.tensor([[1, 504, 2432, 28, 3300, 17, 33, 34]])
+    with torch.no_grad():
+        assert_close(hf(tokens).logits, expected(tokens).logits)
+
+    gguf_file = out / "model-SmolLM2-135M-Instruct-Q4_K_M.gguf"
+    reader = gguf.GGUFReader(str(gguf_file))
+    assert reader.get_field("llama.block_count").contents() == 28
+    assert reader.get_field("llama.feed_forward_length").contents() == 1024
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"][gguf_file.name] == sha256_file(gguf_file)
+    report = json.loads((out / "report.json").read_text())
+    assert 0 < report["quality"]["mean_kld"] and report["hf_checkpoint"] == "hf"
+    assert "mean KLD" in proc.stdout and "architecture llama" in proc.stdout
+
+
+def test_per_layer_plan_writes_a_deci_gguf_and_no_checkpoint(tmp_path, cache_dir):
+    plan = "drop_layers = [20]\n[layers.5]\nheads = 3\nkv_heads = 1\n[layers.7]\nattention = false\n" \
+           "[layers.9]\nmlp = false\n[layers.12]\nffn = 512\n"
+    proc, out = _prune(tmp_path, cache_dir, plan, "--quant", "Q8_0")
+    assert proc.returncode == 0, proc.stderr
+    assert not (out / "hf").exists()
+    reader = gguf.GGUFReader(str(out / "model-SmolLM2-135M-Instruct-Q8_0.gguf"))
+    assert reader.get_field("general.architecture").contents() == "deci"
+    heads = reader.get_field("deci.attention.head_count").contents()
+    ffn = reader.get_field("deci.feed_forward_length").contents()
+    assert len(heads) == 29 and heads[5] == 3 and heads[7] == 0 and heads[0] == 9
+    assert ffn[12] == 512 and ffn[9] == 1  # 1: the placeholder MLP that keeps layer 9's attention output
+    plan = Plan.from_dict(json.loads((out / "plan.json").read_text())["plan"])
+    shape = ModelShape(30, 9, 3, 64, 576, 1536, 49152)
+    assert len(plan.kept_kv_heads(5, shape)) == 1 and plan.kept_channels(9, shape) == ()
+
+
+@pytest.mark.parametrize("plan_text, needle", [
+    ("drop_layer = [3]\n", "unknown key 'drop_layer'"),
+    ("[layers.0]\nattention = false\n", "first kept layer"),
+    ("[all]\nheads = 5\n", "cannot be split evenly"),
+    ("drop_layers = [40]\n", "the model has 30"),
+    ("drop_layers = [\n", "not valid TOML"),
+])
+def test_bad_plans_fail_cleanly_and_write_nothing(tmp_path, cache_dir, plan_text, needle):
+    proc, out = _prune(tmp_path, cache_dir, plan_text)
+    assert_clean_error(proc, needle)
+    assert not out.exists()
