@@ -87,6 +87,7 @@ class SearchSettings(Strict):
     layer_step: int = Field(ge=1, description="layers removed per depth step")
     max_layer_fraction: float = Field(gt=0, lt=1)
     max_head_fraction: float = Field(ge=0, lt=1, description="share of query heads removable")
+    max_ffn_fraction: float = Field(default=0.0, ge=0, lt=1, description="share of FFN channels removable")
     max_candidates: int = Field(ge=1)
 
 

@@ -7,12 +7,12 @@ import json
 import gguf
 import pytest
 import torch
+from test_cli import assert_clean_error, edgeprune
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
 from edgeprune.hashing import sha256_file
 from edgeprune.prune import ModelShape, Plan, apply_plan
-from test_cli import assert_clean_error, edgeprune
 
 pytestmark = pytest.mark.slow
 

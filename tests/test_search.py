@@ -13,7 +13,8 @@ from edgeprune.search import Budget, Candidate, SearchSpace, State, greedy_searc
 
 SHAPE = ModelShape(n_layers=12, n_head=6, n_head_kv=2, head_dim=8, hidden=48, ffn=96, vocab=100)
 IMPORTANCE = Importance(layer_scores=[0.9, 0.3, 0.05, 0.04, 0.03, 0.06, 0.07, 0.02, 0.08, 0.1, 0.2, 0.5],
-                        head_scores=[[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]] * 12)
+                        head_scores=[[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]] * 12,
+                        channel_scores=[[float(c % 7) for c in range(96)]] * 12)
 
 
 class Synthetic:
@@ -55,6 +56,22 @@ def test_space_orders_layers_and_protects_the_ends():
     # At most 34% of 6 heads may go: only 2 KV groups x 2 queries (4 heads) qualifies.
     assert [str(h) for h in s.head_structures] == ["2x2 heads"]
     assert s.plan(State(0, s.head_structures[0])).heads[0] == (0, (1, 2, 4, 5))
+
+
+def test_ffn_widths_are_k_quant_multiples_and_pick_the_best_channels():
+    shape = ModelShape(n_layers=4, n_head=4, n_head_kv=2, head_dim=8, hidden=32, ffn=1024, vocab=100)
+    scores = [[float(c) for c in range(1024)]] * 4  # later channels score higher
+    importance = Importance([0.5, 0.1, 0.2, 0.9], [[1.0] * 4] * 4, scores)
+    settings = load_profile("default").search.model_copy(update={"max_ffn_fraction": 0.5})
+    s = SearchSpace(shape, importance, settings)
+    assert s.ffn_widths == [768, 512]
+    assert s.thinner(State(0)) == State(0, ffn=768) and s.thinner(State(1, ffn=768)) == State(1, ffn=512)
+    assert s.thinner(State(0, ffn=512)) is None
+    plan = s.plan(State(1, ffn=512))
+    assert plan.drop_layers == (1,) and [l for l, _ in plan.ffn] == [0, 2, 3]
+    assert all(channels == tuple(range(512, 1024)) for _, channels in plan.ffn)
+    # A model whose FFN is narrower than one K-quant block has no FFN steps.
+    assert space().ffn_widths == []
 
 
 def test_unpruned_model_meeting_the_budget_is_kept():

@@ -1,7 +1,8 @@
 """Greedy search, as the case study does it by hand, but choosing each step by measurement.
 
 Start from the unpruned model. While nothing meets the budget, build and measure the neighbours
-of the current candidate (a few more layers removed; the next smaller head structure) and move to
+of the current candidate (a few more layers removed; the next smaller head structure; the next
+narrower FFN) and move to
 the one that loses the least quality (measured KLD) per byte of weights removed. Bytes, not the
 measured speed-up, rank the steps: CPU decoding reads every weight once per token, so bytes track
 speed without the 10-20% noise of a shared machine, which would otherwise pick steps at random
@@ -16,7 +17,7 @@ confirmed by a second such measurement, pooled with the first: one noisy run nev
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from edgeprune.config import SLO
@@ -77,7 +78,7 @@ class _Search:
         self.seen: dict[State, Candidate] = {}
         self.budget = Budget.from_slo(slo)
         self.baseline: Candidate | None = None
-        self.baseline = self.measure(State(0, None))
+        self.baseline = self.measure(State(0))
 
     def measure(self, state: State) -> Candidate:
         if state not in self.seen:
@@ -110,7 +111,7 @@ class _Search:
             for n in range(base.state.layers_dropped + 1, cand.state.layers_dropped):
                 if len(self.seen) >= self.max_candidates:
                     return
-                if self.measure(State(n, cand.state.heads)).meets:
+                if self.measure(replace(cand.state, layers_dropped=n)).meets:
                     break
 
     def follow_efficient_path(self, cand: Candidate) -> None:
@@ -133,7 +134,8 @@ class _Search:
                 unpruned = best is self.baseline
                 stop = "the unpruned model meets the budget" if unpruned else "found a candidate within budget"
                 break
-            steps = [s for s in (self.space.deeper(current.state), *self.space.narrower(current.state)) if s]
+            space, state = self.space, current.state
+            steps = [s for s in (space.deeper(state), *space.narrower(state), space.thinner(state)) if s]
             steps = [s for s in steps if s not in self.seen][: max(0, self.max_candidates - len(self.seen))]
             if not steps:
                 full = len(self.seen) >= self.max_candidates

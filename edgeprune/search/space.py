@@ -1,15 +1,17 @@
-"""The search space: depth (least important layers first) x GQA-consistent head structures."""
+"""The search space: depth (least important layers first) x GQA-consistent head structures x
+FFN width (the most important channels of every layer, in K-quant-friendly steps)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from edgeprune.analysis import Importance
-from edgeprune.analysis.scores import select_heads
+from edgeprune.analysis.scores import select_channels, select_heads
 from edgeprune.config import SearchSettings
 from edgeprune.prune import ModelShape, Plan
+from edgeprune.prune.spec import K_QUANT_BLOCK
 
 
 @dataclass(frozen=True, order=True)
@@ -30,11 +32,13 @@ class HeadStructure:
 @dataclass(frozen=True)
 class State:
     layers_dropped: int
-    heads: HeadStructure | None  # None: all heads
+    heads: HeadStructure | None = None  # None: all heads
+    ffn: int | None = None  # FFN channels kept per layer; None: all
 
     def describe(self) -> str:
         parts = [f"-{self.layers_dropped} layers"] if self.layers_dropped else []
         parts += [str(self.heads)] if self.heads else []
+        parts += [f"FFN {self.ffn}"] if self.ffn else []
         return ", ".join(parts) or "unpruned"
 
 
@@ -56,6 +60,11 @@ class SearchSpace:
             ),
             key=lambda s: (-s.heads, -s.groups),
         )
+        # Multiples of 256 only: K-quants pack ffn_down's input in blocks of 256 columns, and any
+        # other width falls back to a bigger type for that tensor.
+        min_ffn = (1 - settings.max_ffn_fraction) * shape.ffn
+        top = (shape.ffn - 1) // K_QUANT_BLOCK * K_QUANT_BLOCK
+        self.ffn_widths = [w for w in range(top, 0, -K_QUANT_BLOCK) if w >= min_ffn]
 
     def plan(self, state: State) -> Plan:
         drop = tuple(self.layer_order[: state.layers_dropped])
@@ -74,12 +83,25 @@ class SearchSpace:
                 for layer in range(self.shape.n_layers)
                 if layer not in drop
             )
-        return Plan(drop_layers=drop, heads=heads)
+        ffn: tuple = ()
+        if state.ffn is not None:
+            ffn = tuple(
+                (layer, select_channels(torch.tensor(self.importance.channel_scores[layer]), state.ffn))
+                for layer in range(self.shape.n_layers)
+                if layer not in drop
+            )
+        return Plan(drop_layers=drop, heads=heads, ffn=ffn)
 
     def deeper(self, state: State, step: int | None = None) -> State | None:
         n = state.layers_dropped + (step or self.settings.layer_step)
         n = min(n, self.max_layers)
-        return State(n, state.heads) if n > state.layers_dropped else None
+        return replace(state, layers_dropped=n) if n > state.layers_dropped else None
+
+    def thinner(self, state: State) -> State | None:
+        """The next narrower FFN width, if the limits allow one."""
+        current = state.ffn or self.shape.ffn
+        smaller = [w for w in self.ffn_widths if w < current]
+        return replace(state, ffn=smaller[0]) if smaller else None
 
     def narrower(self, state: State) -> list[State]:
         """The next-smaller head structures (all of those with the next lower head count)."""
@@ -88,4 +110,4 @@ class SearchSpace:
         if not smaller:
             return []
         top = smaller[0].heads
-        return [State(state.layers_dropped, s) for s in smaller if s.heads == top]
+        return [replace(state, heads=s) for s in smaller if s.heads == top]
