@@ -6,7 +6,9 @@ as a safetensors directory keyed by the GGUF's sha256, so later builds load it i
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,9 +21,13 @@ from edgeprune.models.tokenizer import TokenizerSpec, set_pre_tokenizer
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama",)
+# Config types loaded as LlamaForCausalLM (same tensors and names; see `as_llama_config`).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 # Bump when the cached reference layout changes, so stale caches are not reused.
 CACHE_VERSION = 1
+# Buffers some older checkpoints carry; transformers recomputes them.
+_IGNORED_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -44,17 +50,137 @@ def _check_arch(model_type: str | None, where: str) -> None:
         )
 
 
-def _load_hf(location: str, trust_remote_code: bool) -> tuple[Any, Any]:
+def as_llama_config(config: Any, where: str) -> Any:
+    """A LlamaConfig for a supported config: Mistral (v0.1-v0.3, Nemo-style explicit head_dim) is
+    Llama's graph plus a sliding window, with the same tensor names."""
+    from transformers import LlamaConfig
+
+    _check_arch(getattr(config, "model_type", None), where)
+    if config.model_type == "llama":
+        return config
+    fields = config.to_dict()
+    window = fields.pop("sliding_window", None)
+    for key in ("model_type", "architectures", "transformers_version"):
+        fields.pop(key, None)
+    llama = LlamaConfig(**fields)
+    llama.architectures = ["LlamaForCausalLM"]
+    if window is not None and window < config.max_position_embeddings:
+        log.warning(
+            "%s uses a %d-token sliding attention window, but llama.cpp's llama architecture attends over "
+            "the whole context: outputs agree with the original model only for contexts up to %d tokens.",
+            where, window, window,
+        )
+    return llama
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files transformers would load from `directory` (sharded or not)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (directory / s).is_file()]
+        if missing:
+            raise EdgepruneError(
+                f"{directory} lists weight shards it does not contain ({', '.join(missing[:3])}); "
+                "download the model's remaining .safetensors files."
+            )
+        return [directory / s for s in shards]
+    if (directory / "model.safetensors").is_file():
+        return [directory / "model.safetensors"]
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        raise EdgepruneError(
+            f"{directory} has only pickled weights (.bin/.pt), which edgeprune never loads: "
+            "convert them to safetensors first."
+        )
+    raise EdgepruneError(
+        f"{directory} has no model weights (model.safetensors or model.safetensors.index.json); "
+        "pass a directory that holds the model's safetensors files."
+    )
+
+
+def _checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the safetensors headers (no weights are read)."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise EdgepruneError(f"Cannot read the weights file {path}: {e}".rstrip(".") + ".") from None
+    return {k: v for k, v in shapes.items() if not _IGNORED_TENSORS.search(k)}
+
+
+def _expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)  # tied: absent from checkpoints (ignored if present)
+    return shapes
+
+
+def check_weights(directory: Path, config: Any) -> None:
+    """Refuse weights that disagree with config.json, before transformers would silently
+    random-initialise missing tensors or fail deep in load_state_dict."""
+    found = _checkpoint_shapes(weight_files(directory))
+    expected = _expected_shapes(config)
+    layers = {int(m.group(1)) for name in found if (m := _LAYER_INDEX.match(name))}
+    n_layers = max(layers) + 1 if layers else 0
+    if n_layers != config.num_hidden_layers:
+        raise EdgepruneError(
+            f"{directory}: config.json declares {config.num_hidden_layers} layers but the weights have {n_layers}; "
+            "the config does not belong to these weights."
+        )
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected) - {"lm_head.weight"})
+    if missing or extra:
+        what = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(extra[:3])}"
+        raise EdgepruneError(
+            f"{directory}: the weights do not match a Llama model with this config.json ({what}); "
+            "pass the directory the checkpoint was saved to, unmodified."
+        )
+    width = found["model.embed_tokens.weight"][-1]
+    if width != config.hidden_size:
+        raise EdgepruneError(
+            f"{directory}: config.json declares hidden_size {config.hidden_size} but the weights are {width} wide; "
+            "the config does not belong to these weights."
+        )
+    for name, shape in expected.items():
+        if found[name] != shape:
+            raise EdgepruneError(
+                f"{directory}: config.json does not match the weights: {name} has shape {list(found[name])} where "
+                f"the config (hidden_size {config.hidden_size}, intermediate_size {config.intermediate_size}, "
+                f"{config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, head_dim "
+                f"{getattr(config, 'head_dim', None)}, vocab {config.vocab_size}) implies {list(shape)}."
+            )
+
+
+def _load_hf(directory: Path, trust_remote_code: bool) -> tuple[Any, Any]:
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(location, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise EdgepruneError(f"Cannot read the model config of {location}: {e}".rstrip(".") + ".") from None
-    _check_arch(getattr(config, "model_type", None), location)
-    model = LlamaForCausalLM.from_pretrained(location, dtype=torch.float32, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise EdgepruneError(f"Cannot read the model config of {directory}: {e}".rstrip(".") + ".") from None
+    config = as_llama_config(config, str(directory))
+    check_weights(directory, config)
+    model, info = LlamaForCausalLM.from_pretrained(
+        directory, config=config, dtype=torch.float32, use_safetensors=True, output_loading_info=True
+    )
+    # Belt and braces: transformers only warns when it random-initialises a tensor.
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise EdgepruneError(
+            f"{directory}: transformers could not load every weight as config.json describes ({problems})."
+        )
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer
 
 
@@ -102,9 +228,9 @@ def load_reference(source: ModelSource, cache_dir: Path, trust_remote_code: bool
         hf_dir = cache_dir / "reference" / f"{sha[:20]}-v{CACHE_VERSION}"
         if not (hf_dir / "config.json").is_file():
             _gguf_to_hf_dir(source.path, hf_dir)
-        model, tokenizer = _load_hf(str(hf_dir), trust_remote_code=False)
+        model, tokenizer = _load_hf(hf_dir, trust_remote_code=False)
         spec = TokenizerSpec.from_gguf(gguf.GGUFReader(str(source.path)))
     else:
-        model, tokenizer = _load_hf(source.location, trust_remote_code)
-        spec = TokenizerSpec.from_hf(tokenizer, model.config.vocab_size)
+        model, tokenizer = _load_hf(source.local_dir(), trust_remote_code)
+        spec = TokenizerSpec.from_hf(tokenizer, model.config.vocab_size, model.config)
     return Reference(model=model, tokenizer=tokenizer, tokenizer_spec=spec, source=source, sha256=sha)

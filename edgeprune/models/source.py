@@ -11,7 +11,11 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.hashing import sha256_file, sha256_tree
 from edgeprune.models.embedded import MODEL_ID, embedded_gguf
 
-HF_FILES = ("config.json", "*.safetensors", "tokenizer*.json", "generation_config.json")
+# What a model directory's identity (and a hub download) covers: weights, config, tokenizer.
+HF_FILES = (
+    "config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*.json", "tokenizer.model",
+    "added_tokens.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json",
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 Kind = Literal["embedded", "gguf", "hf_dir", "hub"]
@@ -31,11 +35,17 @@ class ModelSource:
         """Content hash of the weights and tokenizer (hub ids hash the downloaded snapshot)."""
         if self.kind in ("embedded", "gguf"):
             return sha256_file(self.path)
+        return sha256_tree(self.local_dir(), HF_FILES)
+
+    def local_dir(self) -> Path:
+        """The HF directory on disk: the directory itself, or a hub id's snapshot (downloaded once)."""
         if self.kind == "hf_dir":
-            return sha256_tree(self.path, HF_FILES)
+            return self.path
+        if self.kind != "hub":
+            raise ValueError(f"a {self.kind} source has no HF directory")
         from huggingface_hub import snapshot_download
 
-        return sha256_tree(Path(snapshot_download(self.location, allow_patterns=list(HF_FILES))), HF_FILES)
+        return Path(snapshot_download(self.location, allow_patterns=list(HF_FILES)))
 
 
 def resolve_source(model: str | None) -> ModelSource:
@@ -52,9 +62,14 @@ def resolve_source(model: str | None) -> ModelSource:
         if not (path / "config.json").is_file():
             raise EdgepruneError(f"--model {model} has no config.json; pass a Hugging Face model directory.")
         if not any(path.glob("*.safetensors")):
+            if any(path.glob("*.bin")) or any(path.glob("*.pt")):
+                raise EdgepruneError(
+                    f"--model {model} has no .safetensors weights; edgeprune never loads pickled "
+                    "checkpoints (.bin/.pt): convert them to safetensors first."
+                )
             raise EdgepruneError(
-                f"--model {model} has no .safetensors weights; edgeprune never loads pickled "
-                "checkpoints (.bin/.pt): convert them to safetensors first."
+                f"--model {model} has a config.json but no model weights (*.safetensors); "
+                "pass the directory that holds the model's safetensors files."
             )
         return ModelSource("hf_dir", str(path.resolve()), path.resolve().name)
     if _HUB_ID.match(model) and not model.startswith((".", "~")):
