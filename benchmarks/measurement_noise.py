@@ -28,6 +28,7 @@ from edgeprune.measure import Workload
 from edgeprune.models import load_reference, resolve_source
 from edgeprune.pipeline import MODEL_FILE, CandidateModel, ImportanceAnalysis, SelfCalibration
 from edgeprune.prune import ModelShape
+from edgeprune.quantize import QuantSpec
 from edgeprune.search import SearchSpace, State
 from edgeprune.stages import StageRunner
 
@@ -61,7 +62,8 @@ def main() -> None:
     space = SearchSpace(ModelShape.from_config(reference.config), importance, profile.search)
     models = {}
     for name, state in (("baseline", State(0, None)), ("candidate", State(args.drop_layers, None))):
-        out = runner.run(CandidateModel(reference, space.plan(state), profile.search.quant, threads))
+        quant = QuantSpec(profile.search.quant, "default", profile.search.imatrix)
+        out = runner.run(CandidateModel(reference, space.plan(state), quant, splits, threads))
         models[name] = out.dir / MODEL_FILE
     prompt = tuple((splits.heldout.flatten().tolist() * 2)[: target.slo.prompt_tokens])
     workload = Workload(prompt, target.slo.answer_tokens, threads, profile.benchmark.warmup,

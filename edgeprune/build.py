@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from edgeprune import __version__
 from edgeprune.bundle import check_output_dir, write_output
-from edgeprune.config import Profile, Target
+from edgeprune.config import Profile, SearchSettings, Target
 from edgeprune.data import TextSplits
 from edgeprune.devices import Device, get_device
 from edgeprune.evaluate import Quality, reference_log_probs, reference_perplexity
@@ -23,6 +23,7 @@ from edgeprune.measure import BenchmarkRecord, Workload
 from edgeprune.models import Reference, load_reference, resolve_source
 from edgeprune.pipeline import MODEL_FILE, CandidateModel, CandidateQuality, calibration_splits, importance_of
 from edgeprune.prune import ModelShape, Plan
+from edgeprune.quantize import QuantSpec
 from edgeprune.report import outcome_to_dict
 from edgeprune.search import Candidate, SearchOutcome, SearchSpace, State, greedy_search
 from edgeprune.stages import StageRunner
@@ -73,11 +74,12 @@ class CandidateEvaluator:
     workload: Workload
     splits: TextSplits
     ref_logps: list[torch.Tensor]
-    quant: str
+    settings: SearchSettings
     threads: int
 
     def __call__(self, state: State, plan: Plan, cid: str, baseline: Candidate | None) -> Candidate:
-        model = self.runner.run(CandidateModel(self.reference, plan, self.quant, self.threads))
+        quant = QuantSpec(self.settings.quant, state.recipe, self.settings.imatrix)
+        model = self.runner.run(CandidateModel(self.reference, plan, quant, self.splits, self.threads))
         gguf = model.dir / MODEL_FILE
         quality = self.runner.run(CandidateQuality(gguf, model.key, self.splits, self.ref_logps, self.threads))
         return Candidate(
@@ -146,7 +148,7 @@ def build(config: BuildConfig) -> BuildResult:
 
     workload = _workload(target, profile, splits, threads)
     evaluate = CandidateEvaluator(
-        reference, runner, device, workload, splits, ref_logps, profile.search.quant, threads
+        reference, runner, device, workload, splits, ref_logps, profile.search, threads
     )
     space = SearchSpace(shape, importance, profile.search)
     log.info("search on %s with %d threads", device.url, threads)

@@ -115,7 +115,13 @@ def build(target_name: str, model: str | None, calib: Path | None, output_dir: P
 @click.option("-o", "--output-dir", type=click.Path(path_type=Path), required=True, help="Output directory.")
 @click.option("-m", "--model", default=None,
               help="HF directory, hub id or .gguf file. Default: the embedded SmolLM2-135M-Instruct.")
-@click.option("--quant", default="Q4_K_M", show_default=True, help="Quantization type of the GGUF.")
+@click.option("--quant", default="Q4_K_M", show_default=True,
+              help="Quantization type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_K_S, Q3_K_M.")
+@click.option("--recipe", default="default", show_default=True,
+              help="Per-tensor types where K-quants cannot apply (see README): default, q4_0-narrow, "
+                   "iq4_nl-narrow, q4_0-narrow-q5_0-output.")
+@click.option("--imatrix/--no-imatrix", default=True, show_default=True,
+              help="Weight quantization by an importance matrix from the calibration text.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help='Calibration text (.txt, or .jsonl with a "text" field). Default: self-generated.')
 @click.option("-p", "--profile", "profile_name", default="default", show_default=True,
@@ -126,8 +132,8 @@ def build(target_name: str, model: str | None, calib: Path | None, output_dir: P
 @click.option("--trust-remote-code", is_flag=True,
               help="Allow custom code from the model's repository (off by default).")
 @logging_options
-def prune(plan_path: Path, output_dir: Path, model: str | None, quant: str, calib: Path | None, profile_name: str,
-          cache_dir: Path | None, force: bool, trust_remote_code: bool) -> None:
+def prune(plan_path: Path, output_dir: Path, model: str | None, quant: str, recipe: str, imatrix: bool,
+          calib: Path | None, profile_name: str, cache_dir: Path | None, force: bool, trust_remote_code: bool) -> None:
     """Apply one plan: write the pruned, quantized GGUF, its quality, and (for plans that keep one
     shape in every layer) an HF safetensors checkpoint plain transformers loads."""
     from pydantic import ValidationError
@@ -139,7 +145,8 @@ def prune(plan_path: Path, output_dir: Path, model: str | None, quant: str, cali
 
     try:
         config = PruneConfig(plan=plan_path, output_dir=output_dir, profile=load_profile(profile_name),
-                             cache_dir=cache_dir or default_cache_dir(), model=model, quant=quant, calib=calib,
+                             cache_dir=cache_dir or default_cache_dir(), model=model, quant=quant, recipe=recipe,
+                             imatrix=imatrix, calib=calib,
                              trust_remote_code=trust_remote_code, force=force)
     except ValidationError as e:
         raise EdgepruneError(f"Invalid option: {first_error(e)}.") from None

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.quantize.llamacpp import QUANT_FTYPES
+from edgeprune.quantize.recipes import RECIPES
 
 
 class Strict(BaseModel):
@@ -84,6 +85,10 @@ class BenchmarkSettings(Strict):
 
 class SearchSettings(Strict):
     quant: Literal[tuple(QUANT_FTYPES)] = "Q4_K_M"  # type: ignore[valid-type]
+    imatrix: bool = Field(default=True, description="importance matrix from the calibration text")
+    recipes: tuple[Literal[tuple(RECIPES)], ...] = Field(  # type: ignore[valid-type]
+        default=("default",), min_length=1, description="per-tensor type recipes to try, in order"
+    )
     layer_step: int = Field(ge=1, description="layers removed per depth step")
     max_layer_fraction: float = Field(gt=0, lt=1)
     max_head_fraction: float = Field(ge=0, lt=1, description="share of query heads removable")

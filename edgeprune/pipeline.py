@@ -18,7 +18,7 @@ from edgeprune.export import Provenance, export_gguf
 from edgeprune.models import Reference
 from edgeprune.progress import progress
 from edgeprune.prune import Plan, apply_plan
-from edgeprune.quantize import quantize
+from edgeprune.quantize import RECIPES, QuantSpec, collect_imatrix, quantize, tensor_shapes
 from edgeprune.runtimes import llamacpp
 from edgeprune.stages import Stage, StageRunner
 
@@ -88,15 +88,26 @@ class ImportanceAnalysis(Stage):
 
 
 class CandidateModel(Stage):
-    """Apply a plan to the reference, export an F32 GGUF, quantize it; keep only the quantized file."""
+    """Apply a plan to the reference, export an F32 GGUF, quantize it; keep only the quantized file.
+
+    The importance matrix is collected on the pruned model itself, from calibration windows only:
+    pruning changes what later layers see.
+    """
 
     name = "candidate-model"
+    version = 2  # + quantization recipe and importance matrix
 
-    def __init__(self, reference: Reference, plan: Plan, quant: str, threads: int) -> None:
-        self.reference, self.plan, self.quant, self.threads = reference, plan, quant, threads
+    def __init__(self, reference: Reference, plan: Plan, quant: QuantSpec, calib: TextSplits | None,
+                 threads: int) -> None:
+        if quant.imatrix and calib is None:
+            raise ValueError("an importance matrix needs calibration windows")
+        self.reference, self.plan, self.quant, self.calib, self.threads = reference, plan, quant, calib, threads
 
     def identity(self) -> dict[str, Any]:
-        return {"reference": self.reference.sha256, "plan": self.plan.to_dict(), "quant": self.quant}
+        ident = {"reference": self.reference.sha256, "plan": self.plan.to_dict(), "quant": self.quant.quant}
+        if self.quant != QuantSpec(self.quant.quant, imatrix=False):  # keys of plain files stay as they were
+            ident |= {"recipe": self.quant.recipe, "imatrix": self.calib.sha256 if self.quant.imatrix else None}
+        return ident
 
     def run(self, out_dir: Path) -> dict[str, Any]:
         pruned = apply_plan(self.reference.model, self.plan)
@@ -104,8 +115,10 @@ class CandidateModel(Stage):
         provenance = Provenance(self.reference.source.model_id, self.reference.sha256, self.plan.to_dict())
         export_gguf(pruned, self.reference.tokenizer_spec, f32, "F32", provenance, name=self.reference.source.model_id)
         parameters = pruned.num_parameters()  # shared (tied) tensors counted once
+        imatrix = collect_imatrix(pruned, self.calib.calib) if self.quant.imatrix else None
         del pruned
-        quantize(f32, out_dir / MODEL_FILE, self.quant, self.threads)
+        overrides = RECIPES[self.quant.recipe].overrides(tensor_shapes(f32))
+        quantize(f32, out_dir / MODEL_FILE, self.quant.quant, self.threads, imatrix, overrides)
         f32.unlink()
         return {"size_bytes": os.path.getsize(out_dir / MODEL_FILE), "parameters": parameters}
 

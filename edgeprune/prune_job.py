@@ -20,7 +20,7 @@ from edgeprune.models import load_reference, resolve_source
 from edgeprune.pipeline import MODEL_FILE, CandidateModel, CandidateQuality, calibration_splits, importance_of
 from edgeprune.prune import ModelShape, Plan, apply_plan
 from edgeprune.prune.spec import check, load_plan_spec, resolve
-from edgeprune.quantize import QUANT_FTYPES
+from edgeprune.quantize import QUANT_FTYPES, RECIPES, QuantSpec
 from edgeprune.stages import StageRunner
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ class PruneConfig(Strict):
     cache_dir: Path
     model: str | None = None  # None: the embedded default
     quant: Literal[tuple(QUANT_FTYPES)] = "Q4_K_M"  # type: ignore[valid-type]
+    recipe: Literal[tuple(RECIPES)] = "default"  # type: ignore[valid-type]
+    imatrix: bool = True
     calib: Path | None = None
     threads: int = max(1, os.cpu_count() or 1)
     trust_remote_code: bool = False
@@ -71,7 +73,8 @@ def prune(config: PruneConfig) -> PruneResult:
     description = plan.describe(shape)
     log.info("plan: %s", description)
 
-    model = runner.run(CandidateModel(reference, plan, config.quant, config.threads))
+    quant = QuantSpec(config.quant, config.recipe, config.imatrix)
+    model = runner.run(CandidateModel(reference, plan, quant, splits, config.threads))
     ref_logps = reference_log_probs(reference.model, splits.heldout)
     gguf_path = model.dir / MODEL_FILE
     quality = Quality(**runner.run(CandidateQuality(gguf_path, model.key, splits, ref_logps, config.threads)).result)
@@ -101,6 +104,10 @@ def prune(config: PruneConfig) -> PruneResult:
     return result
 
 
+def quant_description(config: PruneConfig) -> str:
+    return QuantSpec(config.quant, config.recipe, config.imatrix).describe()
+
+
 def _plan_record(plan: Plan, shape: ModelShape, arch: str) -> dict[str, Any]:
     return {
         "plan": plan.to_dict(),
@@ -116,7 +123,7 @@ def _report(result: PruneResult, config: PruneConfig, reference: Any, calibratio
         "model": {"id": reference.source.model_id, "sha256": reference.sha256,
                   "parameters": reference.model.num_parameters()},
         "artifact": result.artifact,
-        "quant": config.quant,
+        "quant": quant_description(config),
         "plan": result.description,
         "architecture": result.architecture,
         "size_bytes": result.size_bytes,

@@ -118,3 +118,12 @@ def test_budget_verdicts(slo, speedup, p90, verdict):
     base = [dict(runs[0], latency_s=p90 * speedup)] * 3
     record = BenchmarkRecord("x", runs, 1 << 30, 0.1, 1, "x", "", baseline_runs=base)
     assert Budget.from_slo(slo).verdict(record) == verdict
+
+
+def test_recipes_are_a_step_of_their_own():
+    settings = load_profile("default").search.model_copy(update={"recipes": ("default", "iq4_nl-narrow")})
+    s = SearchSpace(SHAPE, IMPORTANCE, settings)
+    assert s.requantized(State(2)) == State(2, recipe="iq4_nl-narrow")
+    assert s.requantized(State(2, recipe="iq4_nl-narrow")) is None
+    assert s.deeper(State(2, recipe="iq4_nl-narrow")).recipe == "iq4_nl-narrow"
+    assert "recipe iq4_nl-narrow" in State(0, recipe="iq4_nl-narrow").describe()

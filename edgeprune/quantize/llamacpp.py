@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+import gguf
+import numpy as np
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.runtimes.llamacpp import route_logs_to_python
@@ -13,13 +17,71 @@ from edgeprune.runtimes.llamacpp import route_logs_to_python
 QUANT_FTYPES = {
     "F32": "LLAMA_FTYPE_ALL_F32",
     "F16": "LLAMA_FTYPE_MOSTLY_F16",
+    "BF16": "LLAMA_FTYPE_MOSTLY_BF16",
     "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K",
+    "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
     "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M",
+    "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+    "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
 }
 
+# (regex on the GGUF tensor name, ggml type name): the first matching pattern decides a tensor.
+Override = tuple[str, str]
 
-def quantize(src: Path, dst: Path, qtype: str, threads: int) -> None:
-    """Quantize `src` (an F32/F16 GGUF) into `dst`, atomically."""
+
+def _ggml_type(name: str) -> int:
+    import llama_cpp
+
+    value = getattr(llama_cpp, f"GGML_TYPE_{name}", None)
+    if value is None:
+        raise EdgepruneError(f"Unknown ggml tensor type {name}; use a name such as Q4_0, Q5_0, IQ4_NL, Q8_0, F16.")
+    return int(value)
+
+
+def _check_imatrix(src: Path, imatrix: Mapping[str, np.ndarray]) -> None:
+    """llama.cpp aborts the process on a wrong-sized entry; refuse it here with a sentence instead."""
+    widths = {t.name: int(t.shape[0]) for t in gguf.GGUFReader(str(src)).tensors if len(t.shape) >= 2}
+    for name, values in imatrix.items():
+        if name in widths and values.size != widths[name]:
+            raise EdgepruneError(
+                f"The importance matrix entry for {name} has {values.size} values but the tensor has "
+                f"{widths[name]} input columns; recompute it on the model being quantized."
+            )
+        if not np.isfinite(values).all():
+            raise EdgepruneError(f"The importance matrix entry for {name} is not finite; recompute it.")
+
+
+def _imatrix_array(imatrix: Mapping[str, np.ndarray], keep: list) -> ctypes.Array:
+    import llama_cpp
+
+    entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()  # zeroed: NULL-terminated
+    for entry, (name, values) in zip(entries, sorted(imatrix.items()), strict=False):
+        data = np.ascontiguousarray(values, dtype=np.float32)
+        keep.append(data)
+        entry.name = name.encode()
+        entry.data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entry.size = data.size
+    return entries
+
+
+def _overrides_array(overrides: Sequence[Override]) -> ctypes.Array:
+    import llama_cpp
+
+    entries = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+    for entry, (pattern, type_name) in zip(entries, overrides, strict=False):
+        entry.pattern = pattern.encode()
+        entry.type = _ggml_type(type_name)
+    return entries
+
+
+def quantize(src: Path, dst: Path, qtype: str, threads: int, imatrix: Mapping[str, np.ndarray] | None = None,
+             overrides: Sequence[Override] = ()) -> None:
+    """Quantize `src` (an F32/F16 GGUF) into `dst`, atomically.
+
+    `imatrix`: GGUF tensor name -> mean of x^2 per input column, which weights the rounding error
+    of each column. `overrides`: per-tensor types that replace llama.cpp's own mixture.
+    """
     import llama_cpp
 
     if qtype not in QUANT_FTYPES:
@@ -28,6 +90,14 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_FTYPES[qtype])
     params.nthread = threads
+    keep: list = []  # the buffers the params point into must outlive the call
+    if imatrix:
+        _check_imatrix(src, imatrix)
+        keep.append(_imatrix_array(imatrix, keep))
+        params.imatrix = keep[-1]
+    if overrides:
+        keep.append(_overrides_array(overrides))
+        params.tt_overrides = keep[-1]
     tmp = dst.with_name(dst.name + ".tmp")
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0 or not tmp.is_file():

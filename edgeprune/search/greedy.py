@@ -2,7 +2,7 @@
 
 Start from the unpruned model. While nothing meets the budget, build and measure the neighbours
 of the current candidate (a few more layers removed; the next smaller head structure; the next
-narrower FFN) and move to
+narrower FFN; the next per-tensor quantization recipe) and move to
 the one that loses the least quality (measured KLD) per byte of weights removed. Bytes, not the
 measured speed-up, rank the steps: CPU decoding reads every weight once per token, so bytes track
 speed without the 10-20% noise of a shared machine, which would otherwise pick steps at random
@@ -135,7 +135,8 @@ class _Search:
                 stop = "the unpruned model meets the budget" if unpruned else "found a candidate within budget"
                 break
             space, state = self.space, current.state
-            steps = [s for s in (space.deeper(state), *space.narrower(state), space.thinner(state)) if s]
+            steps = [space.deeper(state), *space.narrower(state), space.thinner(state), space.requantized(state)]
+            steps = [s for s in steps if s]
             steps = [s for s in steps if s not in self.seen][: max(0, self.max_candidates - len(self.seen))]
             if not steps:
                 full = len(self.seen) >= self.max_candidates

@@ -34,11 +34,13 @@ class State:
     layers_dropped: int
     heads: HeadStructure | None = None  # None: all heads
     ffn: int | None = None  # FFN channels kept per layer; None: all
+    recipe: str = "default"  # per-tensor quantization recipe (quantize/recipes.py)
 
     def describe(self) -> str:
         parts = [f"-{self.layers_dropped} layers"] if self.layers_dropped else []
         parts += [str(self.heads)] if self.heads else []
         parts += [f"FFN {self.ffn}"] if self.ffn else []
+        parts += [f"recipe {self.recipe}"] if self.recipe != "default" else []
         return ", ".join(parts) or "unpruned"
 
 
@@ -96,6 +98,12 @@ class SearchSpace:
         n = state.layers_dropped + (step or self.settings.layer_step)
         n = min(n, self.max_layers)
         return replace(state, layers_dropped=n) if n > state.layers_dropped else None
+
+    def requantized(self, state: State) -> State | None:
+        """The next per-tensor recipe of the profile's list, if any."""
+        recipes = self.settings.recipes
+        i = recipes.index(state.recipe) if state.recipe in recipes else -1
+        return replace(state, recipe=recipes[i + 1]) if i + 1 < len(recipes) else None
 
     def thinner(self, state: State) -> State | None:
         """The next narrower FFN width, if the limits allow one."""

@@ -1,0 +1,75 @@
+"""Per-tensor quantization recipes: where llama.cpp's mixture cannot apply, what to use instead.
+
+K-quants pack 256 input columns per block. A tensor whose input width is not a multiple of 256
+(every attention and up/gate projection of a 576-wide model) silently falls back to a larger
+32-block type (Q4_K -> Q5_0, Q6_K -> Q8_0), so "Q4_K_M" of SmolLM2-135M is ~6 bits per weight.
+A recipe names the type such tensors get instead, and the type of the output matrix (the
+`token_embd` of a tied model), which every generated token multiplies through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+from edgeprune.quantize.llamacpp import Override
+
+K_BLOCK = 256
+OUTPUT, TOKEN_EMBD = "output.weight", "token_embd.weight"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    narrow: str | None = None  # type for tensors K-quants cannot pack; None: llama.cpp's fallback
+    output: str | None = None  # type for the output matrix; None: llama.cpp's choice
+
+    def overrides(self, tensors: dict[str, tuple[int, ...]]) -> list[Override]:
+        """Exact-name overrides for a model's tensors (GGUF name -> shape, input width first)."""
+        out_name = OUTPUT if OUTPUT in tensors else TOKEN_EMBD
+        result: list[Override] = []
+        if self.output is not None:
+            result.append((f"^{_escape(out_name)}$", self.output))
+        if self.narrow is not None:
+            for name, shape in sorted(tensors.items()):
+                if len(shape) >= 2 and shape[0] % K_BLOCK and name not in (out_name, TOKEN_EMBD):
+                    result.append((f"^{_escape(name)}$", self.narrow))
+        return result
+
+
+def _escape(name: str) -> str:
+    return name.replace(".", r"\.")
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe("default", "llama.cpp's own mixture and shape fallbacks"),
+        Recipe("q4_0-narrow", "Q4_0 (4.5 bits) where K-quants cannot pack the width", narrow="Q4_0"),
+        Recipe("iq4_nl-narrow", "IQ4_NL (4.5 bits, non-linear levels) where K-quants cannot pack the width",
+               narrow="IQ4_NL"),
+        Recipe("q4_0-narrow-q5_0-output", "Q4_0 where K-quants cannot pack the width; output matrix Q5_0",
+               narrow="Q4_0", output="Q5_0"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a candidate is quantized: llama.cpp type, per-tensor recipe, importance matrix or not."""
+
+    quant: str = "Q4_K_M"
+    recipe: str = "default"
+    imatrix: bool = True
+
+    def describe(self) -> str:
+        parts = [self.quant] + ([self.recipe] if self.recipe != "default" else [])
+        return " ".join(parts) + (" +imatrix" if self.imatrix else "")
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor name -> shape (ggml order: input width first) of a file."""
+    return {t.name: tuple(int(x) for x in t.shape) for t in gguf.GGUFReader(str(path)).tensors}
