@@ -161,6 +161,20 @@ def prune(plan_path: Path, output_dir: Path, model: str | None, quant: str, reci
                "HF:         none (layers differ in shape; plain transformers cannot hold the model)")
 
 
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the inspection as JSON.")
+@logging_options
+def inspect(file: Path, as_json: bool) -> None:
+    """Show a GGUF's structure, tensor types, bits per weight, tokenizer and edgeprune provenance."""
+    import json
+
+    from edgeprune.inspection import inspect_gguf, render
+
+    info = inspect_gguf(file)
+    click.echo(json.dumps(info.to_dict(), indent=1) if as_json else render(info))
+
+
 def _print_summary(result) -> None:
     report, search = result.report, result.report["search"]
     sel = next((c for c in search["candidates"] if c["selected"]), None)

@@ -19,8 +19,9 @@ import torch
 
 from conftest import run_converter, tiny_llama
 from edgeprune.export import Provenance, export_gguf
+from edgeprune.inspection import inspect_gguf
 from edgeprune.models.tokenizer import TokenizerSpec
-from edgeprune.prune import Plan, apply_plan
+from edgeprune.prune import ModelShape, Plan, apply_plan
 from edgeprune.runtimes import llamacpp
 
 TOKENS = np.array([[1, 504, 2432, 28, 3300, 17, 33, 34, 35, 216, 4389, 29, 44, 9000, 12, 77, 6345, 2]])
@@ -98,6 +99,9 @@ def test_per_layer_structures_export_as_deci_and_match_torch(tmp_path, model_nam
     path = tmp_path / "deci.gguf"
     export_gguf(model, embedded_tokenizer_spec, path, "F32", Provenance("tiny", "0" * 64, plan.to_dict()), "tiny")
     assert gguf.GGUFReader(str(path)).get_field("general.architecture").contents() == "deci"
+    planned = plan.layer_shapes(ModelShape.from_config(tiny_llama(**MODELS[model_name]).config))
+    assert [(l.n_head, l.n_head_kv, l.ffn) for l in inspect_gguf(path).layers] == [
+        (s.n_head, s.n_head_kv, s.ffn) for s in planned]
     top1, maxdiff = _compare(expected, _llama_cpp_logits(path))
     spread = float(expected.max() - expected.min())
     assert spread > 5.0

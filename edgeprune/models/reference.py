@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.gguf_file import read_gguf
 from edgeprune.models.source import ModelSource
 from edgeprune.models.tokenizer import TokenizerSpec, set_pre_tokenizer
 
@@ -190,7 +191,7 @@ def _gguf_to_hf_dir(gguf_path: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    reader = gguf.GGUFReader(str(gguf_path))
+    reader = read_gguf(gguf_path)
     arch_field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
     _check_arch(arch_field.contents() if arch_field else None, str(gguf_path))
     spec = TokenizerSpec.from_gguf(reader)
@@ -223,13 +224,11 @@ def _gguf_to_hf_dir(gguf_path: Path, target: Path) -> None:
 def load_reference(source: ModelSource, cache_dir: Path, trust_remote_code: bool = False) -> Reference:
     sha = source.sha256()
     if source.kind in ("embedded", "gguf"):
-        import gguf
-
         hf_dir = cache_dir / "reference" / f"{sha[:20]}-v{CACHE_VERSION}"
         if not (hf_dir / "config.json").is_file():
             _gguf_to_hf_dir(source.path, hf_dir)
         model, tokenizer = _load_hf(hf_dir, trust_remote_code=False)
-        spec = TokenizerSpec.from_gguf(gguf.GGUFReader(str(source.path)))
+        spec = TokenizerSpec.from_gguf(read_gguf(source.path))
     else:
         model, tokenizer = _load_hf(source.local_dir(), trust_remote_code)
         spec = TokenizerSpec.from_hf(tokenizer, model.config.vocab_size, model.config)
