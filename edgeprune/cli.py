@@ -118,8 +118,8 @@ def build(target_name: str, model: str | None, calib: Path | None, output_dir: P
 @click.option("--quant", default="Q4_K_M", show_default=True,
               help="Quantization type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_K_S, Q3_K_M.")
 @click.option("--recipe", default="default", show_default=True,
-              help="Per-tensor types where K-quants cannot apply (see README): default, q4_0-narrow, "
-                   "iq4_nl-narrow, q4_0-narrow-q5_0-output.")
+              help="Per-tensor types where K-quants cannot apply: a recipe of edgeprune/quantize/recipes.py, "
+                   "e.g. iq4_nl-narrow (an unknown name lists them).")
 @click.option("--imatrix/--no-imatrix", default=True, show_default=True,
               help="Weight quantization by an importance matrix from the calibration text.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,

@@ -12,13 +12,20 @@ from typing import Any
 import gguf
 import numpy as np
 
+from edgeprune.errors import EdgepruneError
 from edgeprune.export.gguf_llama import ProvenanceKeys
 from edgeprune.gguf_file import bits_per_weight, is_weight, read_gguf
 
 K_BLOCK = 256
 K_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"}
+K_MIX = re.compile(r"^Q[2-6]_K(_[SML])?$")  # file types whose weights llama.cpp wants in K-quants
+# Our exporter writes an MLP removed under kept attention as a width-1 all-zero FFN; only FFNs this
+# narrow are dequantized to check for it (a real MLP is never this narrow).
+PLACEHOLDER_MAX_FFN = 32
 _GROUP = re.compile(r"^blk\.\d+\.(\w+)\.weight$")
 MIB = 1 << 20
+ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+K, LLM, ATTN, ROPE = gguf.Keys.General, gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
 
 
 @dataclass(frozen=True)
@@ -65,8 +72,27 @@ def _value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
     return field.contents() if field is not None else default
 
 
-def _per_layer(value: Any, n: int) -> list[int]:
-    return [int(v) for v in value] if isinstance(value, list) else [int(value or 0)] * n
+def _malformed(reader: gguf.GGUFReader, key: str, what: str) -> EdgepruneError:
+    return EdgepruneError(f"{reader.data.filename} has malformed metadata: {key} {what}; re-export it.")
+
+
+def _int(reader: gguf.GGUFReader, key: str, default: int = 0) -> int:
+    value = _value(reader, key)
+    if value is None:
+        return default
+    if isinstance(value, (int, float, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    raise _malformed(reader, key, f"is {value!r:.40}, not a number")
+
+
+def _per_layer(reader: gguf.GGUFReader, key: str, n: int, default: int = 0) -> list[int]:
+    """`llama` stores one value for all layers; `deci` one per layer."""
+    value = _value(reader, key)
+    if not isinstance(value, list):
+        return [_int(reader, key, default)] * n
+    if len(value) != n or not all(isinstance(v, int) for v in value):
+        raise _malformed(reader, key, f"should hold {n} integers (one per layer) but holds {value!r:.60}")
+    return value
 
 
 def _is_zero(t: gguf.ReaderTensor) -> bool:
@@ -74,16 +100,16 @@ def _is_zero(t: gguf.ReaderTensor) -> bool:
 
 
 def _layers(reader: gguf.GGUFReader, arch: str) -> list[LayerInfo]:
-    n = int(_value(reader, f"{arch}.block_count", 0))
-    heads = _per_layer(_value(reader, f"{arch}.attention.head_count"), n)
-    kv = _per_layer(_value(reader, f"{arch}.attention.head_count_kv", heads), n)
-    ffn = _per_layer(_value(reader, f"{arch}.feed_forward_length"), n)
+    n = _int(reader, LLM.BLOCK_COUNT.format(arch=arch))
+    heads = _per_layer(reader, ATTN.HEAD_COUNT.format(arch=arch), n)
+    kv_key = ATTN.HEAD_COUNT_KV.format(arch=arch)
+    kv = _per_layer(reader, kv_key, n) if reader.get_field(kv_key) else heads  # absent: one KV head per head
+    ffn = _per_layer(reader, LLM.FEED_FORWARD_LENGTH.format(arch=arch), n)
     tensors = {t.name: t for t in reader.tensors}
     layers = []
     for i in range(n):
         down = tensors.get(f"blk.{i}.ffn_down.weight")
-        # Our exporter writes a removed MLP under a kept attention as a tiny all-zero MLP.
-        placeholder = down is not None and ffn[i] <= 32 and _is_zero(down)
+        placeholder = down is not None and 0 < ffn[i] <= PLACEHOLDER_MAX_FFN and _is_zero(down)
         mlp = ffn[i] > 0 and not placeholder
         layers.append(LayerInfo(heads[i], kv[i], ffn[i] if mlp else 0, heads[i] > 0, mlp))
     return layers
@@ -105,17 +131,20 @@ def _groups(reader: gguf.GGUFReader) -> dict[str, dict[str, Any]]:
 
 
 def _fallbacks(reader: gguf.GGUFReader, file_type: str | None) -> dict[str, Any]:
-    """Weights a K-quant file could not store as K types because their width is not a multiple of 256."""
+    """Weights a K-quant file could not store as K types because their input width (ne0) is not a
+    multiple of 256: llama.cpp falls back (Q4_K -> Q5_0, Q6_K -> Q8_0, F16 if not a multiple of 32)."""
     weights = [t for t in reader.tensors if is_weight(t)]
-    if not file_type or "_K" not in file_type:
-        return {"count": 0, "of": len(weights), "by_type": {}, "widths": []}
-    fell = [t for t in weights
-            if int(t.shape[0]) % K_BLOCK and t.tensor_type.name not in K_TYPES and t.tensor_type.name != "F32"]
+    k_mix = bool(file_type and K_MIX.match(file_type))
+    fell = [t for t in weights if k_mix and int(t.shape[0]) % K_BLOCK
+            and t.tensor_type.name not in K_TYPES and t.tensor_type.name != "F32"]
+    widths = sorted({int(t.shape[0]) for t in fell})
     return {
         "count": len(fell),
         "of": len(weights),
         "by_type": dict(Counter(t.tensor_type.name for t in fell)),
-        "widths": sorted({int(t.shape[0]) for t in fell}),
+        "widths": widths,
+        "by_width": [{"width": w, "types": dict(Counter(t.tensor_type.name for t in fell if int(t.shape[0]) == w))}
+                     for w in widths],
     }
 
 
@@ -133,47 +162,65 @@ def _tokenizer(reader: gguf.GGUFReader) -> dict[str, Any]:
     }
 
 
+def _parse_plan(raw: Any) -> Any:
+    """The plan as data; kept as the raw string if it is not JSON (inspect shows what is there)."""
+    try:
+        return json.loads(raw) if isinstance(raw, str) and raw else None
+    except json.JSONDecodeError:
+        return raw
+
+
 def _provenance(reader: gguf.GGUFReader) -> dict[str, Any] | None:
     if reader.get_field(ProvenanceKeys.VERSION) is None:
         return None
-    plan = _value(reader, ProvenanceKeys.PLAN)
     return {
         "version": _value(reader, ProvenanceKeys.VERSION),
         "source": _value(reader, ProvenanceKeys.SOURCE),
         "source_sha256": _value(reader, ProvenanceKeys.SOURCE_SHA256),
-        "plan": json.loads(plan) if plan else None,
+        "plan": _parse_plan(_value(reader, ProvenanceKeys.PLAN)),
     }
 
 
+def _file_type(reader: gguf.GGUFReader) -> str | None:
+    value = _int(reader, K.FILE_TYPE, -1)
+    if value < 0:
+        return None
+    try:
+        return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:  # a type newer than this gguf-py
+        return f"unknown ({value})"
+
+
 def inspect_gguf(path: Path) -> Inspection:
+    """Everything `edgeprune inspect` shows; bad files raise EdgepruneError (see read_gguf)."""
     reader = read_gguf(path)
-    arch = _value(reader, gguf.Keys.General.ARCHITECTURE, "?")
-    file_type = _value(reader, gguf.Keys.General.FILE_TYPE)
-    type_name = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_") \
-        if file_type is not None else None
-    head_count = _per_layer(_value(reader, f"{arch}.attention.head_count"), 1)
-    hidden = int(_value(reader, f"{arch}.embedding_length", 0))
-    head_dim = int(_value(reader, f"{arch}.attention.key_length", 0) or (hidden // max(head_count[0], 1)))
-    scaling = _value(reader, f"{arch}.rope.scaling.type")
+    arch = str(_value(reader, K.ARCHITECTURE, "?"))
+    layers = _layers(reader, arch)
+    hidden = _int(reader, LLM.EMBEDDING_LENGTH.format(arch=arch))
+    first_heads = next((l.n_head for l in layers if l.attention), 0)
+    head_dim = _int(reader, ATTN.KEY_LENGTH.format(arch=arch)) or hidden // max(first_heads, 1)
+    tokenizer = _tokenizer(reader)
+    file_type = _file_type(reader)
     return Inspection(
         file=str(path),
         size_bytes=Path(path).stat().st_size,
         architecture=arch,
-        name=_value(reader, gguf.Keys.General.NAME),
-        file_type=type_name,
+        name=_value(reader, K.NAME),
+        file_type=file_type,
         parameters=sum(int(t.n_elements) for t in reader.tensors),
         bits_per_weight=bits_per_weight(reader),
         hidden=hidden,
         head_dim=head_dim,
-        vocab=int(_value(reader, f"{arch}.vocab_size", 0) or _tokenizer(reader)["vocab"]),
-        context_length=int(_value(reader, f"{arch}.context_length", 0)),
-        rope={"base": _value(reader, f"{arch}.rope.freq_base"), "scaling": scaling,
-              "rope_freqs": any(t.name == "rope_freqs.weight" for t in reader.tensors)},
-        layers=_layers(reader, arch),
+        vocab=_int(reader, LLM.VOCAB_SIZE.format(arch=arch)) or tokenizer["vocab"],
+        context_length=_int(reader, LLM.CONTEXT_LENGTH.format(arch=arch)),
+        rope={"base": _value(reader, ROPE.FREQ_BASE.format(arch=arch)),
+              "scaling": _value(reader, ROPE.SCALING_TYPE.format(arch=arch)),
+              "rope_freqs": any(t.name == ROPE_FREQS for t in reader.tensors)},
+        layers=layers,
         tensor_types=dict(Counter(t.tensor_type.name for t in reader.tensors)),
         groups=_groups(reader),
-        fallbacks=_fallbacks(reader, type_name),
-        tokenizer=_tokenizer(reader),
+        fallbacks=_fallbacks(reader, file_type),
+        tokenizer=tokenizer,
         provenance=_provenance(reader),
     )
 
@@ -189,18 +236,30 @@ def _layer_runs(layers: list[LayerInfo]) -> list[str]:
     return lines
 
 
-def _plan_summary(plan: dict[str, Any] | None) -> str:
-    if not plan or not (plan.get("drop_layers") or plan.get("heads") or plan.get("ffn")):
-        return "unpruned"
-    parts = [f"dropped layers {plan['drop_layers']}"] if plan.get("drop_layers") else []
-    if plan.get("heads"):
-        parts.append(f"heads pruned in {len(plan['heads'])} layers")
-    if plan.get("ffn"):
-        parts.append(f"FFN pruned in {len(plan['ffn'])} layers")
-    return "; ".join(parts)
+def _count(n: int, what: str) -> str:
+    return f"{what} in {n} layer{'s' * (n != 1)}"
+
+
+def _plan_summary(plan: Any) -> str:
+    """One line from the plan's JSON (Plan.to_dict: layers by original index; [] / "" removes a sublayer)."""
+    if not isinstance(plan, dict):
+        return "plan unreadable" if plan else "no plan recorded"
+    drop, heads, ffn = plan.get("drop_layers") or [], plan.get("heads") or {}, plan.get("ffn") or {}
+    parts = [f"dropped layers {drop}"] if drop else []
+    for n, what in ((sum(bool(h) for h in heads.values()), "heads pruned"),
+                    (sum(not h for h in heads.values()), "attention removed"),
+                    (sum(bool(c) for c in ffn.values()), "FFN narrowed"),
+                    (sum(not c for c in ffn.values()), "MLP removed")):
+        parts += [_count(n, what)] if n else []
+    return "; ".join(parts) or "unpruned"
+
+
+def _yes(flag: Any) -> str:
+    return "?" if flag is None else ("yes" if flag else "no")
 
 
 def render(info: Inspection) -> str:
+    """The screenful `edgeprune inspect` prints."""
     types = ", ".join(f"{t} ×{n}" for t, n in sorted(info.tensor_types.items(), key=lambda kv: -kv[1]))
     rope = f"base {info.rope['base']:g}" if info.rope["base"] else "default"
     rope += f", scaling {info.rope['scaling']}" if info.rope["scaling"] else ""
@@ -218,12 +277,13 @@ def render(info: Inspection) -> str:
         lines.append(f"{'groups' if i == 0 else '':<11}{group:<12} {g['bits_per_weight']:5.2f} bpw  {kinds}")
     fb = info.fallbacks
     if fb["count"]:
-        by = ", ".join(f"{t} ×{n}" for t, n in fb["by_type"].items())
-        lines.append(f"fallbacks  {fb['count']} of {fb['of']} weight tensors: input width {fb['widths']} not a "
-                     f"multiple of {K_BLOCK}, so no K-quant → {by}")
+        lines.append(f"fallbacks  {fb['count']} of {fb['of']} weight tensors got no K-quant:")
+        for w in fb["by_width"]:
+            by = ", ".join(f"{t} ×{n}" for t, n in w["types"].items())
+            lines.append(f"           width {w['width']} not a multiple of {K_BLOCK} → {by}")
     tok = info.tokenizer
     lines.append(f"tokenizer  {tok['model']} (pre {tok['pre']}), {tok['vocab']} tokens, bos {tok['bos']}, "
-                 f"eos {tok['eos']}, chat template: {'yes' if tok['chat_template'] else 'no'}")
+                 f"eos {tok['eos']}, add_bos {_yes(tok['add_bos'])}, chat template {_yes(tok['chat_template'])}")
     p = info.provenance
     lines.append("edgeprune  not written by edgeprune" if p is None else
                  f"edgeprune  {p['version']} from {p['source']} (sha256 {str(p['source_sha256'])[:12]}…): "

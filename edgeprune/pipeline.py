@@ -117,7 +117,7 @@ class CandidateModel(Stage):
         parameters = pruned.num_parameters()  # shared (tied) tensors counted once
         imatrix = collect_imatrix(pruned, self.calib.calib) if self.quant.imatrix else None
         del pruned
-        overrides = RECIPES[self.quant.recipe].overrides(tensor_shapes(f32))
+        overrides = RECIPES[self.quant.recipe].overrides(tensor_shapes(f32), self.quant.quant)
         quantize(f32, out_dir / MODEL_FILE, self.quant.quant, self.threads, imatrix, overrides)
         f32.unlink()
         return {"size_bytes": os.path.getsize(out_dir / MODEL_FILE), "parameters": parameters}

@@ -2,6 +2,7 @@
 
 from edgeprune.quantize.imatrix import collect_imatrix
 from edgeprune.quantize.llamacpp import QUANT_FTYPES, quantize
-from edgeprune.quantize.recipes import RECIPES, QuantSpec, Recipe, tensor_shapes
+from edgeprune.quantize.recipes import RECIPES, EffectiveBits, QuantSpec, Recipe, effective_bits, tensor_shapes
 
-__all__ = ["QUANT_FTYPES", "RECIPES", "QuantSpec", "Recipe", "collect_imatrix", "quantize", "tensor_shapes"]
+__all__ = ["QUANT_FTYPES", "RECIPES", "EffectiveBits", "QuantSpec", "Recipe", "collect_imatrix", "effective_bits",
+           "quantize", "tensor_shapes"]

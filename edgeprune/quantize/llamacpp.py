@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import gguf
 import numpy as np
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.gguf_file import read_gguf
 from edgeprune.runtimes.llamacpp import route_logs_to_python
+
+log = logging.getLogger(__name__)
 
 # Quantization type, as llama.cpp's tools spell it -> llama_ftype constant in llama-cpp-python.
 QUANT_FTYPES = {
@@ -40,8 +44,13 @@ def _ggml_type(name: str) -> int:
 
 
 def _check_imatrix(src: Path, imatrix: Mapping[str, np.ndarray]) -> None:
-    """llama.cpp aborts the process on a wrong-sized entry; refuse it here with a sentence instead."""
-    widths = {t.name: int(t.shape[0]) for t in gguf.GGUFReader(str(src)).tensors if len(t.shape) >= 2}
+    """Refuse an importance matrix that does not fit `src`, with a sentence naming the tensor.
+
+    llama.cpp checks sizes only when it reaches a tensor, mid-file: a mismatch then fails the whole
+    call with a bare error code (and is silently skipped for token_embd); names it does not know
+    are ignored, so an imatrix of another model would quietly do nothing.
+    """
+    widths = {t.name: int(t.shape[0]) for t in read_gguf(src).tensors if len(t.shape) >= 2}
     for name, values in imatrix.items():
         if name in widths and values.size != widths[name]:
             raise EdgepruneError(
@@ -50,6 +59,15 @@ def _check_imatrix(src: Path, imatrix: Mapping[str, np.ndarray]) -> None:
             )
         if not np.isfinite(values).all():
             raise EdgepruneError(f"The importance matrix entry for {name} is not finite; recompute it.")
+    unknown = sorted(set(imatrix) - set(widths))
+    if len(unknown) == len(imatrix):
+        raise EdgepruneError(
+            f"None of the importance matrix's {len(imatrix)} entries (e.g. {unknown[0]}) names a tensor of "
+            f"{src.name}; recompute it on the model being quantized."
+        )
+    if unknown:
+        log.warning("ignoring importance matrix entries for tensors %s does not have: %s", src.name,
+                    ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else ""))
 
 
 def _imatrix_array(imatrix: Mapping[str, np.ndarray], keep: list) -> ctypes.Array:
@@ -70,6 +88,10 @@ def _overrides_array(overrides: Sequence[Override]) -> ctypes.Array:
 
     entries = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
     for entry, (pattern, type_name) in zip(entries, overrides, strict=False):
+        try:  # llama.cpp compiles it with std::regex (ECMAScript); a bad one only fails the whole call
+            re.compile(pattern)
+        except re.error as e:
+            raise EdgepruneError(f"The tensor-type override pattern {pattern!r} is not a valid regex ({e}).") from None
         entry.pattern = pattern.encode()
         entry.type = _ggml_type(type_name)
     return entries
@@ -80,7 +102,9 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int, imatrix: Mapping[st
     """Quantize `src` (an F32/F16 GGUF) into `dst`, atomically.
 
     `imatrix`: GGUF tensor name -> mean of x^2 per input column, which weights the rounding error
-    of each column. `overrides`: per-tensor types that replace llama.cpp's own mixture.
+    of each column. `overrides`: (regex, ggml type) pairs, first match wins; a matching tensor skips
+    llama.cpp's mixture, but its shape fallback still applies (Q4_K on a 576-wide tensor still
+    becomes Q5_0). F32/F16/BF16 ignore overrides.
     """
     import llama_cpp
 
