@@ -93,7 +93,8 @@ def quality(path: Path, windows: torch.Tensor, ref_logps: list[torch.Tensor], th
 def speed(device: Device, path: Path, baseline: Path, workload: Workload) -> dict:
     record = device.benchmark(path, workload, None if path == baseline else baseline)
     decode = [r["decode_tok_s"] for r in record.runs]
-    ratios = [r["decode_tok_s"] / b["decode_tok_s"] for r, b in zip(record.runs, record.baseline_runs, strict=True)]
+    pairs = zip(record.runs, record.baseline_runs, strict=True) if record.baseline_runs else []
+    ratios = [r["decode_tok_s"] / b["decode_tok_s"] for r, b in pairs]
     return {
         "decode_tok_s": statistics.median(decode),
         "decode_tok_s_runs": decode,
