@@ -55,6 +55,7 @@ VARIANTS: dict[str, tuple[str, str, str | None]] = {
     "Q4_K_M iq4_nl-narrow-q5_0-output +imatrix": ("Q4_K_M", "iq4_nl-narrow-q5_0-output", "full"),
     "Q4_K_M iq4_nl-narrow-q5_0-output +imatrix (no output entry)": ("Q4_K_M", "iq4_nl-narrow-q5_0-output",
                                                                     "no-output"),
+    "Q4_K_M iq4_nl-narrow-keep-v-q5_0-output +imatrix": ("Q4_K_M", "iq4_nl-narrow-keep-v-q5_0-output", "full"),
     "Q4_K_S +imatrix": ("Q4_K_S", "default", "full"),
     "Q3_K_M +imatrix": ("Q3_K_M", "default", "full"),
 }
@@ -68,6 +69,8 @@ PAIRS = [
     ("Q4_K_M iq4_nl-narrow +imatrix", "Q4_K_M +imatrix"),
     ("Q4_K_M iq4_nl-narrow-q5_0-output +imatrix", "Q4_K_M iq4_nl-narrow-q5_0-output +imatrix (no output entry)"),
     ("Q4_K_M iq4_nl-narrow-q5_0-output +imatrix", "Q4_K_M iq4_nl-narrow +imatrix"),
+    ("Q4_K_M iq4_nl-narrow-keep-v-q5_0-output +imatrix", "Q4_K_M iq4_nl-narrow-keep-v +imatrix"),
+    ("Q4_K_S +imatrix", "Q4_K_M +imatrix"),
 ]
 
 

@@ -221,6 +221,8 @@ def test_recipe_overrides_from_shapes():
     assert out[0] == (r"^token_embd\.weight$", "Q5_0") and len(out) == 3
     untied = RECIPES["iq4_nl-narrow-q5_0-output"].overrides(shapes | {"output.weight": (576, 49152)})
     assert untied[0] == (r"^output\.weight$", "Q5_0") and len(untied) == 3  # token_embd: llama.cpp's choice
+    both = RECIPES["iq4_nl-narrow-keep-v-q5_0-output"].overrides(shapes, "Q4_K_M")
+    assert both == [(r"^token_embd\.weight$", "Q5_0"), (r"^blk\.0\.attn_q\.weight$", "IQ4_NL")]
     # Types whose blocks fit every width have no fallback to replace.
     assert RECIPES["iq4_nl-narrow"].overrides(shapes, "Q8_0") == []
     assert Recipe("x", "", output="Q8_0").overrides(shapes, "F16") == [(r"^token_embd\.weight$", "Q8_0")]

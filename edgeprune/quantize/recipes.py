@@ -71,6 +71,8 @@ RECIPES: dict[str, Recipe] = {
                narrow="Q4_0", output="Q5_0"),
         Recipe("iq4_nl-narrow-q5_0-output", "IQ4_NL where K-quants cannot pack the width; output matrix Q5_0",
                narrow="IQ4_NL", output="Q5_0"),
+        Recipe("iq4_nl-narrow-keep-v-q5_0-output", "IQ4_NL where K-quants cannot pack the width, except "
+               "attn_v; output matrix Q5_0", narrow="IQ4_NL", output="Q5_0", keep=r"\.attn_v\."),
     )
 }
 
