@@ -48,6 +48,23 @@ def logging_options(command):
                         help="More log output (-vv: debug, llama.cpp's own logs included).")(wrapper)
 
 
+def input_options(command):
+    """The options `build` and `prune` share: the model, its calibration text, cache and output policy."""
+    for option in reversed([
+        click.option("-m", "--model", default=None,
+                     help="HF directory, hub id or .gguf file. Default: the embedded SmolLM2-135M-Instruct."),
+        click.option("--calib", type=click.Path(path_type=Path), default=None,
+                     help='Calibration text (.txt, or .jsonl with a "text" field). Default: self-generated.'),
+        click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                     help="Artifact cache. Default: $EDGEPRUNE_CACHE or ~/.cache/edgeprune."),
+        click.option("--force", is_flag=True, help="Replace a non-empty output directory."),
+        click.option("--trust-remote-code", is_flag=True,
+                     help="Allow custom code from the model's repository (off by default)."),
+    ]):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeprune")
 def cli() -> None:
@@ -57,10 +74,6 @@ def cli() -> None:
 @cli.command()
 @click.option("-t", "--target", "target_name", required=True,
               help="Target name (see `edgeprune targets`) or a .toml path.")
-@click.option("-m", "--model", default=None,
-              help="HF directory, hub id or .gguf file. Default: the embedded SmolLM2-135M-Instruct.")
-@click.option("--calib", type=click.Path(path_type=Path), default=None,
-              help='Calibration text (.txt, or .jsonl with a "text" field). Default: self-generated.')
 @click.option("-o", "--output-dir", type=click.Path(path_type=Path), default=None,
               help="Output directory. Default: out/<target>.")
 @click.option("--latency-budget", type=float, default=None, help="Override the SLO: p90 latency budget in seconds.")
@@ -68,11 +81,7 @@ def cli() -> None:
               help="Override the SLO: required speed-up over the unpruned model.")
 @click.option("-p", "--profile", "profile_name", default="default", show_default=True,
               help="Search profile name or .toml path.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-              help="Artifact cache. Default: $EDGEPRUNE_CACHE or ~/.cache/edgeprune.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
-@click.option("--trust-remote-code", is_flag=True,
-              help="Allow custom code from the model's repository (off by default).")
+@input_options
 @logging_options
 def build(target_name: str, model: str | None, calib: Path | None, output_dir: Path | None,
           latency_budget: float | None, speedup: float | None, profile_name: str, cache_dir: Path | None,
@@ -113,8 +122,6 @@ def build(target_name: str, model: str | None, calib: Path | None, output_dir: P
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True,
               help="Plan file (.toml or .json): layers to drop, heads / FFN channels / sublayers to keep.")
 @click.option("-o", "--output-dir", type=click.Path(path_type=Path), required=True, help="Output directory.")
-@click.option("-m", "--model", default=None,
-              help="HF directory, hub id or .gguf file. Default: the embedded SmolLM2-135M-Instruct.")
 @click.option("--quant", default="Q4_K_M", show_default=True,
               help="Quantization type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_K_S, Q3_K_M.")
 @click.option("--recipe", default="default", show_default=True,
@@ -122,15 +129,9 @@ def build(target_name: str, model: str | None, calib: Path | None, output_dir: P
                    "e.g. iq4_nl-narrow (an unknown name lists them).")
 @click.option("--imatrix/--no-imatrix", default=True, show_default=True,
               help="Weight quantization by an importance matrix from the calibration text.")
-@click.option("--calib", type=click.Path(path_type=Path), default=None,
-              help='Calibration text (.txt, or .jsonl with a "text" field). Default: self-generated.')
 @click.option("-p", "--profile", "profile_name", default="default", show_default=True,
               help="Profile whose calibration settings are used.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-              help="Artifact cache. Default: $EDGEPRUNE_CACHE or ~/.cache/edgeprune.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
-@click.option("--trust-remote-code", is_flag=True,
-              help="Allow custom code from the model's repository (off by default).")
+@input_options
 @logging_options
 def prune(plan_path: Path, output_dir: Path, model: str | None, quant: str, recipe: str, imatrix: bool,
           calib: Path | None, profile_name: str, cache_dir: Path | None, force: bool, trust_remote_code: bool) -> None:

@@ -11,6 +11,8 @@ import numpy as np
 from edgeprune.errors import EdgepruneError
 
 MAGIC = b"GGUF"
+# K-quants pack 256 input columns per block; other widths fall back to larger 32-block types.
+K_BLOCK = 256
 SUPPORTED_VERSIONS = (2, 3)  # what gguf-py's reader handles (gguf.gguf_reader.READER_SUPPORTED_VERSIONS)
 MAX_PLAUSIBLE_VERSION = 255  # larger numbers are garbage, not a future format
 _REDO = "re-export or re-download it"

@@ -14,9 +14,8 @@ import numpy as np
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.export.gguf_llama import ProvenanceKeys
-from edgeprune.gguf_file import bits_per_weight, is_weight, read_gguf
+from edgeprune.gguf_file import K_BLOCK, bits_per_weight, is_weight, read_gguf
 
-K_BLOCK = 256
 K_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"}
 K_MIX = re.compile(r"^Q[2-6]_K(_[SML])?$")  # file types whose weights llama.cpp wants in K-quants
 # Our exporter writes an MLP removed under kept attention as a width-1 all-zero FFN; only FFNs this

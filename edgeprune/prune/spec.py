@@ -24,13 +24,11 @@ from edgeprune.analysis import Importance
 from edgeprune.analysis.scores import select_channels, select_heads
 from edgeprune.config import Strict, first_error
 from edgeprune.errors import EdgepruneError
+from edgeprune.gguf_file import K_BLOCK
 from edgeprune.prune.plan import ModelShape, Plan, PlanError
 
 log = logging.getLogger(__name__)
 
-# K-quants pack 256 input columns per block: a width that is not a multiple falls back to a
-# bigger legacy type (Q4_K -> Q5_0) for ffn_down.
-K_QUANT_BLOCK = 256
 
 
 class LayerSpec(Strict):
@@ -137,9 +135,9 @@ def resolve(spec: PlanSpec, shape: ModelShape, importance: Importance | None, wa
 
 
 def _warn_k_quant_widths(plan: Plan, shape: ModelShape) -> None:
-    widths = sorted({s.ffn for s in plan.layer_shapes(shape) if s.has_mlp and s.ffn % K_QUANT_BLOCK})
-    if widths and shape.ffn % K_QUANT_BLOCK == 0:
+    widths = sorted({s.ffn for s in plan.layer_shapes(shape) if s.has_mlp and s.ffn % K_BLOCK})
+    if widths and shape.ffn % K_BLOCK == 0:
         log.warning(
             "FFN widths %s are not multiples of %d: K-quants cannot pack ffn_down, and llama.cpp falls back "
-            "to a larger type for it; multiples of %d quantize as asked.", widths, K_QUANT_BLOCK, K_QUANT_BLOCK
+            "to a larger type for it; multiples of %d quantize as asked.", widths, K_BLOCK, K_BLOCK
         )

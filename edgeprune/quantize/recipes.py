@@ -13,10 +13,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeprune.gguf_file import bits_per_weight, read_gguf
+from edgeprune.gguf_file import K_BLOCK, bits_per_weight, read_gguf
 from edgeprune.quantize.llamacpp import Override
 
-K_BLOCK = 256
 OUTPUT, TOKEN_EMBD = "output.weight", "token_embd.weight"
 
 

@@ -10,8 +10,8 @@ import torch
 from edgeprune.analysis import Importance
 from edgeprune.analysis.scores import select_channels, select_heads
 from edgeprune.config import SearchSettings
+from edgeprune.gguf_file import K_BLOCK
 from edgeprune.prune import ModelShape, Plan
-from edgeprune.prune.spec import K_QUANT_BLOCK
 
 
 @dataclass(frozen=True, order=True)
@@ -65,8 +65,8 @@ class SearchSpace:
         # Multiples of 256 only: K-quants pack ffn_down's input in blocks of 256 columns, and any
         # other width falls back to a bigger type for that tensor.
         min_ffn = (1 - settings.max_ffn_fraction) * shape.ffn
-        top = (shape.ffn - 1) // K_QUANT_BLOCK * K_QUANT_BLOCK
-        self.ffn_widths = [w for w in range(top, 0, -K_QUANT_BLOCK) if w >= min_ffn]
+        top = (shape.ffn - 1) // K_BLOCK * K_BLOCK
+        self.ffn_widths = [w for w in range(top, 0, -K_BLOCK) if w >= min_ffn]
 
     def plan(self, state: State) -> Plan:
         drop = tuple(self.layer_order[: state.layers_dropped])
