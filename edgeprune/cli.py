@@ -119,8 +119,19 @@ def build(target_name: str, model: str | None, calib: Path | None, output_dir: P
 
 
 @cli.command()
-@click.option("--plan", "plan_path", type=click.Path(path_type=Path), required=True,
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
               help="Plan file (.toml or .json): layers to drop, heads / FFN channels / sublayers to keep.")
+@click.option("--method", default=None,
+              help="Sparse method applied after the plan: magnitude, wanda or sparsegpt (unstructured or N:M).")
+@click.option("--sparsity", type=float, default=None, help="With --method: share of each weight row set to zero "
+              "[default: 0.5].")
+@click.option("--nm", default=None, help="With --method: N:M sparsity instead, e.g. 2:4 (N zeros in every M inputs).")
+@click.option("--blocksize", type=int, default=None, help="SparseGPT: columns per OBS block [default: 128].")
+@click.option("--percdamp", type=float, default=None,
+              help="SparseGPT: Hessian dampening, a share of its mean diagonal [default: 0.01].")
+@click.option("--mask-group", type=click.Choice(["row", "block"]), default=None,
+              help="SparseGPT unstructured: 'row' gives every row exactly --sparsity [default]; 'block' is the "
+                   "reference code's one threshold per column block.")
 @click.option("-o", "--output-dir", type=click.Path(path_type=Path), required=True, help="Output directory.")
 @click.option("--quant", default="Q4_K_M", show_default=True,
               help="Quantization type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_K_S, Q3_K_M.")
@@ -133,22 +144,32 @@ def build(target_name: str, model: str | None, calib: Path | None, output_dir: P
               help="Profile whose calibration settings are used.")
 @input_options
 @logging_options
-def prune(plan_path: Path, output_dir: Path, model: str | None, quant: str, recipe: str, imatrix: bool,
-          calib: Path | None, profile_name: str, cache_dir: Path | None, force: bool, trust_remote_code: bool) -> None:
-    """Apply one plan: write the pruned, quantized GGUF, its quality, and (for plans that keep one
-    shape in every layer) an HF safetensors checkpoint plain transformers loads."""
+def prune(plan_path: Path | None, method: str | None, output_dir: Path, model: str | None, quant: str, recipe: str,
+          imatrix: bool, calib: Path | None, profile_name: str, cache_dir: Path | None, force: bool,
+          trust_remote_code: bool, **sparse_options: object) -> None:
+    """Apply one plan and/or one sparse method: write the pruned, quantized GGUF, its quality, and (for
+    plans that keep one shape in every layer) an HF safetensors checkpoint plain transformers loads.
+
+    Sparse methods (--method) zero weights inside each matrix; llama.cpp's CPU kernels do not skip
+    zeros, so they shrink neither the GGUF nor its latency -- they serve sparse runtimes and 2:4 GPUs.
+    """
     from pydantic import ValidationError
 
     from edgeprune.build import default_cache_dir
-    from edgeprune.config import first_error
+    from edgeprune.config import SparsitySpec, first_error
     from edgeprune.prune_job import PruneConfig
     from edgeprune.prune_job import prune as run_prune
 
+    # --sparsity, --nm, --blocksize, --percdamp, --mask-group: SparsitySpec's fields, as given.
+    given = {k: v for k, v in sparse_options.items() if v is not None}
+    if method is None and given:
+        flags = ", ".join(f"--{k.replace('_', '-')}" for k in given)
+        raise EdgepruneError(f"{flags}: only meaningful with a sparse method; add --method magnitude|wanda|sparsegpt.")
     try:
-        config = PruneConfig(plan=plan_path, output_dir=output_dir, profile=load_profile(profile_name),
+        sparse = SparsitySpec(method=method, **given) if method is not None else None
+        config = PruneConfig(plan=plan_path, sparse=sparse, output_dir=output_dir, profile=load_profile(profile_name),
                              cache_dir=cache_dir or default_cache_dir(), model=model, quant=quant, recipe=recipe,
-                             imatrix=imatrix, calib=calib,
-                             trust_remote_code=trust_remote_code, force=force)
+                             imatrix=imatrix, calib=calib, trust_remote_code=trust_remote_code, force=force)
     except ValidationError as e:
         raise EdgepruneError(f"Invalid option: {first_error(e)}.") from None
     r = run_prune(config)
@@ -158,6 +179,12 @@ def prune(plan_path: Path, output_dir: Path, model: str | None, quant: str, reci
     click.echo(f"Artifact:   {r.output_dir / r.artifact} ({r.size_bytes / MIB:.1f} MiB, {r.parameters:,} parameters)")
     click.echo(f"Quality:    mean KLD {q.mean_kld:.3f}, top-1 agreement {q.top1_agreement * 100:.1f}%, "
                f"perplexity {q.perplexity:.2f} (reference {r.reference_perplexity:.2f})")
+    if r.sparsity is not None:
+        sp, peak = r.sparsity, r.sparsity["peak_rss_bytes"]
+        click.echo(f"Sparsity:   {sp['overall_sparsity'] * 100:.1f}% of decoder weights zero in {sp['seconds']:.1f} s"
+                   + (f" (peak RSS {peak / MIB:.0f} MiB)" if peak else "")
+                   + f"; {sp['gguf']['decoder_zero_share'] * 100:.1f}% still zero in the {sp['gguf']['quant']} GGUF"
+                   + " (no speed-up in llama.cpp)")
     click.echo(f"HF:         {r.hf_dir}" if r.hf_dir else
                "HF:         none (layers differ in shape; plain transformers cannot hold the model)")
 
@@ -241,6 +268,68 @@ def targets_show(name: str) -> None:
     path = Path(name) if name.endswith(".toml") else available("targets")[name]
     click.echo(f"# {target.name}: {path}")
     click.echo(path.read_text(encoding="utf-8").rstrip())
+
+
+@cli.group()
+def toolchain() -> None:
+    """llama.cpp binaries for a target, built from the source llama-cpp-python was built from."""
+
+
+@toolchain.command("build")
+@click.option("-t", "--target", "target_name", required=True,
+              help="Target name (see `edgeprune targets`) or a .toml path; its [toolchain] table is used.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Where built binaries are kept. Default: $EDGEPRUNE_CACHE or ~/.cache/edgeprune.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Compile jobs. Default: one per core.")
+@logging_options
+def toolchain_build(target_name: str, cache_dir: Path | None, jobs: int | None) -> None:
+    """Cross-compile (or reuse) llama-cli, llama-completion, llama-server and llama-bench for a target."""
+    from edgeprune.build import default_cache_dir
+    from edgeprune.toolchain import TOOLS, ensure_binaries, spec_for
+
+    spec = spec_for(load_target(target_name))
+    binaries = ensure_binaries(spec, cache_dir or default_cache_dir(), jobs)
+    info = binaries.info
+    click.echo(f"llama.cpp:  {info['llama_cpp']}")
+    click.echo(f"Built for:  {info['triple']}, -march={info['cpu_flags']}, {info['compiler']} "
+               f"({info['build_seconds']:.0f} s, {info['jobs']} jobs)")
+    for tool in TOOLS:
+        click.echo(f"{tool + ':':<18}{binaries.path(tool)} ({binaries.path(tool).stat().st_size / MIB:.1f} MiB)")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-d", "--device", default=None,
+              help="Where to run the bundle: local or qemu-aarch64 (ssh://HOST is not available yet). "
+                   "Default: local if this machine has the bundle's architecture, else its emulator.")
+@click.option("-n", "--answer-tokens", type=click.IntRange(min=1, max=512), default=16, show_default=True,
+              help="Tokens of the greedy answer compared with the host's.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@logging_options
+def verify(bundle: Path, device: str | None, answer_tokens: int, as_json: bool) -> None:
+    """Check a bundle's checksums, then run its binaries on a device: their greedy answer must equal the host's.
+
+    Exit status 0: verified; 1: a file differs from the manifest or the device's answer differs; 2: bad input.
+    """
+    import json
+
+    from edgeprune.verify import VerificationFailed
+    from edgeprune.verify import verify as run_verify
+
+    try:
+        r = run_verify(bundle, device, answer_tokens)
+    except VerificationFailed as e:
+        click.echo(f"FAIL: {e}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=1))
+        return
+    speed = f", {r.device_decode_tok_s:.1f} tok/s decode" if r.device_decode_tok_s else ""
+    click.echo(f"Files:      {r.files_checked} match manifest.json")
+    click.echo(f"Binaries:   {', '.join(r.tools)} run on {r.device} ({r.arch})")
+    click.echo(f"Answer:     {len(r.host_tokens)} greedy tokens equal to the host's in {r.device_seconds:.1f} s"
+               f"{speed}: {r.prompt!r} -> {r.device_text!r}")
+    click.echo(f"PASS:       {r.bundle} verified on {r.device} in {r.seconds:.1f} s")
 
 
 def main() -> None:

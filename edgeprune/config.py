@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from edgeprune.errors import EdgepruneError
 from edgeprune.quantize.llamacpp import QUANT_FTYPES
 from edgeprune.quantize.recipes import RECIPES
+from edgeprune.sparse.methods import SPARSE_METHODS, SparseSettings
 
 
 class Strict(BaseModel):
@@ -50,6 +51,58 @@ class Toolchain(Strict):
     cpu_flags: str = Field(description="value for -march, e.g. armv8.2-a+dotprod")
 
 
+class SparsitySpec(Strict):
+    """Unstructured or N:M sparsity, as `edgeprune prune --method` and a target's [sparsity] take it."""
+
+    method: Literal[tuple(SPARSE_METHODS)]  # type: ignore[valid-type]
+    sparsity: float = Field(default=0.5, gt=0, lt=1, description="share of each row's weights set to zero")
+    nm: str | None = Field(default=None, pattern=r"^[0-9]+:[0-9]+$", description="N:M, e.g. 2:4: N zeros per M")
+    blocksize: int = Field(default=128, ge=1, description="SparseGPT: columns pruned per OBS block")
+    percdamp: float = Field(default=0.01, ge=0, description="SparseGPT: Hessian dampening, share of its mean diagonal")
+    mask_group: Literal["row", "block"] = Field(
+        default="row", description="SparseGPT unstructured: exact sparsity per row, or the reference's per block")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SparsitySpec:
+        if self.mask_group != "row" and (self.method != "sparsegpt" or self.nm):
+            raise ValueError("mask_group 'block' applies to unstructured SparseGPT only")
+        if self.nm is None:
+            return self
+        n, m = self.pattern
+        if not 0 < n < m:
+            raise ValueError(f"N:M needs 0 < N < M, got {self.nm}")
+        if "sparsity" in self.model_fields_set and abs(self.sparsity - n / m) > 1e-9:
+            raise ValueError(f"sparsity {self.sparsity:g} contradicts {self.nm}; give one of them")
+        if self.method == "sparsegpt" and self.blocksize % m:
+            raise ValueError(f"blocksize {self.blocksize} is not a multiple of M = {m}")
+        return self
+
+    @property
+    def pattern(self) -> tuple[int, int] | None:
+        if self.nm is None:
+            return None
+        n, m = self.nm.split(":")
+        return int(n), int(m)
+
+    def settings(self) -> SparseSettings:
+        nm = self.pattern
+        sparsity = nm[0] / nm[1] if nm else self.sparsity
+        return SparseSettings(sparsity, nm, self.blocksize, self.percdamp, self.mask_group)
+
+    def describe(self) -> str:
+        return f"{self.method} {self.nm}" if self.nm else f"{self.method} {self.sparsity:.0%}"
+
+
+class SparsityOptIn(SparsitySpec):
+    """A target's opt-in to sparse candidates; llama.cpp's CPU kernels gain no speed from zeros."""
+
+    reason: str = Field(min_length=1, description="why this target benefits (runtime, compressed size)")
+
+    def spec(self) -> SparsitySpec:
+        """The method alone: the reason is documentation, not an input of any artifact."""
+        return SparsitySpec(**self.model_dump(exclude={"reason"}, exclude_unset=True))
+
+
 class DeviceConfig(Strict):
     url: str = "local"
 
@@ -61,6 +114,7 @@ class Target(Strict):
     slo: SLO
     toolchain: Toolchain
     device: DeviceConfig = DeviceConfig()
+    sparsity: SparsityOptIn | None = None
 
     def with_budget(self, latency_budget_s: float | None, speedup: float | None) -> Target:
         """Replace the SLO's latency criteria (both of them) with the given ones."""
@@ -134,12 +188,13 @@ def available(kind: str) -> dict[str, Path]:
 
 def first_error(e: ValidationError) -> str:
     err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "file"
+    where = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         return f"unknown key '{where}'"
     if err["type"] == "missing":
         return f"missing key '{where}'"
-    return f"'{where}': {err['msg']}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"'{where}': {msg}" if where else msg
 
 
 def _load(kind: str, schema: type[Strict], name_or_path: str) -> Strict:

@@ -113,3 +113,19 @@ def bits_per_weight(reader: gguf.GGUFReader) -> float:
     """Stored bits per weight over all weight matrices (what the quantization type really gave)."""
     weights = [t for t in reader.tensors if is_weight(t)]
     return 8 * sum(int(t.n_bytes) for t in weights) / max(1, sum(int(t.n_elements) for t in weights))
+
+
+def decoder_zero_share(reader: gguf.GGUFReader) -> float:
+    """Share of the decoder layers' matrix weights that are exactly zero once dequantized: what a
+    sparse model keeps of its zeros through quantization (formats with a per-block minimum, such
+    as Q4_K, generally do not reproduce an exact zero)."""
+    zeros = total = 0
+    for t in reader.tensors:
+        if not (t.name.startswith("blk.") and is_weight(t)):
+            continue
+        data = t.data
+        if t.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+        zeros += int(np.count_nonzero(data == 0))
+        total += int(data.size)
+    return zeros / total if total else 0.0

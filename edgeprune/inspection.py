@@ -177,6 +177,7 @@ def _provenance(reader: gguf.GGUFReader) -> dict[str, Any] | None:
         "source": _value(reader, ProvenanceKeys.SOURCE),
         "source_sha256": _value(reader, ProvenanceKeys.SOURCE_SHA256),
         "plan": _parse_plan(_value(reader, ProvenanceKeys.PLAN)),
+        "sparsity": _parse_plan(_value(reader, ProvenanceKeys.SPARSITY)),
     }
 
 
@@ -287,4 +288,8 @@ def render(info: Inspection) -> str:
     lines.append("edgeprune  not written by edgeprune" if p is None else
                  f"edgeprune  {p['version']} from {p['source']} (sha256 {str(p['source_sha256'])[:12]}…): "
                  f"{_plan_summary(p['plan'])}")
+    if p is not None and isinstance(p.get("sparsity"), dict):
+        sp = p["sparsity"]
+        pattern = sp.get("nm") or f"{sp.get('sparsity', 0):.0%}"
+        lines.append(f"sparsity   {sp.get('method')} {pattern} of each decoder weight row zero before quantization")
     return "\n".join(lines)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from edgeprune.analysis import Importance, compute_importance
-from edgeprune.config import CalibrationSettings
+from edgeprune.config import CalibrationSettings, SparsitySpec
 from edgeprune.data import TextSplits, from_file, generation_key, self_generated
 from edgeprune.evaluate import QualityTally
 from edgeprune.export import Provenance, export_gguf
@@ -20,11 +20,13 @@ from edgeprune.progress import progress
 from edgeprune.prune import Plan, apply_plan
 from edgeprune.quantize import RECIPES, QuantSpec, collect_imatrix, quantize, tensor_shapes
 from edgeprune.runtimes import llamacpp
-from edgeprune.stages import Stage, StageRunner
+from edgeprune.sparse import sparsify
+from edgeprune.stages import Stage, StageOutput, StageRunner
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.gguf"
+SPARSE_WEIGHTS = "decoder-linears.safetensors"
 
 
 class SelfCalibration(Stage):
@@ -87,32 +89,84 @@ class ImportanceAnalysis(Stage):
         return Importance.from_dict(result)
 
 
+class SparseWeights(Stage):
+    """The reference with a plan applied, then sparsified (Wanda, SparseGPT, magnitude) with
+    sequential calibration. Only the decoder's linear weights change: only they are stored."""
+
+    name = "sparse-weights"
+
+    def __init__(self, reference: Reference, plan: Plan, spec: SparsitySpec, calib: TextSplits | None) -> None:
+        self.reference, self.plan, self.spec, self.calib = reference, plan, spec, calib
+
+    def identity(self) -> dict[str, Any]:
+        needs_data = self.spec.method != "magnitude"
+        return {"reference": self.reference.sha256, "plan": self.plan.to_dict(), "sparsity": self.spec.model_dump(),
+                "calibration": self.calib.sha256 if needs_data else None}
+
+    def run(self, out_dir: Path) -> dict[str, Any]:
+        from safetensors.torch import save_file
+
+        pruned = apply_plan(self.reference.model, self.plan)
+        report = sparsify(pruned, self.calib.calib if self.calib else None, self.spec.method, self.spec.settings())
+        save_file(decoder_linear_weights(pruned), out_dir / SPARSE_WEIGHTS)
+        return report.to_dict() | {"spec": self.spec.model_dump()}
+
+
+def decoder_linear_weights(model: Any) -> dict[str, torch.Tensor]:
+    """The weights sparse methods change: every nn.Linear inside the decoder layers, by name."""
+    return {f"{name}.weight": m.weight.detach().contiguous() for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")}
+
+
+@torch.no_grad()
+def load_weights(model: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    params = dict(model.named_parameters())
+    for name, tensor in tensors.items():
+        params[name].copy_(tensor)
+    return model
+
+
+def pruned_model(reference: Reference, plan: Plan, sparse: StageOutput | None = None) -> Any:
+    """The torch model a candidate is exported from: the plan applied, and the sparse weights if any."""
+    pruned = apply_plan(reference.model, plan)
+    if sparse is not None:
+        from safetensors.torch import load_file
+
+        load_weights(pruned, load_file(sparse.dir / SPARSE_WEIGHTS))
+    return pruned
+
+
 class CandidateModel(Stage):
     """Apply a plan to the reference, export an F32 GGUF, quantize it; keep only the quantized file.
 
     The importance matrix is collected on the pruned model itself, from calibration windows only:
-    pruning changes what later layers see.
+    pruning changes what later layers see. `sparse`: the output of a SparseWeights stage to
+    export instead of the plain pruned weights.
     """
 
     name = "candidate-model"
     version = 2  # + quantization recipe and importance matrix
 
     def __init__(self, reference: Reference, plan: Plan, quant: QuantSpec, calib: TextSplits | None,
-                 threads: int) -> None:
+                 threads: int, sparse: StageOutput | None = None) -> None:
         if quant.imatrix and calib is None:
             raise ValueError("an importance matrix needs calibration windows")
         self.reference, self.plan, self.quant, self.calib, self.threads = reference, plan, quant, calib, threads
+        self.sparse = sparse
 
     def identity(self) -> dict[str, Any]:
         ident = {"reference": self.reference.sha256, "plan": self.plan.to_dict(), "quant": self.quant.quant}
         if self.quant != QuantSpec(self.quant.quant, imatrix=False):  # keys of plain files stay as they were
             ident |= {"recipe": self.quant.recipe, "imatrix": self.calib.sha256 if self.quant.imatrix else None}
+        if self.sparse is not None:
+            ident |= {"sparse_weights": self.sparse.key}
         return ident
 
     def run(self, out_dir: Path) -> dict[str, Any]:
-        pruned = apply_plan(self.reference.model, self.plan)
+        pruned = pruned_model(self.reference, self.plan, self.sparse)
         f32 = out_dir / "model-f32.gguf"
-        provenance = Provenance(self.reference.source.model_id, self.reference.sha256, self.plan.to_dict())
+        provenance = Provenance(self.reference.source.model_id, self.reference.sha256, self.plan.to_dict(),
+                                self.sparse.result["spec"] if self.sparse else None)
         export_gguf(pruned, self.reference.tokenizer_spec, f32, "F32", provenance, name=self.reference.source.model_id)
         parameters = pruned.num_parameters()  # shared (tied) tensors counted once
         imatrix = collect_imatrix(pruned, self.calib.calib) if self.quant.imatrix else None

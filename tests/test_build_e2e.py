@@ -10,8 +10,10 @@ import sys
 import pytest
 
 from conftest import REPO
+from edgeprune.bundle import manifest_hashes
 from edgeprune.hashing import sha256_file
 from edgeprune.runtimes import llamacpp
+from edgeprune.toolchain import TOOLS
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +52,11 @@ def test_build_prunes_until_the_speedup_is_met(tmp_path, cache_dir, embedded_ref
     assert sel["mean_kld"] > baseline["mean_kld"]
 
     manifest = json.loads((out / "manifest.json").read_text())
-    files = {p.name for p in out.iterdir()} - {"manifest.json"}
-    assert set(manifest["files"]) == files == {report["artifact"], "report.json", "report.md"}
-    for name, digest in manifest["files"].items():
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
+    # A native target's bundle carries llama.cpp built for this machine's architecture.
+    assert set(manifest_hashes(manifest)) == files == {report["artifact"], "report.json", "report.md", "README.md",
+                                                       "run.sh", "serve.sh", *(f"bin/{t}" for t in TOOLS)}
+    for name, digest in manifest_hashes(manifest).items():
         assert sha256_file(out / name) == digest
     assert manifest["plan"] == sel["plan"] and manifest["model"]["sha256"] == report["model"]["sha256"]
     assert "llama.cpp" in manifest["tools"] and manifest["target"]["name"] == "demo"

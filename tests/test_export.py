@@ -57,6 +57,16 @@ def _compare(torch_logits: np.ndarray, gguf_logits: np.ndarray) -> tuple[float, 
     return top1, float(np.abs(torch_logits - gguf_logits).max())
 
 
+def converter_agreement(model, expected: np.ndarray, tmp_path, llama_cpp_src, tokenizer) -> tuple[float, float]:
+    """(top-1, max diff) of llama.cpp's own converter's F32 GGUF of `model` against `expected`."""
+    hf_dir = tmp_path / "hf"
+    model.save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
+    theirs = tmp_path / "converter.gguf"
+    run_converter(llama_cpp_src, hf_dir, theirs)
+    return _compare(expected, _llama_cpp_logits(theirs))
+
+
 @pytest.mark.parametrize("plan_name", list(PLANS))
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_f32_gguf_logits_match_torch_and_the_converter(tmp_path, model_name, plan_name, llama_cpp_src,
@@ -72,12 +82,7 @@ def test_f32_gguf_logits_match_torch_and_the_converter(tmp_path, model_name, pla
     export_gguf(model, embedded_tokenizer_spec, ours, "F32", Provenance("tiny", "0" * 64, plan.to_dict()), "tiny")
     top1, maxdiff = _compare(expected, _llama_cpp_logits(ours))
 
-    hf_dir = tmp_path / "hf"
-    model.save_pretrained(hf_dir)
-    embedded_reference.tokenizer.save_pretrained(hf_dir)
-    theirs = tmp_path / "converter.gguf"
-    run_converter(llama_cpp_src, hf_dir, theirs)
-    ref_top1, ref_maxdiff = _compare(expected, _llama_cpp_logits(theirs))
+    ref_top1, ref_maxdiff = converter_agreement(model, expected, tmp_path, llama_cpp_src, embedded_reference.tokenizer)
 
     spread = float(expected.max() - expected.min())
     assert spread > 5.0, "test model too flat for top-1 to mean anything"

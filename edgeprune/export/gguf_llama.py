@@ -35,6 +35,7 @@ class ProvenanceKeys:
     SOURCE = "edgeprune.source"
     SOURCE_SHA256 = "edgeprune.source_sha256"
     PLAN = "edgeprune.plan"
+    SPARSITY = "edgeprune.sparsity"  # only in sparsified models
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Provenance:
     source: str
     source_sha256: str
     plan: dict[str, Any]
+    sparsity: dict[str, Any] | None = None  # the SparsitySpec the weights were sparsified with
 
 
 # HF parameter name (inside a layer, or global) -> GGUF tensor kind.
@@ -155,6 +157,8 @@ def export_gguf(
         writer.add_string(ProvenanceKeys.SOURCE, provenance.source)
         writer.add_string(ProvenanceKeys.SOURCE_SHA256, provenance.source_sha256)
         writer.add_string(ProvenanceKeys.PLAN, json.dumps(provenance.plan, sort_keys=True))
+        if provenance.sparsity is not None:
+            writer.add_string(ProvenanceKeys.SPARSITY, json.dumps(provenance.sparsity, sort_keys=True))
 
         for gguf_name, data in _tensors(model, layers, np_dtype):
             writer.add_tensor(gguf_name, data)

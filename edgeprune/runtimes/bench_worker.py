@@ -12,24 +12,12 @@ The candidate's peak RSS is read before the baseline is loaded.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
+from edgeprune.memory import peak_rss_bytes
 from edgeprune.runtimes import llamacpp
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak RSS. VmHWM resets at exec; ru_maxrss would report the forking parent's."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:

@@ -2,8 +2,8 @@
 
 Start from the unpruned model. While nothing meets the budget, build and measure the neighbours
 of the current candidate (a few more layers removed; the next smaller head structure; the next
-narrower FFN; the next per-tensor quantization recipe) and move to
-the one that loses the least quality (measured KLD) per byte of weights removed. Bytes, not the
+narrower FFN; the next per-tensor quantization recipe; the target's sparse method, if it opts in)
+and move to the one that loses the least quality (measured KLD) per byte of weights removed. Bytes, not the
 measured speed-up, rank the steps: CPU decoding reads every weight once per token, so bytes track
 speed without the 10-20% noise of a shared machine, which would otherwise pick steps at random
 when two of them save about as much. When a round lands within budget, also try the depths a
@@ -135,7 +135,9 @@ class _Search:
                 stop = "the unpruned model meets the budget" if unpruned else "found a candidate within budget"
                 break
             space, state = self.space, current.state
-            steps = [space.deeper(state), *space.narrower(state), space.thinner(state), space.requantized(state)]
+            # Sparse first: a target that opts in wants it measured, and it never wins on bytes saved.
+            steps = [space.sparsified(state), space.deeper(state), *space.narrower(state), space.thinner(state),
+                     space.requantized(state)]
             steps = [s for s in steps if s]
             steps = [s for s in steps if s not in self.seen][: max(0, self.max_candidates - len(self.seen))]
             if not steps:

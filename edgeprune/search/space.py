@@ -9,7 +9,7 @@ import torch
 
 from edgeprune.analysis import Importance
 from edgeprune.analysis.scores import select_channels, select_heads
-from edgeprune.config import SearchSettings
+from edgeprune.config import SearchSettings, SparsitySpec
 from edgeprune.gguf_file import K_BLOCK
 from edgeprune.prune import ModelShape, Plan
 
@@ -35,18 +35,21 @@ class State:
     heads: HeadStructure | None = None  # None: all heads
     ffn: int | None = None  # FFN channels kept per layer; None: all
     recipe: str = "default"  # per-tensor quantization recipe (quantize/recipes.py)
+    sparse: str | None = None  # the target's opted-in sparse method, described; None: dense
 
     def describe(self) -> str:
         parts = [f"-{self.layers_dropped} layers"] if self.layers_dropped else []
         parts += [str(self.heads)] if self.heads else []
         parts += [f"FFN {self.ffn}"] if self.ffn else []
         parts += [f"recipe {self.recipe}"] if self.recipe != "default" else []
+        parts += [f"{self.sparse} sparse"] if self.sparse else []
         return ", ".join(parts) or "unpruned"
 
 
 class SearchSpace:
-    def __init__(self, shape: ModelShape, importance: Importance, settings: SearchSettings) -> None:
-        self.shape, self.importance, self.settings = shape, importance, settings
+    def __init__(self, shape: ModelShape, importance: Importance, settings: SearchSettings,
+                 sparsity: SparsitySpec | None = None) -> None:
+        self.shape, self.importance, self.settings, self.sparsity = shape, importance, settings, sparsity
         # The first and last layers are never candidates: they read the embeddings and write the
         # logits, and their Block Influence is always among the highest.
         self.layer_order = importance.layers_by_importance(protect=(0, shape.n_layers - 1))
@@ -104,6 +107,12 @@ class SearchSpace:
         recipes = self.settings.recipes
         i = recipes.index(state.recipe) if state.recipe in recipes else -1
         return replace(state, recipe=recipes[i + 1]) if i + 1 < len(recipes) else None
+
+    def sparsified(self, state: State) -> State | None:
+        """The state with the target's sparse method applied, if the target opts in to sparsity."""
+        if self.sparsity is None or state.sparse is not None:
+            return None
+        return replace(state, sparse=self.sparsity.describe())
 
     def thinner(self, state: State) -> State | None:
         """The next narrower FFN width, if the limits allow one."""
