@@ -21,6 +21,7 @@ from edgeprune.prune import Plan, apply_plan
 from edgeprune.quantize import RECIPES, QuantSpec, collect_imatrix, quantize, tensor_shapes
 from edgeprune.runtimes import llamacpp
 from edgeprune.sparse import sparsify
+from edgeprune.sparse.methods import needs_calibration
 from edgeprune.stages import Stage, StageOutput, StageRunner
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,8 @@ class SparseWeights(Stage):
         self.reference, self.plan, self.spec, self.calib = reference, plan, spec, calib
 
     def identity(self) -> dict[str, Any]:
-        needs_data = self.spec.method != "magnitude"
         return {"reference": self.reference.sha256, "plan": self.plan.to_dict(), "sparsity": self.spec.model_dump(),
-                "calibration": self.calib.sha256 if needs_data else None}
+                "calibration": self.calib.sha256 if needs_calibration(self.spec.method) else None}
 
     def run(self, out_dir: Path) -> dict[str, Any]:
         from safetensors.torch import save_file

@@ -93,3 +93,8 @@ class SparseGPT(SparseMethod):
 
 
 SPARSE_METHODS: dict[str, type[SparseMethod]] = SparseMethod.registry
+
+
+def needs_calibration(method: str) -> bool:
+    """Whether the method reads calibration activations (its statistic says so)."""
+    return SPARSE_METHODS[method]().statistic(1) is not None

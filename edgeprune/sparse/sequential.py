@@ -18,7 +18,7 @@ from torch import nn
 
 from edgeprune.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 from edgeprune.progress import progress
-from edgeprune.sparse.methods import SPARSE_METHODS, SparseSettings
+from edgeprune.sparse.methods import SPARSE_METHODS, SparseSettings, needs_calibration
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def sparsify(model: Any, windows: torch.Tensor | None, method_name: str, setting
     report = SparsifyReport(method_name, asdict(settings), rss_before_bytes=current_rss_bytes())
     can_reset = reset_peak_rss()
     t0 = time.perf_counter()
-    needs_data = method.statistic(1) is not None
+    needs_data = needs_calibration(method_name)
     if needs_data and (windows is None or len(windows) == 0):
         raise ValueError(f"{method_name} needs calibration windows")
     batches = layer_inputs(model, windows, batch_size) if needs_data else []

@@ -59,27 +59,34 @@ def cache_key(spec: BuildSpec, source: LlamaSource) -> str:
     })[:16]
 
 
+def _entry(spec: BuildSpec, source: LlamaSource, cache_dir: Path) -> Path:
+    # Absolute: cmake runs in the build tree.
+    return cache_dir.resolve() / "toolchain" / f"{spec.triple}-{cache_key(spec, source)}"
+
+
+def _cached(entry: Path) -> Binaries | None:
+    info = entry / INFO
+    return Binaries(entry, json.loads(info.read_text())) if info.is_file() else None
+
+
 def check_buildable(spec: BuildSpec, cache_dir: Path) -> None:
     """Fail now, not after a long search, if the binaries are neither cached nor buildable here."""
-    entry = cache_dir.resolve() / "toolchain" / f"{spec.triple}-{cache_key(spec, llama_source())}"
-    if not (entry / INFO).is_file():
+    if _cached(_entry(spec, llama_source(), cache_dir)) is None:
         spec.check_tools()
 
 
 def ensure_binaries(spec: BuildSpec, cache_dir: Path, jobs: int | None = None) -> Binaries:
     """The binaries for `spec`, built now if no cache entry has them."""
     source = llama_source()
-    key = cache_key(spec, source)
-    root = cache_dir.resolve() / "toolchain"  # absolute: cmake runs in the build tree
-    entry = root / f"{spec.triple}-{key}"
-    if (entry / INFO).is_file():
-        return Binaries(entry, json.loads((entry / INFO).read_text()))
+    entry = _entry(spec, source, cache_dir)
+    if (found := _cached(entry)) is not None:
+        return found
     spec.check_tools()
-    root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f"{entry.name}.lock"):
-        if (entry / INFO).is_file():  # another process built it while we waited
-            return Binaries(entry, json.loads((entry / INFO).read_text()))
-        return _build(spec, source, key, entry, jobs or len(os.sched_getaffinity(0)))
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(entry.with_name(f"{entry.name}.lock")):
+        if (found := _cached(entry)) is not None:  # another process built it while we waited
+            return found
+        return _build(spec, source, cache_key(spec, source), entry, jobs or len(os.sched_getaffinity(0)))
 
 
 @contextmanager
