@@ -18,6 +18,8 @@ from edgeprune.bundle import check_output_dir, write_output
 from edgeprune.config import Profile, SearchSettings, SparsitySpec, Target
 from edgeprune.data import TextSplits
 from edgeprune.devices import Device, get_device
+from edgeprune.devices.local import LocalDevice
+from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate import Quality, reference_log_probs, reference_perplexity
 from edgeprune.measure import BenchmarkRecord, Workload
 from edgeprune.models import Reference, load_reference, resolve_source
@@ -34,7 +36,7 @@ from edgeprune.quantize import QuantSpec
 from edgeprune.report import outcome_to_dict
 from edgeprune.search import Candidate, SearchOutcome, SearchSpace, State, greedy_search
 from edgeprune.stages import StageRunner
-from edgeprune.toolchain import check_buildable, ensure_binaries, spec_for
+from edgeprune.toolchain import BuildSpec, check_buildable, ensure_binaries, spec_for
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,37 @@ def build(config: BuildConfig) -> BuildResult:
     target, profile = config.target, config.profile
     toolchain = spec_for(target)
     check_buildable(toolchain, config.cache_dir)  # a missing cross-compiler fails now, not after the search
-    device = get_device(target.device.url)
+    with open_device(target, config.cache_dir) as device:
+        return _build(config, target, profile, toolchain, device, t_start)
+
+
+def open_device(target: Target, cache_dir: Path, judging: bool = True) -> Device:
+    """The target's measuring device, ready to time candidates: llama.cpp binaries for its
+    architecture where it runs them (built once and cached), the RAM cap where asked for.
+    `judging`: the timings will decide a budget, which an emulator's cannot."""
+    device = get_device(target.device)
+    if judging and device.emulated:
+        raise EdgepruneError(
+            f"{device.url} times under emulation, which cannot judge a budget: search on local or ssh://, then "
+            "check the bundle with `edgeprune verify BUNDLE --device qemu-aarch64`.")
+    try:
+        if isinstance(device, LocalDevice) and target.device.ram_cap:
+            device.ram_cap_bytes = int(target.slo.ram_ceiling_gib * (1 << 30))
+        if device.runs_binaries:
+            spec = spec_for(target)
+            if device.arch != target.hardware.arch:
+                raise EdgepruneError(
+                    f"{device.url} is {device.arch} and target {target.name} is {target.hardware.arch}: the target's "
+                    "llama.cpp build cannot run there; measure on a device of the target's architecture.")
+            device.use_tools(ensure_binaries(spec, cache_dir).bin, target.hardware.arch)
+    except BaseException:
+        device.close()
+        raise
+    return device
+
+
+def _build(config: BuildConfig, target: Target, profile: Profile, toolchain: BuildSpec, device: Device,
+           t_start: float) -> BuildResult:
     threads = min(target.hardware.cores, device.cores)
     runner = StageRunner(config.cache_dir / "stages")
 
@@ -186,11 +218,14 @@ def build(config: BuildConfig) -> BuildResult:
             "shape": shape.__dict__,
             "parameters": reference.model.num_parameters(),
         },
-        "target": {"name": target.name, **target.model_dump()},
+        "target": {"name": target.name, **target.model_dump(mode="json")},
         "profile": {"name": profile.name, **profile.model_dump()},
         "device": {
             "url": device.url,
             "arch": device.arch,
+            "cpu": device.cpu,
+            "cores": device.cores,
+            "runner": "llama-bench" if device.runs_binaries else "llama-cpp-python",
             "is_target_arch": device.arch == target.hardware.arch,
         },
         "verified_on_target": outcome.selected is not None and device.arch == target.hardware.arch,

@@ -65,6 +65,42 @@ def input_options(command):
     return command
 
 
+def device_options(command):
+    """Where to measure, overriding the target's [device] table: the same keys as kebab-case flags."""
+
+    @functools.wraps(command)
+    def wrapper(*args, device: str | None, identity: Path | None, known_hosts: Path | None,
+                ssh_config: Path | None, accept_new_host_key: bool, ram_cap: bool, **kwargs):
+        overrides = {"url": device, "identity": identity, "known_hosts": known_hosts, "ssh_config": ssh_config,
+                     "accept_new_host_key": accept_new_host_key, "ram_cap": ram_cap}
+        return command(*args, device_overrides=overrides, **kwargs)
+
+    for option in reversed([
+        click.option("-d", "--device", default=None,
+                     help="local, ssh://[user@]host[:port] or qemu-aarch64. Default: the target's [device] url."),
+        click.option("--identity", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="ssh: private key file (default: OpenSSH's own choice: ~/.ssh/config, agent, id_*)."),
+        click.option("--known-hosts", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="ssh: known_hosts file that holds the device's host key (default: ~/.ssh/known_hosts)."),
+        click.option("--ssh-config", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="ssh: config file to use instead of ~/.ssh/config."),
+        click.option("--accept-new-host-key", is_flag=True,
+                     help="ssh: trust a host key seen for the first time (trust on first use); a changed key is "
+                          "still refused. Host keys are verified otherwise."),
+        click.option("--ram-cap", is_flag=True,
+                     help="local: kill a run that outgrows the SLO's RAM ceiling and judge it over budget."),
+    ]):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def _with_device(target: Target, overrides: dict) -> Target:
+    url = overrides.pop("url")
+    if url is None and not any(overrides.values()):
+        return target
+    return target.with_device(target.device.overridden(url, **overrides))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgeprune")
 def cli() -> None:
@@ -82,10 +118,11 @@ def cli() -> None:
 @click.option("-p", "--profile", "profile_name", default="default", show_default=True,
               help="Search profile name or .toml path.")
 @input_options
+@device_options
 @logging_options
 def build(target_name: str, model: str | None, calib: Path | None, output_dir: Path | None,
           latency_budget: float | None, speedup: float | None, profile_name: str, cache_dir: Path | None,
-          force: bool, trust_remote_code: bool) -> None:
+          force: bool, trust_remote_code: bool, device_overrides: dict) -> None:
     """Search pruning + quantization candidates until one meets the target's SLO; write it out.
 
     --latency-budget and --speedup replace the target's latency criteria (giving one drops the other).
@@ -93,7 +130,7 @@ def build(target_name: str, model: str | None, calib: Path | None, output_dir: P
     from edgeprune.build import BuildConfig, default_cache_dir
     from edgeprune.build import build as run_build
 
-    target = load_target(target_name)
+    target = _with_device(load_target(target_name), device_overrides)
     if latency_budget is not None or speedup is not None:
         target = target.with_budget(latency_budget, speedup)
     config = BuildConfig(
@@ -299,25 +336,30 @@ def toolchain_build(target_name: str, cache_dir: Path | None, jobs: int | None) 
 
 @cli.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
-@click.option("-d", "--device", default=None,
-              help="Where to run the bundle: local or qemu-aarch64 (ssh://HOST is not available yet). "
-                   "Default: local if this machine has the bundle's architecture, else its emulator.")
 @click.option("-n", "--answer-tokens", type=click.IntRange(min=1, max=512), default=16, show_default=True,
               help="Tokens of the greedy answer compared with the host's.")
+@click.option("-r", "--repetitions", type=click.IntRange(min=1, max=100), default=3, show_default=True,
+              help="Timed runs of the SLO workload (on a device of the target's architecture).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@device_options
 @logging_options
-def verify(bundle: Path, device: str | None, answer_tokens: int, as_json: bool) -> None:
-    """Check a bundle's checksums, then run its binaries on a device: their greedy answer must equal the host's.
+def verify(bundle: Path, answer_tokens: int, repetitions: int, as_json: bool, device_overrides: dict) -> None:
+    """Check a bundle's checksums, run its binaries on a device (their greedy answer must equal the host's),
+    and on the target's hardware time the SLO workload against the budget.
 
-    Exit status 0: verified; 1: a file differs from the manifest or the device's answer differs; 2: bad input.
+    Default device: this machine if it has the bundle's architecture, else its emulator (qemu-aarch64).
+    Exit status 0: verified (PASS); 1: a file differs, the answer differs, or the budget is missed; 2: bad input.
     """
     import json
 
+    from edgeprune.config import DeviceConfig
     from edgeprune.verify import VerificationFailed
     from edgeprune.verify import verify as run_verify
 
+    url = device_overrides.pop("url")
+    config = DeviceConfig().overridden(url, **device_overrides) if url or any(device_overrides.values()) else None
     try:
-        r = run_verify(bundle, device, answer_tokens)
+        r = run_verify(bundle, config, answer_tokens, repetitions=repetitions)
     except VerificationFailed as e:
         click.echo(f"FAIL: {e}", err=True)
         sys.exit(1)
@@ -327,9 +369,80 @@ def verify(bundle: Path, device: str | None, answer_tokens: int, as_json: bool) 
     speed = f", {r.device_decode_tok_s:.1f} tok/s decode" if r.device_decode_tok_s else ""
     click.echo(f"Files:      {r.files_checked} match manifest.json")
     click.echo(f"Binaries:   {', '.join(r.tools)} run on {r.device} ({r.arch})")
-    click.echo(f"Answer:     {len(r.host_tokens)} greedy tokens equal to the host's in {r.device_seconds:.1f} s"
-               f"{speed}: {r.prompt!r} -> {r.device_text!r}")
+    if r.near_tie is None:
+        agree = f"{len(r.host_tokens)} greedy tokens equal to the host's"
+    else:
+        t = r.near_tie
+        agree = (f"equal to the host's for {t['token']} tokens, then a near-tie ({t['device']!r} vs the host's "
+                 f"{t['host']!r}, {t['logit_gap']:.3f} logits apart: kernel rounding)")
+    click.echo(f"Answer:     {agree}, in {r.device_seconds:.1f} s{speed}: {r.prompt!r} -> {r.device_text!r}")
+    if r.slo is None:
+        click.echo(f"Budget:     not judged: {r.slo_skipped}")
+    else:
+        s = r.slo["summary"]
+        click.echo(f"Budget:     {r.slo['budget']['description']}: p90 {s['latency_p90_s']:.3f} s, TTFT "
+                   f"{s['ttft_p50_s'] * 1000:.0f} ms, {s['decode_tok_s_p50']:.1f} tok/s decode, peak RSS "
+                   f"{r.slo['peak_rss_bytes'] / MIB:.0f} MiB ({s['repetitions']} runs, {r.slo['threads']} threads); "
+                   "written to report.json")
     click.echo(f"PASS:       {r.bundle} verified on {r.device} in {r.seconds:.1f} s")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-t", "--target", "target_name", required=True,
+              help="Target name (see `edgeprune targets`) or a .toml path: its SLO workload, threads and budget.")
+@click.option("--baseline", type=click.Path(path_type=Path), default=None,
+              help="The unpruned GGUF, timed alongside (alternating) to measure and judge a speed-up.")
+@click.option("-r", "--repetitions", type=click.IntRange(min=1, max=1000), default=5, show_default=True,
+              help="Timed runs (after one warm-up run).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Cache (llama.cpp builds for ssh/qemu devices). Default: $EDGEPRUNE_CACHE or ~/.cache/edgeprune.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full benchmark record as JSON.")
+@device_options
+@logging_options
+def bench(model: Path, target_name: str, baseline: Path | None, repetitions: int, cache_dir: Path | None,
+          as_json: bool, device_overrides: dict) -> None:
+    """Time MODEL.gguf with the target's SLO workload on its device (or --device) and judge it against the budget.
+
+    Exit status 0: within budget (or nothing to judge, e.g. emulated); 1: over budget; 2: bad input.
+    """
+    import json
+
+    from edgeprune.bench import bench as run_bench
+    from edgeprune.build import default_cache_dir
+    from edgeprune.search.budget import EMULATED, MEETS
+
+    target = _with_device(load_target(target_name), device_overrides)
+    r = run_bench(model, target, cache_dir or default_cache_dir(), baseline, repetitions)
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=1))
+    else:
+        _print_bench(r)
+    if r.verdict not in (MEETS, EMULATED, "no criterion to judge"):
+        sys.exit(1)
+
+
+def _print_bench(r) -> None:
+    rec, s = r.record, r.record.summary
+    label = " (emulated)" if rec.emulated else ""
+    click.echo(f"Model:      {r.model.name} ({r.model.stat().st_size / MIB:.1f} MiB)")
+    click.echo(f"Device:     {r.device} ({r.arch}{', ' + rec.cpu if rec.cpu else ''}), {rec.threads} threads"
+               f"{', pinned to cores ' + ','.join(map(str, rec.cpus)) if rec.cpus else ''}; {rec.runtime}")
+    if rec.ram_cap_exceeded:
+        click.echo(f"Killed:     over the RAM cap at {rec.peak_rss_bytes / MIB:.0f} MiB RSS; no timings")
+    else:
+        click.echo(f"Runs:       {s['repetitions']} timed ({rec.runner}){label}")
+        click.echo(f"TTFT:       {s['ttft_p50_s'] * 1000:.0f} ms p50; prefill {s['prefill_tok_s_p50']:.1f} tok/s")
+        click.echo(f"Decode:     {s['decode_tok_s_p50']:.1f} tok/s p50")
+        click.echo(f"Latency:    p50 {s['latency_p50_s']:.3f} s, p90 {s['latency_p90_s']:.3f} s, p99 "
+                   f"{s['latency_p99_s']:.3f} s (spread {s['latency_spread'] * 100:.0f}%)")
+        click.echo(f"Peak RSS:   {rec.peak_rss_bytes / MIB:.0f} MiB")
+        if rec.baseline_runs:
+            click.echo(f"Speed-up:   {rec.speedup:.2f}x over the baseline timed alongside "
+                       f"({s['paired_speedup_min']:.2f}-{s['paired_speedup_max']:.2f})")
+    for note in r.notes:
+        click.echo(f"Note:       {note}")
+    click.echo(f"Verdict:    {r.verdict} ({r.budget.describe() or 'no budget'})")
 
 
 def main() -> None:

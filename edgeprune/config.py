@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.quantize.llamacpp import QUANT_FTYPES
@@ -104,7 +104,48 @@ class SparsityOptIn(SparsitySpec):
 
 
 class DeviceConfig(Strict):
-    url: str = "local"
+    """Where candidates are measured (a target's [device] table; `--device` and friends override it)."""
+
+    url: str = Field(default="local", description="local, ssh://[user@]host[:port], or qemu-aarch64")
+    # local
+    pin: bool = Field(default=True, description="pin the runner to as many cores as it has threads")
+    ram_cap: bool = Field(default=False, description="kill a run that exceeds the SLO's RAM ceiling (a verdict)")
+    # ssh: OpenSSH's own ~/.ssh/config, keys and known_hosts apply unless these replace them
+    identity: Path | None = Field(default=None, description="private key file (ssh -i)")
+    known_hosts: Path | None = Field(default=None, description="known_hosts file to verify the host key against")
+    ssh_config: Path | None = Field(default=None, description="ssh_config file to use instead of ~/.ssh/config")
+    accept_new_host_key: bool = Field(
+        default=False, description="trust a host key seen for the first time (a changed key is still refused)")
+    connect_timeout_s: float = Field(default=10, gt=0)
+    retries: int = Field(default=2, ge=0, le=10, description="reconnection attempts after a failed connection")
+    python: str | None = Field(
+        default=None, description="the device's Python with edgeprune installed: measure with it, not llama-bench")
+
+    @field_validator("url")
+    @classmethod
+    def _known_form(cls, url: str) -> str:
+        if url in ("local", "qemu-aarch64") or url.startswith("ssh://"):
+            return url
+        raise ValueError(f"device '{url}' is none of local, ssh://[user@]host[:port], qemu-aarch64")
+
+    @model_validator(mode="after")
+    def _options_fit_the_kind(self) -> DeviceConfig:
+        ssh_only = ("identity", "known_hosts", "ssh_config", "accept_new_host_key", "python")
+        given = sorted(k for k in ssh_only if k in self.model_fields_set and getattr(self, k))
+        if given and not self.url.startswith("ssh://"):
+            raise ValueError(f"{', '.join(given)} apply to ssh:// devices only, not to '{self.url}'")
+        if self.ram_cap and self.url != "local":
+            raise ValueError(f"ram_cap applies to the local device only, not to '{self.url}'")
+        return self
+
+    def overridden(self, url: str | None = None, **options: object) -> DeviceConfig:
+        """This table with command-line options on top; a different URL starts from a fresh table."""
+        base = self.model_dump(exclude_unset=True) if url in (None, self.url) else {}
+        given = {k: v for k, v in options.items() if v not in (None, False)}
+        try:
+            return DeviceConfig(**(base | {"url": url or self.url} | given))
+        except ValidationError as e:
+            raise EdgepruneError(f"Invalid device options: {first_error(e)}.") from None
 
 
 class Target(Strict):
@@ -115,6 +156,17 @@ class Target(Strict):
     toolchain: Toolchain
     device: DeviceConfig = DeviceConfig()
     sparsity: SparsityOptIn | None = None
+
+    @model_validator(mode="after")
+    def _cap_needs_a_ceiling(self) -> Target:
+        if self.device.ram_cap and self.slo.ram_ceiling_gib is None:
+            raise ValueError("device.ram_cap needs slo.ram_ceiling_gib: the cap is the ceiling")
+        return self
+
+    def with_device(self, device: DeviceConfig) -> Target:
+        if device.ram_cap and self.slo.ram_ceiling_gib is None:
+            raise EdgepruneError(f"--ram-cap needs a RAM ceiling, and target {self.name} has no slo.ram_ceiling_gib.")
+        return self.model_copy(update={"device": device})
 
     def with_budget(self, latency_budget_s: float | None, speedup: float | None) -> Target:
         """Replace the SLO's latency criteria (both of them) with the given ones."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -27,16 +27,30 @@ class Workload:
 
 @dataclass
 class BenchmarkRecord:
+    """One device's measurement of one model, the same for every device and runner.
+
+    Each run is one SLO-shaped request: `ttft_s`, `latency_s` (prompt + answer, end to end),
+    `prefill_tok_s`, `decode_tok_s`. `raw` keeps what the runner printed where it is structured
+    (llama-bench's JSON records), so nothing the runner measured is lost in the summary.
+    """
+
     device: str
     runs: list[dict[str, float]]  # one per timed repetition (warm-up excluded)
     peak_rss_bytes: int
     load_s: float
     threads: int
-    runtime: str  # runtime name and version
+    runtime: str  # runtime name and version (the llama.cpp build)
     system_info: str
-    # The unpruned model's runs, alternated with these ones in the same process (empty for the
-    # baseline itself): speed-ups are ratios of runs taken side by side.
+    # The unpruned model's runs, alternated with these ones (empty for the baseline itself):
+    # speed-ups are ratios of runs taken side by side.
     baseline_runs: list[dict[str, float]] = field(default_factory=list)
+    runner: str = "llama-cpp-python"  # or "llama-bench": the device's own llama.cpp binaries
+    cpu: str = ""  # the device's CPU model
+    cpus: list[int] | None = None  # cores the runner was pinned to (None: not pinned)
+    emulated: bool = False  # timed under an emulator: never evidence for a budget verdict
+    ram_cap_exceeded: bool = False  # killed at the RAM cap before it finished: no timings
+    raw: list[dict[str, Any]] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # the greedy answer of one run (Python runner)
 
     @cached_property
     def summary(self) -> dict[str, float]:
@@ -61,20 +75,24 @@ class BenchmarkRecord:
 
     def pooled(self, other: BenchmarkRecord) -> BenchmarkRecord:
         """Both measurements' runs as one record (for confirming a verdict with a second run)."""
-        return BenchmarkRecord(
-            device=self.device,
+        return replace(
+            self,
             runs=self.runs + other.runs,
             peak_rss_bytes=max(self.peak_rss_bytes, other.peak_rss_bytes),
             load_s=min(self.load_s, other.load_s),
-            threads=self.threads,
-            runtime=self.runtime,
-            system_info=self.system_info,
             baseline_runs=self.baseline_runs + other.baseline_runs,
+            ram_cap_exceeded=self.ram_cap_exceeded or other.ram_cap_exceeded,
+            raw=self.raw + other.raw,
         )
 
 
 def summarize(runs: list[dict[str, float]], baseline_runs: list[dict[str, float]] = ()) -> dict[str, float]:
     """Medians and percentiles over repetitions, plus the spread that says how far to trust them."""
+    if not runs:  # killed before any timed run: infinitely slow, for every comparison
+        inf = float("inf")
+        out = {f"latency_p{p}_s": inf for p in LATENCY_PERCENTILES}
+        return out | {"latency_min_s": inf, "latency_max_s": inf, "latency_spread": 0.0, "ttft_p50_s": inf,
+                      "prefill_tok_s_p50": 0.0, "decode_tok_s_p50": 0.0, "repetitions": 0, "paired_speedup": 0.0}
     lat = np.array([r["latency_s"] for r in runs])
     out = {f"latency_p{p}_s": float(np.percentile(lat, p)) for p in LATENCY_PERCENTILES}
     out["latency_min_s"] = float(lat.min())

@@ -98,4 +98,24 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += [_row(c) for c in search["candidates"]]
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in report["timings_s"].items())
     lines += ["", f"Time: {timings}.", ""]
+    lines += _verifications(report.get("verifications", []))
     return "\n".join(lines)
+
+
+def _verifications(verifications: list[dict[str, Any]]) -> list[str]:
+    """`edgeprune verify` runs on the target's hardware, as written back into the report."""
+    if not verifications:
+        return []
+    lines = ["## Verified on the device", "",
+             "| when | device | CPU | threads | p50 s | p90 s | TTFT ms | decode tok/s | peak RSS MiB | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for v in verifications:
+        s = v["summary"]
+        lines.append(
+            f"| {v['measured']} | {v['device']} | {v['cpu']} | {v['threads']} | {s['latency_p50_s']:.3f} "
+            f"| {s['latency_p90_s']:.3f} | {s['ttft_p50_s'] * 1000:.0f} | {s['decode_tok_s_p50']:.1f} "
+            f"| {v['peak_rss_bytes'] / 2**20:.0f} | {'PASS' if v['verdict'] == 'meets' else 'FAIL: ' + v['verdict']} |")
+    lines += ["", f"Budget judged on the device: {verifications[-1]['budget']['description']}"
+              + (" (the speed-up criterion needs the unpruned model timed alongside: judged by `build` only)."
+                 if verifications[-1]["speedup_not_judged"] else "."), ""]
+    return lines

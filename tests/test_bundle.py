@@ -36,11 +36,12 @@ def bundle(tmp_path_factory, cache_dir) -> Path:
     return out
 
 
-def test_ssh_device_is_refused_in_one_sentence(tmp_path):
-    proc = edgeprune("verify", str(tmp_path), "--device", "ssh://controller")
+def test_malformed_ssh_device_is_refused_in_one_sentence(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": {}, "toolchain": {"arch": "aarch64",
+                                                                                   "llama_cpp": "x"}}))
+    proc = edgeprune("verify", str(tmp_path), "--device", "ssh://controller:port")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().startswith("error: SSH devices are not available yet")
-    assert len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.strip() == "error: Device 'ssh://controller:port' is not of the form ssh://[user@]host[:port]."
 
 
 def test_verify_of_a_directory_without_manifest_is_bad_input(tmp_path):
@@ -108,6 +109,7 @@ def test_verify_under_qemu_matches_the_host(bundle):
     assert result["host_text"].strip()
     assert set(result["tools"]) == set(TOOLS)
     assert result["files_checked"] == len(TOOLS) + 6
+    assert result["slo"] is None and "emulated" in result["slo_skipped"] and result["passed"]
 
 
 @pytest.mark.slow

@@ -1,13 +1,19 @@
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import tiny_llama
+from edgeprune.config import SLO, DeviceConfig
 from edgeprune.devices import get_device, host_arch
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import Provenance, export_gguf
 from edgeprune.measure import Workload
 from edgeprune.quantize import quantize
+from edgeprune.search.budget import EMULATED, Budget
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +43,89 @@ def test_local_benchmark_record(tiny_gguf):
     assert "llama-cpp-python" in record.runtime and record.threads == 1
     pooled = record.pooled(record)
     assert len(pooled.runs) == 6 and pooled.summary["repetitions"] == 6
+
+
+def _target(tmp_path, ceiling_gib: float, device: str = "") -> Path:
+    path = tmp_path / "tight.toml"
+    path.write_text(f"""description = "a device with less RAM than the model needs"
+[hardware]
+arch = "{host_arch()}"
+cores = 1
+ram_gib = 1
+memory_bandwidth_gbs = 10
+[slo]
+prompt_tokens = 16
+answer_tokens = 8
+latency_budget_s = 60
+ram_ceiling_gib = {ceiling_gib}
+[toolchain]
+triple = "x86_64-linux-gnu"
+cpu_flags = "x86-64-v3"
+{device}""")
+    return path
+
+
+WORKLOAD = Workload(prompt=tuple(range(100, 116)), answer_tokens=8, threads=1, warmup=1, repetitions=2)
+
+
+def test_ram_ceiling_below_the_models_needs_is_an_over_budget_verdict(tiny_gguf):
+    slo = SLO(prompt_tokens=16, answer_tokens=8, latency_budget_s=60, ram_ceiling_gib=0.01)
+    record = get_device("local").benchmark(tiny_gguf, WORKLOAD)
+    assert record.peak_rss_bytes > 0.01 * (1 << 30)
+    assert Budget.from_slo(slo).verdict(record) == "over RAM ceiling"
+    assert Budget.from_slo(slo.model_copy(update={"ram_ceiling_gib": 4})).verdict(record) == "meets"
+
+
+def test_ram_cap_kills_the_run_and_gives_the_verdict_not_a_crash(tiny_gguf):
+    device = get_device(DeviceConfig(ram_cap=True))
+    device.ram_cap_bytes = 40 << 20  # below what the runner needs to load llama.cpp and the model
+    record = device.benchmark(tiny_gguf, WORKLOAD)
+    assert record.ram_cap_exceeded and record.runs == [] and record.peak_rss_bytes > 40 << 20
+    budget = Budget(latency_s=60, speedup=None, ram_bytes=40 << 20)
+    assert budget.verdict(record) == "over RAM ceiling"
+    assert budget.shortfall(record) == float("inf")
+
+
+def test_bench_with_ram_cap_reports_the_overrun(tiny_gguf, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "edgeprune", "bench", str(tiny_gguf), "-t",
+                           str(_target(tmp_path, 0.04)), "--ram-cap", "-q"], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "Killed:     over the RAM cap" in proc.stdout and "Verdict:    over RAM ceiling" in proc.stdout
+
+
+def test_bench_prints_the_record_and_judges_it(tiny_gguf, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "edgeprune", "bench", str(tiny_gguf), "-t",
+                           str(_target(tmp_path, 2)), "-r", "2", "--json", "-q"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["verdict"] == "meets" and out["benchmark"]["summary"]["repetitions"] == 2
+    assert out["benchmark"]["cpus"] == [sorted(os.sched_getaffinity(0))[0]]  # pinned: 1 thread, 1 core
+    assert out["benchmark"]["threads"] == 1 and out["benchmark"]["peak_rss_bytes"] > 0
+
+
+def test_device_options_that_do_not_fit_the_device_are_refused(tiny_gguf, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "edgeprune", "bench", str(tiny_gguf), "-t",
+                           str(_target(tmp_path, 2)), "--identity", str(tmp_path / "k")], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "identity apply to ssh:// devices only" in proc.stderr
+    with pytest.raises(ValueError, match="ram_cap applies to the local device only"):
+        DeviceConfig(url="qemu-aarch64", ram_cap=True)
+    with pytest.raises(ValueError, match="none of local"):
+        DeviceConfig(url="telnet://plc")
+
+
+@pytest.mark.slow
+def test_qemu_device_times_the_arm_build_marked_emulated(tiny_gguf, cache_dir):
+    from edgeprune.config import load_target
+    from edgeprune.toolchain import ensure_binaries, spec_for
+
+    device = get_device("qemu-aarch64")
+    device.use_tools(ensure_binaries(spec_for(load_target("arm16g")), cache_dir).bin, "aarch64")
+    record = device.benchmark(tiny_gguf, WORKLOAD)
+    assert record.emulated and record.runner == "llama-bench" and len(record.runs) == 2
+    assert Budget(latency_s=1000, speedup=None, ram_bytes=None).verdict(record) == EMULATED
 
 
 def test_unknown_device_is_a_clear_error():

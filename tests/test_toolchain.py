@@ -31,7 +31,10 @@ def test_x86_level_sets_ggml_instruction_sets():
     spec = spec_for(load_target("demo"))
     options = spec.cmake_options()
     assert not spec.cross and spec.toolchain_file is None
+    assert options["GGML_AVX2"] == "ON" and options["GGML_FMA"] == "ON" and options["GGML_AVX512"] == "OFF"
+    assert options["CMAKE_C_FLAGS"] == "-march=x86-64-v3"
     # x86-64-v2 has SSE4.2 but no AVX: ggml must not enable AVX2/FMA on its own.
+    options = BuildSpec("x86_64-linux-gnu", "x86-64-v2").cmake_options()
     assert options["GGML_SSE42"] == "ON" and options["GGML_AVX2"] == "OFF" and options["GGML_FMA"] == "OFF"
     assert options["CMAKE_C_FLAGS"] == "-march=x86-64-v2"
 

@@ -1,22 +1,39 @@
-"""The machine edgeprune runs on: each benchmark in a fresh runner process."""
+"""The machine edgeprune runs on: each benchmark in a fresh runner process, pinned to as many
+cores as it has threads, and optionally killed when it outgrows the RAM ceiling."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
-from edgeprune.devices.base import Device, host_arch
-from edgeprune.errors import EdgepruneError
+from edgeprune.devices import python_runner
+from edgeprune.devices.base import TIMEOUT_S, Device, DeviceError, host_arch
 from edgeprune.measure import BenchmarkRecord, Workload
+from edgeprune.runtimes.bench_worker import cpu_model
 
-TIMEOUT_S = 1800
+RSS_POLL_S = 0.02
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 class LocalDevice(Device):
     scheme = "local"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ram_cap_bytes: int | None = None  # set from the SLO's RAM ceiling when the target asks for a cap
 
     @property
     def arch(self) -> str:
@@ -26,22 +43,79 @@ class LocalDevice(Device):
     def cores(self) -> int:
         return len(os.sched_getaffinity(0))
 
+    @property
+    def cpu(self) -> str:
+        return cpu_model()
+
+    def exec(self, argv: list[str], what: str, stdin: bytes | Path | None = None,
+             timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+        return run_local(argv, what, stdin, timeout)
+
     def benchmark(self, model: Path, workload: Workload, baseline: Path | None = None) -> BenchmarkRecord:
-        request = workload.to_dict() | {"model": str(model), "baseline": str(baseline) if baseline else None}
+        req = python_runner.request(workload, str(model), str(baseline) if baseline else None, self.config.pin)
+        proc = subprocess.Popen([sys.executable, *python_runner.WORKER], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        watch = _RamWatch(proc, self.ram_cap_bytes)
         try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "edgeprune.runtimes.bench_worker"],
-                input=json.dumps(request),
-                capture_output=True,
-                text=True,
-                timeout=TIMEOUT_S,
-            )
+            stdout, stderr = proc.communicate(req, timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            raise EdgepruneError(
-                f"Benchmarking {model.name} took over {TIMEOUT_S} s; the device is too slow for this workload."
-            ) from None
+            proc.kill()
+            proc.communicate()
+            raise DeviceError(f"Benchmarking {model.name} took over {TIMEOUT_S} s; the device is too slow for this "
+                              "workload.") from None
+        finally:
+            watch.stop()
+        if watch.exceeded:
+            # An overrun is a verdict on the candidate, not a failure of edgeprune.
+            return BenchmarkRecord(device=self.url, runs=[], peak_rss_bytes=watch.peak, load_s=0.0,
+                                   threads=workload.threads, runtime="", system_info="", cpu=self.cpu,
+                                   ram_cap_exceeded=True)
         if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise EdgepruneError(f"The benchmark of {model.name} failed on {self.url}: {tail}")
-        raw = json.loads(proc.stdout)
-        return BenchmarkRecord(device=self.url, **raw)
+            tail = (stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+            raise DeviceError(f"The benchmark of {model.name} failed on {self.url}: {tail}")
+        return python_runner.record(self, model, stdout)
+
+
+class _RamWatch:
+    """Polls a process's RSS and kills it past `cap` bytes (no cap: only records the peak)."""
+
+    def __init__(self, proc: subprocess.Popen, cap: int | None) -> None:
+        self.proc, self.cap, self.peak, self.exceeded = proc, cap, 0, False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        if cap is not None:
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.is_set() and self.proc.poll() is None:
+            rss = _rss_bytes(self.proc.pid)
+            self.peak = max(self.peak, rss)
+            if rss > self.cap:
+                self.exceeded = True
+                self.proc.kill()
+                return
+            time.sleep(RSS_POLL_S)
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def run_local(argv: list[str], what: str, stdin: bytes | Path | None = None,
+              timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    """Run a program here; its failure becomes one sentence naming `what`."""
+    try:
+        if isinstance(stdin, Path):
+            with stdin.open("rb") as f:
+                proc = subprocess.run(argv, stdin=f, capture_output=True, timeout=timeout)
+        else:
+            proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DeviceError(f"{what} did not finish within {timeout:g} s.") from None
+    except OSError as e:
+        raise DeviceError(f"{what} could not start: {e}.") from None
+    if proc.returncode != 0:
+        tail = (proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+        raise DeviceError(f"{what} failed (exit {proc.returncode}): {tail}")
+    return proc

@@ -1,17 +1,20 @@
 """Benchmark process: time a GGUF with llama.cpp, print one JSON record.
 
-Runs as its own process (`python -m edgeprune.runtimes.bench_worker < request.json`) so that its
-peak RSS is the runtime's alone, not torch's, and a crash cannot take the build down.
+Runs as its own process (`python -m edgeprune.runtimes.bench_worker < request.json`), here or on
+a device with edgeprune installed, so that its peak RSS is the runtime's alone, not torch's, and a
+crash cannot take the build down.
 
 With a `baseline` model in the request, the two are timed in alternation (candidate, baseline,
 candidate, ...) in the same process, so a speed-up is a ratio of runs taken side by side: on a
 shared machine, speed drifts by 10-20% within seconds, far more than within one alternation.
-The candidate's peak RSS is read before the baseline is loaded.
+The candidate's peak RSS is read before the baseline is loaded. `pin` pins the process (and so
+every llama.cpp thread) to as many cores as it has threads before anything is loaded.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,16 +23,32 @@ from edgeprune.memory import peak_rss_bytes
 from edgeprune.runtimes import llamacpp
 
 
+def cpu_model() -> str:
+    """The CPU's name as /proc/cpuinfo gives it (x86: model name; ARM: Hardware or CPU part)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    for key in ("model name", "Hardware", "CPU part"):
+        for line in lines:
+            if line.startswith(key) and ":" in line:
+                return line.split(":", 1)[1].strip()
+    return ""
+
+
 def main() -> None:
     request = json.load(sys.stdin)
     prompt, answer, threads = request["prompt"], request["answer_tokens"], request["threads"]
+    if request.get("pin"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
     n_ctx = len(prompt) + answer + 8
 
     t0 = time.perf_counter()
     llm = llamacpp.load(Path(request["model"]), n_ctx=n_ctx, threads=threads)
     load_s = time.perf_counter() - t0
-    for _ in range(request["warmup"]):
-        llamacpp.timed_generation(llm, prompt, answer)
+    tokens: list[int] = []
+    for i in range(request["warmup"]):
+        llamacpp.timed_generation(llm, prompt, answer, tokens if i == 0 else None)
     peak_rss = peak_rss_bytes()
 
     baseline = None
@@ -40,7 +59,7 @@ def main() -> None:
 
     runs, baseline_runs = [], []
     for _ in range(request["repetitions"]):
-        runs.append(llamacpp.timed_generation(llm, prompt, answer))
+        runs.append(llamacpp.timed_generation(llm, prompt, answer, None if tokens else tokens))
         if baseline is not None:
             baseline_runs.append(llamacpp.timed_generation(baseline, prompt, answer))
     llm.close()
@@ -55,6 +74,9 @@ def main() -> None:
             "threads": threads,
             "runtime": llamacpp.version(),
             "system_info": llamacpp.system_info(),
+            "cpu": cpu_model(),
+            "cpus": sorted(os.sched_getaffinity(0)) if request.get("pin") else None,
+            "tokens": tokens,
         },
         sys.stdout,
     )

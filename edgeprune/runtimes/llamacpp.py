@@ -69,6 +69,21 @@ def load(path: Path, n_ctx: int, threads: int, logits_all: bool = False, f32_kv_
         raise EdgepruneError(f"llama.cpp cannot load {path.name}: {e}") from None
 
 
+def tokenize(path: Path, text: str) -> list[int]:
+    """`text` in the GGUF's own vocabulary (BOS added, as llama.cpp's tools do)."""
+    import llama_cpp
+
+    route_logs_to_python()
+    try:
+        vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError) as e:
+        raise EdgepruneError(f"llama.cpp cannot load {path.name}: {e}") from None
+    try:
+        return vocab.tokenize(text.encode(), add_bos=True, special=True)
+    finally:
+        vocab.close()
+
+
 def sequence_logits(
     path: Path, sequences: np.ndarray, threads: int, f32_kv_cache: bool = False
 ) -> Iterator[np.ndarray]:
@@ -115,21 +130,26 @@ def _is_eog(llm: Any, token: int) -> bool:
     return bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token))
 
 
-def timed_generation(llm: Any, prompt_tokens: list[int], answer_tokens: int) -> dict[str, float]:
-    """One SLO-shaped request: prefill the prompt, then decode exactly `answer_tokens` greedily.
+def timed_generation(llm: Any, prompt_tokens: list[int], answer_tokens: int,
+                     tokens: list[int] | None = None) -> dict[str, float]:
+    """One SLO-shaped request: prefill the prompt, then decode exactly `answer_tokens` greedily
+    (appended to `tokens`, if given).
 
     End-of-sequence tokens do not stop it: the SLO is about an answer of that length. Timed by
     wall clock around llama.cpp's evals (each returns when its logits are ready), as an
     application calling llama.cpp would see it.
     """
+    out = tokens if tokens is not None else []
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(prompt_tokens)
     token = int(np.argmax(last_logits(llm)))
+    out.append(token)
     t_first = time.perf_counter()
     for _ in range(answer_tokens - 1):
         llm.eval([token])
         token = int(np.argmax(last_logits(llm)))
+        out.append(token)
     t_end = time.perf_counter()
     ttft = t_first - t0
     decode_s = t_end - t_first

@@ -15,6 +15,8 @@ from edgeprune.measure import BenchmarkRecord
 
 GIB = 1 << 30
 MEETS = "meets"
+OVER_RAM = "over RAM ceiling"
+EMULATED = "not judged: timed under emulation"
 
 
 @dataclass(frozen=True)
@@ -29,12 +31,16 @@ class Budget:
         return cls(latency_s=slo.latency_budget_s, speedup=slo.speedup, ram_bytes=ram)
 
     def verdict(self, record: BenchmarkRecord) -> str:
+        if record.emulated:
+            return EMULATED
+        if record.ram_cap_exceeded:
+            return OVER_RAM
         if self.latency_s is not None and record.latency_p90 > self.latency_s:
             return "over latency budget"
         if self.speedup is not None and record.speedup < self.speedup:
             return "short of the speed-up"
         if self.ram_bytes is not None and record.peak_rss_bytes > self.ram_bytes:
-            return "over RAM ceiling"
+            return OVER_RAM
         return MEETS
 
     def shortfall(self, record: BenchmarkRecord) -> float:

@@ -1,0 +1,78 @@
+"""`edgeprune bench MODEL.gguf --target T`: one GGUF, the target's SLO workload, on its device."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeprune.build import open_device
+from edgeprune.config import Target
+from edgeprune.gguf_file import read_gguf
+from edgeprune.measure import BenchmarkRecord, Workload
+from edgeprune.runtimes import llamacpp
+from edgeprune.search.budget import Budget
+
+log = logging.getLogger(__name__)
+
+# The prompt the Python runner feeds (llama-bench draws its own tokens): real prose, as a user's
+# question would be, repeated to the SLO's length.
+PROSE = ("The control room of the bottling plant logs every valve, pump and conveyor once a second. When a "
+         "pressure reading drifts outside its band, the operator asks the assistant what changed in the last "
+         "hour, which sensors agree, and what the maintenance manual says about the pump in question. ")
+
+
+@dataclass
+class BenchResult:
+    model: Path
+    target: str
+    device: str
+    arch: str
+    record: BenchmarkRecord
+    budget: Budget
+    verdict: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": str(self.model), "target": self.target, "device": self.device, "arch": self.arch,
+                "budget": self.budget.to_dict(), "verdict": self.verdict, "notes": self.notes,
+                "benchmark": self.record.to_dict()}
+
+
+def prompt_tokens(model: Path, n: int) -> tuple[int, ...]:
+    tokens = llamacpp.tokenize(model, PROSE)
+    bos, body = tokens[:1], tokens[1:]
+    return tuple((bos + body * (n // len(body) + 1))[:n])
+
+
+def bench(model: Path, target: Target, cache_dir: Path, baseline: Path | None = None, repetitions: int = 5,
+          warmup: int = 1) -> BenchResult:
+    for path in (model, baseline):
+        if path is not None:
+            read_gguf(path)  # a missing or broken file is one sentence here, not a runner's traceback
+    slo = target.slo
+    with open_device(target, cache_dir, judging=False) as device:
+        threads = min(target.hardware.cores, device.cores)
+        workload = Workload(prompt_tokens(model, slo.prompt_tokens), slo.answer_tokens, threads, warmup, repetitions)
+        log.info("timing %s on %s: %d-token prompt + %d-token answer, %d threads, %d runs", model.name, device.url,
+                 slo.prompt_tokens, slo.answer_tokens, threads, repetitions)
+        record = device.benchmark(model, workload, baseline)
+        arch = device.arch
+    # A speed-up needs the unpruned model timed alongside: judged only when one is given.
+    budget = Budget.from_slo(slo)
+    notes = []
+    if baseline is None and budget.speedup is not None:
+        budget = Budget(budget.latency_s, None, budget.ram_bytes)
+        notes.append(f"The SLO's {slo.speedup:g}x speed-up is not judged: give --baseline UNPRUNED.gguf to time the "
+                     "unpruned model alongside.")
+    if budget.latency_s is None and budget.speedup is None and budget.ram_bytes is None:
+        verdict = "no criterion to judge"
+    else:
+        verdict = budget.verdict(record)
+    if record.emulated:
+        notes.append(f"{target.device.url} is emulated: these timings prove the binaries run, not the target's speed.")
+    elif arch != target.hardware.arch:
+        notes.append(f"Measured on {arch}, a stand-in for the {target.hardware.arch} target: the verdict is this "
+                     "device's, not the target's.")
+    return BenchResult(model, target.name, target.device.url, arch, record, budget, verdict, notes)
