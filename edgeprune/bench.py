@@ -10,6 +10,7 @@ from typing import Any
 from edgeprune.build import open_device
 from edgeprune.config import Target
 from edgeprune.gguf_file import read_gguf
+from edgeprune.latency import LatencyModel, ModelTraffic, Observation, host_profile, roofline_fraction
 from edgeprune.measure import BenchmarkRecord, Workload
 from edgeprune.runtimes import llamacpp
 from edgeprune.search.budget import Budget
@@ -33,11 +34,14 @@ class BenchResult:
     budget: Budget
     verdict: str
     notes: list[str] = field(default_factory=list)
+    # decode tok/s as a share of bandwidth / bytes read per token, and whose bandwidth that is
+    roofline: dict[str, Any] | None = None
+    estimate: dict[str, Any] | None = None  # the target's latency transferred from this measurement
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": str(self.model), "target": self.target, "device": self.device, "arch": self.arch,
                 "budget": self.budget.to_dict(), "verdict": self.verdict, "notes": self.notes,
-                "benchmark": self.record.to_dict()}
+                "roofline": self.roofline, "estimate_on_target": self.estimate, "benchmark": self.record.to_dict()}
 
 
 def prompt_tokens(model: Path, n: int) -> tuple[int, ...]:
@@ -59,6 +63,7 @@ def bench(model: Path, target: Target, cache_dir: Path, baseline: Path | None = 
                  slo.prompt_tokens, slo.answer_tokens, threads, repetitions)
         record = device.benchmark(model, workload, baseline)
         arch = device.arch
+        local = device.url == "local"
     # A speed-up needs the unpruned model timed alongside: judged only when one is given.
     budget = Budget.from_slo(slo)
     notes = []
@@ -75,4 +80,28 @@ def bench(model: Path, target: Target, cache_dir: Path, baseline: Path | None = 
     elif arch != target.hardware.arch:
         notes.append(f"Measured on {arch}, a stand-in for the {target.hardware.arch} target: the verdict is this "
                      "device's, not the target's.")
-    return BenchResult(model, target.name, target.device.url, arch, record, budget, verdict, notes)
+    result = BenchResult(model, target.name, target.device.url, arch, record, budget, verdict, notes)
+    if not record.emulated and record.runs:
+        _physical_limits(result, workload, cache_dir, local, target)
+    return result
+
+
+def _physical_limits(result: BenchResult, workload: Workload, cache_dir: Path, local: bool, target: Target) -> None:
+    """The roofline line, and for a stand-in the target's latency estimated from this measurement.
+    Here the bandwidth is measured (a streaming read, cached); elsewhere it is the target file's."""
+    traffic = ModelTraffic.from_gguf(result.model)
+    decode = result.record.summary["decode_tok_s_p50"]
+    context = len(workload.prompt) + workload.answer_tokens // 2  # the mean K/V length while decoding
+    if local:
+        host = host_profile(cache_dir, workload.threads)
+        bandwidth, source = host.bandwidth_gbs, f"measured streaming read, {workload.threads} thread(s)"
+    else:
+        bandwidth, source = target.hardware.memory_bandwidth_gbs, f"the target file's figure for {target.name}"
+    result.roofline = {"fraction": roofline_fraction(decode, traffic, bandwidth, context), "bandwidth_gbs": bandwidth,
+                       "bandwidth_source": source, "bytes_per_token": traffic.decode_bytes(context),
+                       "roofline_tok_s": bandwidth * 1e9 / traffic.decode_bytes(context)}
+    if local and (result.arch != target.hardware.arch or target.hardware.cores != workload.threads):
+        measured = LatencyModel.for_host(host).fitted([Observation.from_record(traffic, workload, result.record)])
+        prediction = measured.transfer(target.hardware, name=f"target {target.name}").predict(
+            traffic, len(workload.prompt), workload.answer_tokens)
+        result.estimate = prediction.to_dict() | {"description": prediction.describe()}

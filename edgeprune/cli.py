@@ -440,6 +440,14 @@ def _print_bench(r) -> None:
         if rec.baseline_runs:
             click.echo(f"Speed-up:   {rec.speedup:.2f}x over the baseline timed alongside "
                        f"({s['paired_speedup_min']:.2f}-{s['paired_speedup_max']:.2f})")
+    if r.roofline:
+        f = r.roofline
+        click.echo(f"Roofline:   decode at {f['fraction'] * 100:.0f}% of the bandwidth limit "
+                   f"({f['roofline_tok_s']:.0f} tok/s = {f['bandwidth_gbs']:.1f} GB/s / "
+                   f"{f['bytes_per_token'] / MIB:.1f} MiB per token; "
+                   f"{f['bandwidth_source']})")
+    if r.estimate:
+        click.echo(f"Estimate:   {r.estimate['description']}")
     for note in r.notes:
         click.echo(f"Note:       {note}")
     click.echo(f"Verdict:    {r.verdict} ({r.budget.describe() or 'no budget'})")

@@ -102,6 +102,22 @@ def test_bench_prints_the_record_and_judges_it(tiny_gguf, tmp_path):
     assert out["verdict"] == "meets" and out["benchmark"]["summary"]["repetitions"] == 2
     assert out["benchmark"]["cpus"] == [sorted(os.sched_getaffinity(0))[0]]  # pinned: 1 thread, 1 core
     assert out["benchmark"]["threads"] == 1 and out["benchmark"]["peak_rss_bytes"] > 0
+    # decode speed against this machine's measured bandwidth / bytes read per token
+    roofline = out["roofline"]
+    assert 0 < roofline["fraction"] < 1.5 and roofline["bandwidth_source"].startswith("measured")
+    assert out["estimate_on_target"] is None  # measured on the target's own arch and core count
+
+
+def test_bench_estimates_the_target_from_a_stand_in(tiny_gguf, tmp_path):
+    target = _target(tmp_path, 2).read_text().replace("cores = 1", "cores = 8").replace("memory_bandwidth_gbs = 10",
+                                                                                         "memory_bandwidth_gbs = 25")
+    (tmp_path / "big.toml").write_text(target)
+    proc = subprocess.run([sys.executable, "-m", "edgeprune", "bench", str(tiny_gguf), "-t", str(tmp_path / "big.toml"),
+                           "-r", "2", "-q"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "Roofline:   decode at" in proc.stdout
+    estimate = next(line for line in proc.stdout.splitlines() if line.startswith("Estimate:"))
+    assert "estimated for target big" in estimate and "not a measurement" in estimate and "verified" not in estimate
 
 
 def test_device_options_that_do_not_fit_the_device_are_refused(tiny_gguf, tmp_path):

@@ -1,0 +1,126 @@
+"""What one token costs a model, from its GGUF alone: bytes read and floating-point operations.
+
+Pure accounting, no timing. Decoding one token multiplies the hidden state through every weight
+matrix once, so it reads every weight tensor once (a CPU decode is bound by that read); of the
+token embeddings it reads one row, unless the model is tied (no `output.weight`), when llama.cpp
+multiplies through `token_embd` as the output layer and so reads all of it. Attention also reads
+the K and V cache of every earlier position (F16, as deployed). Prefill is bound by compute: two
+FLOPs per weight element per token, except the output layer, which llama.cpp applies to the last
+prompt token only.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from edgeprune.errors import EdgepruneError
+from edgeprune.gguf_file import is_weight, read_gguf
+
+TOKEN_EMBD, OUTPUT = "token_embd.weight", "output.weight"
+KV_BYTES = 2  # F16 K/V cache, llama.cpp's default (runtimes/llamacpp.load keeps it)
+_ATTN, _LLM = gguf.Keys.Attention, gguf.Keys.LLM
+# By name, not by shape: llama.cpp's quantizer writes an N x 1 matrix (our placeholder MLP's gate
+# and up) as a vector.
+_MATMUL = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
+_NOT_MATMUL = re.compile(r"norm|rope_freqs|token_embd")
+
+
+@dataclass(frozen=True)
+class ModelTraffic:
+    """Per-token costs of one GGUF. `kv_bytes_per_position`: K+V bytes cached per context
+    position over all layers; `attention_flops_per_position`: QK^T and AV FLOPs one query spends
+    per cached position over all layers."""
+
+    name: str
+    weight_bytes_per_token: int
+    flops_per_token: int  # matrix FLOPs of one token, output layer included
+    output_flops: int  # the output layer's share of flops_per_token
+    kv_bytes_per_position: int
+    attention_flops_per_position: int
+    parameters: int
+    file_bytes: int
+    tied: bool
+
+    @classmethod
+    def from_gguf(cls, path: Path) -> ModelTraffic:
+        path = Path(path)
+        reader = read_gguf(path)
+        arch = _value(reader, gguf.Keys.General.ARCHITECTURE)
+        if arch not in ("llama", "deci"):
+            raise EdgepruneError(f"{path.name} is a GGUF of architecture {arch!r}; the latency model knows "
+                                 "llama and deci.")
+        tensors = {t.name: t for t in reader.tensors}
+        if TOKEN_EMBD not in tensors:
+            raise EdgepruneError(f"{path.name} has no {TOKEN_EMBD}; it is not a complete llama GGUF.")
+        tied = OUTPUT not in tensors
+        output = tensors[TOKEN_EMBD] if tied else tensors[OUTPUT]
+        weight_bytes = flops = 0
+        for t in reader.tensors:
+            if t.name == TOKEN_EMBD and not tied:
+                rows = int(t.shape[-1])  # ggml order: [hidden, vocab]
+                weight_bytes += int(t.n_bytes) // rows  # one embedding row per token
+                continue
+            weight_bytes += int(t.n_bytes)  # norms and RoPE factors too: read every token, small
+            if t is output or _MATMUL.match(t.name) or (is_weight(t) and not _NOT_MATMUL.search(t.name)):
+                flops += 2 * int(t.n_elements)
+        kv_bytes, attn_flops = _attention(reader, arch)
+        return cls(
+            name=path.name,
+            weight_bytes_per_token=weight_bytes,
+            flops_per_token=flops,
+            output_flops=2 * int(output.n_elements),
+            kv_bytes_per_position=kv_bytes,
+            attention_flops_per_position=attn_flops,
+            parameters=sum(int(t.n_elements) for t in reader.tensors),
+            file_bytes=path.stat().st_size,
+            tied=tied,
+        )
+
+    def kv_bytes_per_token(self, position: int) -> int:
+        """K+V cache bytes read to decode the token at `position` (0-based): positions 0..position."""
+        return self.kv_bytes_per_position * (position + 1)
+
+    def decode_bytes(self, position: int) -> int:
+        """Bytes read to decode the token at `position`: every weight once, plus the cache so far."""
+        return self.weight_bytes_per_token + self.kv_bytes_per_token(position)
+
+    def prefill_flops(self, prompt_tokens: int) -> int:
+        """FLOPs of one prefill: every token through every matrix, the output layer only for the last
+        token (llama.cpp computes logits of the last prompt token only), and causal attention."""
+        per_token = self.flops_per_token - self.output_flops
+        attention = self.attention_flops_per_position * prompt_tokens * (prompt_tokens + 1) // 2
+        return prompt_tokens * per_token + self.output_flops + attention
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    field = reader.get_field(key)
+    return field.contents() if field is not None else default
+
+
+def _per_layer(value: Any, n: int) -> list[int]:
+    """`llama` stores one value for all layers, `deci` one per layer."""
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)] * n
+
+
+def _attention(reader: gguf.GGUFReader, arch: str) -> tuple[int, int]:
+    """(K+V cache bytes, attention FLOPs) per context position, summed over the layers that attend.
+    A `deci` layer with head count 0 has no attention, so it neither caches nor reads K/V."""
+    n = int(_value(reader, _LLM.BLOCK_COUNT.format(arch=arch), 0))
+    heads = _per_layer(_value(reader, _ATTN.HEAD_COUNT.format(arch=arch), 0), n)
+    kv_value = _value(reader, _ATTN.HEAD_COUNT_KV.format(arch=arch))
+    kv_heads = heads if kv_value is None else _per_layer(kv_value, n)
+    hidden = int(_value(reader, _LLM.EMBEDDING_LENGTH.format(arch=arch), 0))
+    default_dim = hidden // max(heads) if max(heads, default=0) else 0  # what llama.cpp assumes when unset
+    k_dim = int(_value(reader, _ATTN.KEY_LENGTH.format(arch=arch), default_dim))
+    v_dim = int(_value(reader, _ATTN.VALUE_LENGTH.format(arch=arch), default_dim))
+    kv_bytes = sum(kv * (k_dim + v_dim) * KV_BYTES for h, kv in zip(heads, kv_heads, strict=True) if h > 0)
+    flops = sum(2 * h * (k_dim + v_dim) for h in heads)  # q.k over k_dim, then p.v over v_dim, per head
+    return kv_bytes, flops
