@@ -2,103 +2,18 @@
 
 from __future__ import annotations
 
-import functools
-import logging
 import sys
 from pathlib import Path
 
 import click
 
-from edgeprune import __version__, progress
+from edgeprune import __version__
+from edgeprune.cli_options import device_options, input_options, logging_options, with_device
+from edgeprune.cli_output import print_bench, print_summary
 from edgeprune.config import Target, available, load_profile, load_target
 from edgeprune.errors import BudgetNotMet, EdgepruneError
 
 MIB = 1 << 20
-log = logging.getLogger("edgeprune")
-
-
-def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    fmt = "%(message)s" if verbose == 0 else "%(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=level, format=fmt)
-    if verbose < 2:
-        for noisy in ("llama.cpp", "gguf", "gguf.gguf_writer"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-    progress.set_enabled(not quiet)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
-
-
-def logging_options(command):
-    """-v/-q on every command, so they can follow the command name like any other option."""
-
-    @functools.wraps(command)
-    def wrapper(*args, verbose: int, quiet: bool, **kwargs):
-        _setup_logging(verbose, quiet)
-        return command(*args, **kwargs)
-
-    wrapper = click.option("-q", "--quiet", is_flag=True,
-                           help="Only warnings, errors and the final summary; no progress bars.")(wrapper)
-    return click.option("-v", "--verbose", count=True,
-                        help="More log output (-vv: debug, llama.cpp's own logs included).")(wrapper)
-
-
-def input_options(command):
-    """The options `build` and `prune` share: the model, its calibration text, cache and output policy."""
-    for option in reversed([
-        click.option("-m", "--model", default=None,
-                     help="HF directory, hub id or .gguf file. Default: the embedded SmolLM2-135M-Instruct."),
-        click.option("--calib", type=click.Path(path_type=Path), default=None,
-                     help='Calibration text (.txt, or .jsonl with a "text" field). Default: self-generated.'),
-        click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-                     help="Artifact cache. Default: $EDGEPRUNE_CACHE or ~/.cache/edgeprune."),
-        click.option("--force", is_flag=True, help="Replace a non-empty output directory."),
-        click.option("--trust-remote-code", is_flag=True,
-                     help="Allow custom code from the model's repository (off by default)."),
-    ]):
-        command = option(command)
-    return command
-
-
-def device_options(command):
-    """Where to measure, overriding the target's [device] table: the same keys as kebab-case flags."""
-
-    @functools.wraps(command)
-    def wrapper(*args, device: str | None, identity: Path | None, known_hosts: Path | None,
-                ssh_config: Path | None, accept_new_host_key: bool, ram_cap: bool, **kwargs):
-        overrides = {"url": device, "identity": identity, "known_hosts": known_hosts, "ssh_config": ssh_config,
-                     "accept_new_host_key": accept_new_host_key, "ram_cap": ram_cap}
-        return command(*args, device_overrides=overrides, **kwargs)
-
-    for option in reversed([
-        click.option("-d", "--device", default=None,
-                     help="local, ssh://[user@]host[:port] or qemu-aarch64. Default: the target's [device] url."),
-        click.option("--identity", type=click.Path(path_type=Path, dir_okay=False), default=None,
-                     help="ssh: private key file (default: OpenSSH's own choice: ~/.ssh/config, agent, id_*)."),
-        click.option("--known-hosts", type=click.Path(path_type=Path, dir_okay=False), default=None,
-                     help="ssh: known_hosts file that holds the device's host key (default: ~/.ssh/known_hosts)."),
-        click.option("--ssh-config", type=click.Path(path_type=Path, dir_okay=False), default=None,
-                     help="ssh: config file to use instead of ~/.ssh/config."),
-        click.option("--accept-new-host-key", is_flag=True,
-                     help="ssh: trust a host key seen for the first time (trust on first use); a changed key is "
-                          "still refused. Host keys are verified otherwise."),
-        click.option("--ram-cap", is_flag=True,
-                     help="local: kill a run that outgrows the SLO's RAM ceiling and judge it over budget."),
-    ]):
-        wrapper = option(wrapper)
-    return wrapper
-
-
-def _with_device(target: Target, overrides: dict) -> Target:
-    url = overrides.pop("url")
-    if url is None and not any(overrides.values()):
-        return target
-    return target.with_device(target.device.overridden(url, **overrides))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -130,7 +45,7 @@ def build(target_name: str, model: str | None, calib: Path | None, output_dir: P
     from edgeprune.build import BuildConfig, default_cache_dir
     from edgeprune.build import build as run_build
 
-    target = _with_device(load_target(target_name), device_overrides)
+    target = with_device(load_target(target_name), device_overrides)
     if latency_budget is not None or speedup is not None:
         target = target.with_budget(latency_budget, speedup)
     config = BuildConfig(
@@ -144,7 +59,7 @@ def build(target_name: str, model: str | None, calib: Path | None, output_dir: P
         force=force,
     )
     result = run_build(config)
-    _print_summary(result)
+    print_summary(result)
     if not result.budget_met:
         closest = result.outcome.closest
         raise BudgetNotMet(
@@ -238,31 +153,6 @@ def inspect(file: Path, as_json: bool) -> None:
 
     info = inspect_gguf(file)
     click.echo(json.dumps(info.to_dict(), indent=1) if as_json else render(info))
-
-
-def _print_summary(result) -> None:
-    report, search = result.report, result.report["search"]
-    sel = next((c for c in search["candidates"] if c["selected"]), None)
-    device = report["device"]
-    where = f"measured on {device['url']} ({device['arch']})"
-    if not device["is_target_arch"]:
-        where += f", a stand-in for the {report['target']['hardware']['arch']} target: not verified on the target"
-    echo = click.echo
-    echo("")
-    echo(f"Candidates: {len(search['candidates'])} measured; budget: {search['budget']['description']}")
-    if sel is None:
-        echo(f"SLO:        NOT met ({where})")
-        echo(f"Report:     {result.output_dir / 'report.md'}")
-        return
-    artifact = result.output_dir / report["artifact"]
-    echo(f"Artifact:   {artifact} ({artifact.stat().st_size / MIB:.1f} MiB)")
-    pruned = sel["step"] if sel["step"] != "unpruned" else "nothing (the unpruned model meets the budget)"
-    echo(f"Pruned:     {pruned}")
-    echo(f"SLO:        met: p90 {sel['latency_p90_s']:.3f} s, {sel['speedup']:.2f}x faster than the unpruned "
-         f"model timed alongside ({where})")
-    echo(f"Quality:    mean KLD {sel['mean_kld']:.3f}, top-1 agreement {sel['top1_agreement'] * 100:.1f}%, "
-         f"perplexity {sel['perplexity']:.2f} (reference {report['calibration']['reference_perplexity']:.2f})")
-    echo(f"Report:     {result.output_dir / 'report.md'}")
 
 
 def _describe_budget(t: Target) -> str:
@@ -412,45 +302,14 @@ def bench(model: Path, target_name: str, baseline: Path | None, repetitions: int
     from edgeprune.build import default_cache_dir
     from edgeprune.search.budget import EMULATED, MEETS
 
-    target = _with_device(load_target(target_name), device_overrides)
+    target = with_device(load_target(target_name), device_overrides)
     r = run_bench(model, target, cache_dir or default_cache_dir(), baseline, repetitions)
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=1))
     else:
-        _print_bench(r)
+        print_bench(r)
     if r.verdict not in (MEETS, EMULATED, "no criterion to judge"):
         sys.exit(1)
-
-
-def _print_bench(r) -> None:
-    rec, s = r.record, r.record.summary
-    label = " (emulated)" if rec.emulated else ""
-    click.echo(f"Model:      {r.model.name} ({r.model.stat().st_size / MIB:.1f} MiB)")
-    click.echo(f"Device:     {r.device} ({r.arch}{', ' + rec.cpu if rec.cpu else ''}), {rec.threads} threads"
-               f"{', pinned to cores ' + ','.join(map(str, rec.cpus)) if rec.cpus else ''}; {rec.runtime}")
-    if rec.ram_cap_exceeded:
-        click.echo(f"Killed:     over the RAM cap at {rec.peak_rss_bytes / MIB:.0f} MiB RSS; no timings")
-    else:
-        click.echo(f"Runs:       {s['repetitions']} timed ({rec.runner}){label}")
-        click.echo(f"TTFT:       {s['ttft_p50_s'] * 1000:.0f} ms p50; prefill {s['prefill_tok_s_p50']:.1f} tok/s")
-        click.echo(f"Decode:     {s['decode_tok_s_p50']:.1f} tok/s p50")
-        click.echo(f"Latency:    p50 {s['latency_p50_s']:.3f} s, p90 {s['latency_p90_s']:.3f} s, p99 "
-                   f"{s['latency_p99_s']:.3f} s (spread {s['latency_spread'] * 100:.0f}%)")
-        click.echo(f"Peak RSS:   {rec.peak_rss_bytes / MIB:.0f} MiB")
-        if rec.baseline_runs:
-            click.echo(f"Speed-up:   {rec.speedup:.2f}x over the baseline timed alongside "
-                       f"({s['paired_speedup_min']:.2f}-{s['paired_speedup_max']:.2f})")
-    if r.roofline:
-        f = r.roofline
-        click.echo(f"Roofline:   decode at {f['fraction'] * 100:.0f}% of the bandwidth limit "
-                   f"({f['roofline_tok_s']:.0f} tok/s = {f['bandwidth_gbs']:.1f} GB/s / "
-                   f"{f['bytes_per_token'] / MIB:.1f} MiB per token; "
-                   f"{f['bandwidth_source']})")
-    if r.estimate:
-        click.echo(f"Estimate:   {r.estimate['description']}")
-    for note in r.notes:
-        click.echo(f"Note:       {note}")
-    click.echo(f"Verdict:    {r.verdict} ({r.budget.describe() or 'no budget'})")
 
 
 def main() -> None:

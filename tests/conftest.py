@@ -96,3 +96,14 @@ def run_converter(src: Path, hf_dir: Path, out: Path, outtype: str = "f32") -> N
         text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A real sshd on 127.0.0.1 with throw-away keys (see sshd.py), shared by the ssh:// tests."""
+    from sshd import start_sshd
+
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.proc.terminate()
+    server.proc.wait(10)

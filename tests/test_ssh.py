@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sshd import keygen, start_sshd
+from sshd import keygen
 
 from conftest import tiny_llama
 from edgeprune.config import DeviceConfig
@@ -21,14 +21,6 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.export import Provenance, export_gguf
 from edgeprune.measure import Workload
 from edgeprune.quantize import quantize
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    server = start_sshd(tmp_path_factory.mktemp("sshd"))
-    yield server
-    server.proc.terminate()
-    server.proc.wait(10)
 
 
 def ssh_config(sshd, **kwargs) -> DeviceConfig:

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from sshd import start_sshd
 
 from edgeprune.bundle import manifest_hashes
 from edgeprune.hashing import sha256_file
@@ -20,14 +19,6 @@ pytestmark = pytest.mark.slow
 
 def edgeprune(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "edgeprune", *args], capture_output=True, text=True)
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    server = start_sshd(tmp_path_factory.mktemp("sshd"))
-    yield server
-    server.proc.terminate()
-    server.proc.wait(10)
 
 
 def device_flags(sshd) -> list[str]:

@@ -1,0 +1,63 @@
+"""What the commands print: the build summary and a benchmark record, for humans."""
+
+from __future__ import annotations
+
+import click
+
+MIB = 1 << 20
+
+
+def print_summary(result) -> None:
+    report, search = result.report, result.report["search"]
+    sel = next((c for c in search["candidates"] if c["selected"]), None)
+    device = report["device"]
+    where = f"measured on {device['url']} ({device['arch']})"
+    if not device["is_target_arch"]:
+        where += f", a stand-in for the {report['target']['hardware']['arch']} target: not verified on the target"
+    echo = click.echo
+    echo("")
+    echo(f"Candidates: {len(search['candidates'])} measured; budget: {search['budget']['description']}")
+    if sel is None:
+        echo(f"SLO:        NOT met ({where})")
+        echo(f"Report:     {result.output_dir / 'report.md'}")
+        return
+    artifact = result.output_dir / report["artifact"]
+    echo(f"Artifact:   {artifact} ({artifact.stat().st_size / MIB:.1f} MiB)")
+    pruned = sel["step"] if sel["step"] != "unpruned" else "nothing (the unpruned model meets the budget)"
+    echo(f"Pruned:     {pruned}")
+    echo(f"SLO:        met: p90 {sel['latency_p90_s']:.3f} s, {sel['speedup']:.2f}x faster than the unpruned "
+         f"model timed alongside ({where})")
+    echo(f"Quality:    mean KLD {sel['mean_kld']:.3f}, top-1 agreement {sel['top1_agreement'] * 100:.1f}%, "
+         f"perplexity {sel['perplexity']:.2f} (reference {report['calibration']['reference_perplexity']:.2f})")
+    echo(f"Report:     {result.output_dir / 'report.md'}")
+
+
+def print_bench(r) -> None:
+    rec, s = r.record, r.record.summary
+    label = " (emulated)" if rec.emulated else ""
+    click.echo(f"Model:      {r.model.name} ({r.model.stat().st_size / MIB:.1f} MiB)")
+    click.echo(f"Device:     {r.device} ({r.arch}{', ' + rec.cpu if rec.cpu else ''}), {rec.threads} threads"
+               f"{', pinned to cores ' + ','.join(map(str, rec.cpus)) if rec.cpus else ''}; {rec.runtime}")
+    if rec.ram_cap_exceeded:
+        click.echo(f"Killed:     over the RAM cap at {rec.peak_rss_bytes / MIB:.0f} MiB RSS; no timings")
+    else:
+        click.echo(f"Runs:       {s['repetitions']} timed ({rec.runner}){label}")
+        click.echo(f"TTFT:       {s['ttft_p50_s'] * 1000:.0f} ms p50; prefill {s['prefill_tok_s_p50']:.1f} tok/s")
+        click.echo(f"Decode:     {s['decode_tok_s_p50']:.1f} tok/s p50")
+        click.echo(f"Latency:    p50 {s['latency_p50_s']:.3f} s, p90 {s['latency_p90_s']:.3f} s, p99 "
+                   f"{s['latency_p99_s']:.3f} s (spread {s['latency_spread'] * 100:.0f}%)")
+        click.echo(f"Peak RSS:   {rec.peak_rss_bytes / MIB:.0f} MiB")
+        if rec.baseline_runs:
+            click.echo(f"Speed-up:   {rec.speedup:.2f}x over the baseline timed alongside "
+                       f"({s['paired_speedup_min']:.2f}-{s['paired_speedup_max']:.2f})")
+    if r.roofline:
+        f = r.roofline
+        click.echo(f"Roofline:   decode at {f['fraction'] * 100:.0f}% of the bandwidth limit "
+                   f"({f['roofline_tok_s']:.0f} tok/s = {f['bandwidth_gbs']:.1f} GB/s / "
+                   f"{f['bytes_per_token'] / MIB:.1f} MiB per token; "
+                   f"{f['bandwidth_source']})")
+    if r.estimate:
+        click.echo(f"Estimate:   {r.estimate['description']}")
+    for note in r.notes:
+        click.echo(f"Note:       {note}")
+    click.echo(f"Verdict:    {r.verdict} ({r.budget.describe() or 'no budget'})")
