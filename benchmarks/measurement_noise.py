@@ -26,7 +26,7 @@ from edgeprune.config import load_profile, load_target
 from edgeprune.devices import get_device
 from edgeprune.measure import Workload
 from edgeprune.models import load_reference, resolve_source
-from edgeprune.pipeline import MODEL_FILE, CandidateModel, ImportanceAnalysis, SelfCalibration
+from edgeprune.pipeline import MODEL_FILE, CandidateModel, SelfCalibration, importance_of
 from edgeprune.prune import ModelShape
 from edgeprune.quantize import QuantSpec
 from edgeprune.search import SearchSpace, State
@@ -56,7 +56,7 @@ def main() -> None:
     reference = load_reference(resolve_source(None), cache)
     calib = runner.run(SelfCalibration(reference, profile.calibration))
     splits = SelfCalibration.load(calib.dir, calib.result)
-    importance = ImportanceAnalysis.load(runner.run(ImportanceAnalysis(reference, splits)).result)
+    importance = importance_of(reference, splits, profile.search, runner)
     device = get_device("local")
     threads = min(target.hardware.cores, device.cores)
     space = SearchSpace(ModelShape.from_config(reference.config), importance, profile.search)

@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from edgeprune import __version__
-from edgeprune.cli_options import device_options, input_options, logging_options, with_device
+from edgeprune.cli_options import (
+    device_options,
+    input_options,
+    logging_options,
+    structured_options,
+    with_calibration,
+    with_device,
+)
 from edgeprune.cli_output import print_bench, print_summary
 from edgeprune.config import Target, available, load_profile, load_target
 from edgeprune.errors import BudgetNotMet, EdgepruneError
+
+if TYPE_CHECKING:
+    from edgeprune.data import HFDataset
 
 MIB = 1 << 20
 
@@ -35,9 +46,9 @@ def cli() -> None:
 @input_options
 @device_options
 @logging_options
-def build(target_name: str, model: str | None, calib: Path | None, output_dir: Path | None,
+def build(target_name: str, model: str | None, calib: Path | HFDataset | None, output_dir: Path | None,
           latency_budget: float | None, speedup: float | None, profile_name: str, cache_dir: Path | None,
-          force: bool, trust_remote_code: bool, device_overrides: dict) -> None:
+          force: bool, trust_remote_code: bool, device_overrides: dict, calibration_overrides: dict) -> None:
     """Search pruning + quantization candidates until one meets the target's SLO; write it out.
 
     --latency-budget and --speedup replace the target's latency criteria (giving one drops the other).
@@ -50,7 +61,7 @@ def build(target_name: str, model: str | None, calib: Path | None, output_dir: P
         target = target.with_budget(latency_budget, speedup)
     config = BuildConfig(
         target=target,
-        profile=load_profile(profile_name),
+        profile=with_calibration(load_profile(profile_name), calibration_overrides),
         model=model,
         calib=calib,
         output_dir=output_dir or Path("out") / target.name,
@@ -74,7 +85,10 @@ def build(target_name: str, model: str | None, calib: Path | None, output_dir: P
 @click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
               help="Plan file (.toml or .json): layers to drop, heads / FFN channels / sublayers to keep.")
 @click.option("--method", default=None,
-              help="Sparse method applied after the plan: magnitude, wanda or sparsegpt (unstructured or N:M).")
+              help="A structured method (block-influence, angular-distance, loss-increase: layers or sublayers; "
+                   "magnitude-sp, wanda-sp, taylor1, taylor2, flap: heads and FFN channels) instead of a plan, or a "
+                   "sparse method applied after the plan (magnitude, wanda, sparsegpt; unstructured or N:M).")
+@structured_options
 @click.option("--sparsity", type=float, default=None, help="With --method: share of each weight row set to zero "
               "[default: 0.5].")
 @click.option("--nm", default=None, help="With --method: N:M sparsity instead, e.g. 2:4 (N zeros in every M inputs).")
@@ -97,13 +111,16 @@ def build(target_name: str, model: str | None, calib: Path | None, output_dir: P
 @input_options
 @logging_options
 def prune(plan_path: Path | None, method: str | None, output_dir: Path, model: str | None, quant: str, recipe: str,
-          imatrix: bool, calib: Path | None, profile_name: str, cache_dir: Path | None, force: bool,
-          trust_remote_code: bool, **sparse_options: object) -> None:
-    """Apply one plan and/or one sparse method: write the pruned, quantized GGUF, its quality, and (for
-    plans that keep one shape in every layer) an HF safetensors checkpoint plain transformers loads.
+          imatrix: bool, calib: Path | HFDataset | None, profile_name: str, cache_dir: Path | None, force: bool,
+          trust_remote_code: bool, calibration_overrides: dict, structured_overrides: dict,
+          **sparse_options: object) -> None:
+    """Apply a plan (a file, or chosen by a structured method) and/or a sparse method: write the pruned,
+    quantized GGUF, its quality, and (for plans that keep one shape in every layer) an HF safetensors
+    checkpoint plain transformers loads.
 
-    Sparse methods (--method) zero weights inside each matrix; llama.cpp's CPU kernels do not skip
-    zeros, so they shrink neither the GGUF nor its latency -- they serve sparse runtimes and 2:4 GPUs.
+    Structured methods remove layers, sublayers, heads or FFN channels: the GGUF gets smaller and faster.
+    Sparse methods zero weights inside each matrix; llama.cpp's CPU kernels do not skip zeros, so they
+    shrink neither the GGUF nor its latency -- they serve sparse runtimes and 2:4 GPUs.
     """
     from pydantic import ValidationError
 
@@ -111,15 +128,28 @@ def prune(plan_path: Path | None, method: str | None, output_dir: Path, model: s
     from edgeprune.config import SparsitySpec, first_error
     from edgeprune.prune_job import PruneConfig
     from edgeprune.prune_job import prune as run_prune
+    from edgeprune.sparse.methods import SPARSE_METHODS
+    from edgeprune.structured import STRUCTURED_METHODS, StructuredSettings
 
     # --sparsity, --nm, --blocksize, --percdamp, --mask-group: SparsitySpec's fields, as given.
     given = {k: v for k, v in sparse_options.items() if v is not None}
-    if method is None and given:
-        flags = ", ".join(f"--{k.replace('_', '-')}" for k in given)
-        raise EdgepruneError(f"{flags}: only meaningful with a sparse method; add --method magnitude|wanda|sparsegpt.")
+    structured_given = {k: v for k, v in structured_overrides.items() if v is not None}
+    structural = method in STRUCTURED_METHODS
+    if method is not None and not structural and method not in SPARSE_METHODS:
+        raise EdgepruneError(f"Unknown --method {method!r}: structured methods are {', '.join(STRUCTURED_METHODS)}; "
+                             f"sparse methods are {', '.join(SPARSE_METHODS)}.")
+    for options, ok, kind in ((given, method is not None and not structural, "sparse"),
+                              (structured_given, structural, "structured")):
+        if options and not ok:
+            flags = ", ".join(f"--{k.replace('_', '-')}" for k in options)
+            names = STRUCTURED_METHODS if kind == "structured" else SPARSE_METHODS
+            raise EdgepruneError(f"{flags}: only meaningful with a {kind} method; add --method {'|'.join(names)}.")
     try:
-        sparse = SparsitySpec(method=method, **given) if method is not None else None
-        config = PruneConfig(plan=plan_path, sparse=sparse, output_dir=output_dir, profile=load_profile(profile_name),
+        structured = StructuredSettings(method=method, **structured_given) if structural else None
+        sparse = SparsitySpec(method=method, **given) if method is not None and not structural else None
+        profile = with_calibration(load_profile(profile_name), calibration_overrides)
+        config = PruneConfig(plan=plan_path, sparse=sparse, structured=structured, output_dir=output_dir,
+                             profile=profile,
                              cache_dir=cache_dir or default_cache_dir(), model=model, quant=quant, recipe=recipe,
                              imatrix=imatrix, calib=calib, trust_remote_code=trust_remote_code, force=force)
     except ValidationError as e:
@@ -128,6 +158,10 @@ def prune(plan_path: Path | None, method: str | None, output_dir: Path, model: s
     q = r.quality
     click.echo("")
     click.echo(f"Plan:       {r.description} (GGUF architecture {r.architecture})")
+    if r.structured is not None:
+        a = r.structured["analysis"]
+        click.echo(f"Method:     {r.structured['description']}; importance in {a['seconds']:.1f} s ({a['runner']}"
+                   + (f", peak RSS {a['peak_rss_bytes'] / MIB:.0f} MiB)" if a["peak_rss_bytes"] else ")"))
     click.echo(f"Artifact:   {r.output_dir / r.artifact} ({r.size_bytes / MIB:.1f} MiB, {r.parameters:,} parameters)")
     click.echo(f"Quality:    mean KLD {q.mean_kld:.3f}, top-1 agreement {q.top1_agreement * 100:.1f}%, "
                f"perplexity {q.perplexity:.2f} (reference {r.reference_perplexity:.2f})")

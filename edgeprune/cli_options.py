@@ -5,11 +5,17 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
+from pydantic import ValidationError
 
 from edgeprune import progress
-from edgeprune.config import Target
+from edgeprune.config import CalibrationSettings, Profile, Target
+from edgeprune.errors import EdgepruneError
+
+if TYPE_CHECKING:
+    from edgeprune.data import HFDataset
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -44,20 +50,82 @@ def logging_options(command):
 
 
 def input_options(command):
-    """The options `build` and `prune` share: the model, its calibration text, cache and output policy."""
+    """The options `build` and `prune` share: the model, its calibration text, cache and output policy.
+    The command receives `calib` (a file, an HFDataset or None) and `calibration_overrides` (for
+    `with_calibration`)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, calib: str | None, calib_config: str | None, calib_split: str | None,
+                calib_column: str | None, calib_samples: int | None, heldout_samples: int | None,
+                seq_len: int | None, calib_seed: int | None, **kwargs):
+        source = calibration_source(calib, calib_config, calib_split, calib_column)
+        overrides = {"samples": calib_samples, "heldout_samples": heldout_samples, "seq_len": seq_len,
+                     "seed": calib_seed}
+        return command(*args, calib=source, calibration_overrides=overrides, **kwargs)
+
     for option in reversed([
         click.option("-m", "--model", default=None,
                      help="HF directory, hub id or .gguf file. Default: the embedded SmolLM2-135M-Instruct."),
-        click.option("--calib", type=click.Path(path_type=Path), default=None,
-                     help='Calibration text (.txt, or .jsonl with a "text" field). Default: self-generated.'),
+        click.option("--calib", metavar="FILE|hf:NAME", default=None,
+                     help='Calibration text: .txt, .jsonl with "text" or chat "messages" per line, or hf:NAME, a '
+                          "Hugging Face dataset (hub id or local directory). Default: self-generated."),
+        click.option("--calib-config", default=None, help="hf: the dataset's configuration, e.g. wikitext-2-raw-v1."),
+        click.option("--calib-split", default=None, help="hf: the split to read [default: train]."),
+        click.option("--calib-column", default=None,
+                     help="hf: the text or chat-messages column [default: text, else messages]."),
+        click.option("--calib-samples", type=int, default=None, help="Calibration sequences (overrides the profile)."),
+        click.option("--heldout-samples", type=int, default=None,
+                     help="Held-out sequences for quality (overrides the profile)."),
+        click.option("--seq-len", type=int, default=None, help="Tokens per sequence (overrides the profile)."),
+        click.option("--calib-seed", type=int, default=None,
+                     help="Seed of self-generated calibration text (overrides the profile)."),
         click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
                      help="Artifact cache. Default: $EDGEPRUNE_CACHE or ~/.cache/edgeprune."),
         click.option("--force", is_flag=True, help="Replace a non-empty output directory."),
         click.option("--trust-remote-code", is_flag=True,
                      help="Allow custom code from the model's repository (off by default)."),
     ]):
-        command = option(command)
-    return command
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def calibration_source(calib: str | None, config: str | None, split: str | None,
+                       column: str | None) -> Path | HFDataset | None:
+    """--calib and its hf: options -> a file path, an HFDataset, or None (self-generated)."""
+    hf_flags = [flag for flag, value in (("--calib-config", config), ("--calib-split", split),
+                                         ("--calib-column", column)) if value is not None]
+    if calib is None or not calib.startswith("hf:"):
+        if hf_flags:
+            raise EdgepruneError(f"{', '.join(hf_flags)}: only meaningful with a dataset; add --calib hf:NAME.")
+        return None if calib is None else Path(calib)
+    from edgeprune.data import HFDataset  # here, not at the top: it imports torch, which `targets` does not need
+
+    name = calib.removeprefix("hf:")
+    if not name:
+        raise EdgepruneError("--calib hf: needs a dataset after the colon: a hub id (hf:Salesforce/wikitext) "
+                             "or a directory.")
+    return HFDataset(name=name, config=config, split=split or "train", column=column)
+
+
+# CalibrationSettings field -> the flag that overrides it, to name the flag in errors.
+CALIBRATION_FLAGS = {"samples": "--calib-samples", "heldout_samples": "--heldout-samples", "seq_len": "--seq-len",
+                     "seed": "--calib-seed"}
+
+
+def with_calibration(profile: Profile, overrides: dict) -> Profile:
+    """The profile with the given calibration flags in place of its [calibration] values."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return profile
+    try:
+        settings = CalibrationSettings(**(profile.calibration.model_dump() | given))
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = err["loc"][0]
+        raise EdgepruneError(
+            f"Invalid calibration override {CALIBRATION_FLAGS[field]} {given[field]}: {err['msg'].lower()}."
+        ) from None
+    return profile.model_copy(update={"calibration": settings})
 
 
 def device_options(command):
@@ -94,3 +162,31 @@ def with_device(target: Target, overrides: dict) -> Target:
     if url is None and not any(overrides.values()):
         return target
     return target.with_device(target.device.overridden(url, **overrides))
+
+
+def structured_options(command):
+    """A structured method's settings (StructuredSettings' fields), passed on as given."""
+    names = ("layer_ratio", "granularity", "head_ratio", "ffn_ratio", "allocation", "ffn_multiple")
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        given = {n: kwargs.pop(n) for n in names}
+        if given["ffn_multiple"] is not None:
+            given["ffn_multiple"] = int(given["ffn_multiple"])
+        return command(*args, structured_overrides=given, **kwargs)
+
+    for option in reversed([
+        click.option("--layer-ratio", type=float, default=None,
+                     help="Depth methods: share of layers (or sublayers) removed [default: 0.25]."),
+        click.option("--granularity", type=click.Choice(["layer", "attention", "mlp"]), default=None,
+                     help="Depth methods: remove whole layers, or only their attention or MLP [default: layer]."),
+        click.option("--head-ratio", type=float, default=None, help="Width methods: share of query heads removed."),
+        click.option("--ffn-ratio", type=float, default=None, help="Width methods: share of FFN channels removed."),
+        click.option("--allocation", type=click.Choice(["uniform", "global"]), default=None,
+                     help="Width methods: the same share in every layer, or ranked across layers as FLAP does "
+                          "[default: uniform, which measured better here: benchmarks/structured.py]."),
+        click.option("--ffn-multiple", type=click.Choice(["32", "256"]), default=None,
+                     help="Width methods: FFN widths kept are multiples of this [default: 256, the K-quant block]."),
+    ]):
+        wrapper = option(wrapper)
+    return wrapper

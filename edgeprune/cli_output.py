@@ -16,7 +16,9 @@ def print_summary(result) -> None:
         where += f", a stand-in for the {report['target']['hardware']['arch']} target: not verified on the target"
     echo = click.echo
     echo("")
-    echo(f"Candidates: {len(search['candidates'])} measured; budget: {search['budget']['description']}")
+    timed = sum(c["measured"] for c in search["candidates"])
+    echo(f"Candidates: {len(search['candidates'])} built, {timed} timed (the rest predicted out of budget); "
+         f"budget: {search['budget']['description']}")
     if sel is None:
         echo(f"SLO:        NOT met ({where})")
         echo(f"Report:     {result.output_dir / 'report.md'}")

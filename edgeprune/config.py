@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.quantize.llamacpp import QUANT_FTYPES
@@ -180,8 +180,8 @@ class Target(Strict):
 class CalibrationSettings(Strict):
     samples: int = Field(ge=1, description="calibration sequences")
     heldout_samples: int = Field(ge=1, description="held-out sequences for quality evaluation")
-    seq_len: int = Field(ge=16, le=4096)
-    seed: int = 0
+    seq_len: int = Field(ge=16, le=4096, description="tokens per sequence")
+    seed: int = Field(default=0, ge=0, description="sampling seed of self-generated text")
 
 
 class BenchmarkSettings(Strict):
@@ -199,7 +199,24 @@ class SearchSettings(Strict):
     max_layer_fraction: float = Field(gt=0, lt=1)
     max_head_fraction: float = Field(ge=0, lt=1, description="share of query heads removable")
     max_ffn_fraction: float = Field(default=0.0, ge=0, lt=1, description="share of FFN channels removable")
+    attention_step: int = Field(default=0, ge=0, description="attention sublayers removed per step (0: none)")
+    max_attention_fraction: float = Field(default=0.5, ge=0, lt=1, description="share of attention sublayers removable")
+    depth_method: str = Field(default="block-influence", description="ranks layers and attention sublayers")
+    width_method: str = Field(default="wanda-sp", description="ranks query heads and FFN channels")
     max_candidates: int = Field(ge=1)
+
+    @field_validator("depth_method", "width_method")
+    @classmethod
+    def _structured_method(cls, name: str, info: ValidationInfo) -> str:
+        from edgeprune.structured.methods import STRUCTURED_METHODS, DepthMethod, WidthMethod
+
+        kind = DepthMethod if info.field_name == "depth_method" else WidthMethod
+        # The search removes layers one step at a time: a block method (whose block depends on how
+        # many go) cannot rank them.
+        names = [n for n, m in STRUCTURED_METHODS.items() if isinstance(m, kind) and n != "angular-distance"]
+        if name not in names:
+            raise ValueError(f"{info.field_name} must be one of {', '.join(names)}, not {name!r}")
+        return name
 
 
 class Profile(Strict):

@@ -1,20 +1,23 @@
-"""Calibration and held-out text: a user's file, or text the reference model writes itself.
+"""Calibration and held-out text: a user's file, a Hugging Face dataset, or text the reference model
+writes itself.
 
-Both become token windows of the profile's sequence length. The first `samples` windows calibrate
-(importance); the next `heldout_samples`, disjoint from them, measure quality.
+All become token windows of the profile's sequence length. The first `samples` windows calibrate
+(importance, imatrix); the next `heldout_samples`, disjoint from them, measure quality.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 
-from edgeprune.config import CalibrationSettings
+from edgeprune.config import CalibrationSettings, Strict
 from edgeprune.errors import EdgepruneError
 from edgeprune.hashing import sha256_file, sha256_json
 from edgeprune.progress import progress
@@ -48,7 +51,45 @@ SELF_PROMPTS = (
     "Tell the history of the printing press and its influence on Europe.",
     "How should a factory plan preventive maintenance for its pumps?",
 )
-SELF_GENERATION_VERSION = 1
+# Once every topic has been asked plainly, it is asked again in each of these styles, so up to
+# 24 x 16 = 384 windows get distinct prompts (beyond that the prompts cycle, the samples still differ).
+SELF_STYLES = (
+    "Answer in one short paragraph.",
+    "Answer as a numbered list.",
+    "Go into technical detail for an expert reader.",
+    "Keep it simple, for a complete beginner, with an everyday example.",
+    "Use a formal, report-like tone.",
+    "Answer casually, as if talking to a friend.",
+    "End with a one-sentence summary.",
+    "Use no more than five sentences.",
+    "Start with a question the reader might ask, then answer it.",
+    "Structure the answer with short headings.",
+    "Include a common misconception and correct it.",
+    "Write it as a set of questions and answers.",
+    "Give a concrete worked example first, then the general idea.",
+    "Write at length, covering every aspect you can.",
+    "Mention one practical consequence for everyday life.",
+)
+SELF_GENERATION_VERSION = 2  # 2: styled prompts after the first 24 (the first 24 are unchanged)
+
+
+def self_prompt(i: int) -> str:
+    """The user prompt of self-generated window i: the plain topics first, then topic x style."""
+    topic = SELF_PROMPTS[i % len(SELF_PROMPTS)]
+    style = (i // len(SELF_PROMPTS)) % (len(SELF_STYLES) + 1)
+    return topic if style == 0 else f"{topic} {SELF_STYLES[style - 1]}"
+
+
+class HFDataset(Strict):
+    """`--calib hf:NAME`: a Hugging Face dataset, by hub id or local directory, read as a stream."""
+
+    name: str = Field(min_length=1)
+    config: str | None = None  # the dataset's configuration (subset), e.g. wikitext-2-raw-v1
+    split: str = "train"
+    column: str | None = None  # None: "text" if the dataset has it, else "messages"
+
+    def describe(self) -> str:
+        return self.name + (f"/{self.config}" if self.config else "")
 
 
 @dataclass
@@ -78,9 +119,43 @@ def _splits(ids: torch.Tensor, settings: CalibrationSettings, source: str) -> Te
     )
 
 
-def _read_documents(path: Path) -> list[str]:
+def _is_chat(value: Any) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    )
+
+
+def _render_chat(messages: list[dict[str, Any]], tokenizer: Any, where: str) -> str:
+    """A conversation as the model sees it in chat use: its own template, special tokens as text."""
+    if not tokenizer.chat_template:
+        raise EdgepruneError(
+            f'{where} holds chat "messages" but the model\'s tokenizer has no chat template; give "text" instead.'
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def _tokens(docs: Iterable[str], tokenizer: Any, settings: CalibrationSettings, what: str) -> tuple[torch.Tensor, int]:
+    """Documents joined by EOS, cut to the windows the settings need; stops reading once it has them.
+    Returns the tokens and how many documents were read."""
+    need = (settings.samples + settings.heldout_samples) * settings.seq_len
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids: list[int] = []
+    read = 0
+    for doc in docs:
+        ids += tokenizer(doc, add_special_tokens=False)["input_ids"] + eos
+        read += 1
+        if len(ids) >= need:
+            return torch.tensor(ids[:need]), read
+    raise EdgepruneError(
+        f"{what} has {len(ids)} tokens but the profile needs {need} "
+        f"({settings.samples}+{settings.heldout_samples} windows of {settings.seq_len}); "
+        "give more text, use a smaller profile, or lower --calib-samples, --heldout-samples or --seq-len."
+    )
+
+
+def _read_documents(path: Path, tokenizer: Any) -> list[str]:
     if not path.is_file():
-        raise EdgepruneError(f"--calib {path} does not exist; pass a .txt or .jsonl file.")
+        raise EdgepruneError(f"--calib {path} does not exist; pass a .txt or .jsonl file, or hf:NAME for a dataset.")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -96,27 +171,76 @@ def _read_documents(path: Path) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError:
             raise EdgepruneError(f"--calib {path} line {n} is not valid JSON; each line must be an object.") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise EdgepruneError(f'--calib {path} line {n} has no string "text" field.')
-        docs.append(record["text"])
+        if isinstance(record, dict) and isinstance(record.get("text"), str):
+            docs.append(record["text"])
+        elif isinstance(record, dict) and "messages" in record:
+            if not _is_chat(record["messages"]):
+                raise EdgepruneError(
+                    f'--calib {path} line {n} has a "messages" field that is not a non-empty list of '
+                    '{"role": ..., "content": ...} objects with string values; fix or remove the line.'
+                )
+            docs.append(_render_chat(record["messages"], tokenizer, f"--calib {path} line {n}"))
+        else:
+            raise EdgepruneError(
+                f'--calib {path} line {n} has neither a string "text" field nor a "messages" list; give one of them.'
+            )
     return docs
 
 
 def from_file(path: Path, tokenizer: Any, settings: CalibrationSettings) -> TextSplits:
-    docs = _read_documents(path)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids: list[int] = []
-    for doc in docs:
-        ids += tokenizer(doc, add_special_tokens=False)["input_ids"] + eos
-    need = (settings.samples + settings.heldout_samples) * settings.seq_len
-    if len(ids) < need:
+    ids, _ = _tokens(_read_documents(path, tokenizer), tokenizer, settings, f"--calib {path}")
+    return _splits(ids, settings, f"file {path.name} (sha256 {sha256_file(path)[:12]})")
+
+
+def from_hf(dataset: HFDataset, tokenizer: Any, settings: CalibrationSettings) -> TextSplits:
+    """Rows of a Hugging Face dataset, streamed: only the rows the windows need are read, so a large
+    hub dataset is neither downloaded nor tokenized whole."""
+    where = f"--calib hf:{dataset.name}"
+    try:
+        import datasets
+    except ImportError:
         raise EdgepruneError(
-            f"--calib {path} has {len(ids)} tokens but the profile needs {need} "
-            f"({settings.samples}+{settings.heldout_samples} windows of {settings.seq_len}); "
-            "give more text or use a smaller profile."
-        )
-    source = f"file {path.name} (sha256 {sha256_file(path)[:12]})"
-    return _splits(torch.tensor(ids[:need]), settings, source)
+            f"{where} needs the datasets package; install it with `pip install datasets`."
+        ) from None
+    try:
+        rows = datasets.load_dataset(dataset.name, dataset.config, split=dataset.split, streaming=True)
+    except (OSError, ValueError) as e:  # not found, offline, bad config or split: datasets says which
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EdgepruneError(
+            f"{where} could not be loaded ({reason}); check the name, --calib-config and --calib-split."
+        ) from None
+    column = dataset.column
+
+    def documents() -> Iterator[str]:
+        nonlocal column
+        for i, row in enumerate(rows):
+            if column is None:
+                column = "text" if "text" in row else "messages" if "messages" in row else None
+            if column not in row:
+                wanted = f"column {column!r}" if column else "'text' or 'messages' column"
+                raise EdgepruneError(
+                    f"{where} has no {wanted} (it has {', '.join(row)}); name a text or messages column with "
+                    "--calib-column."
+                )
+            value = row[column]
+            if isinstance(value, str):
+                if value.strip():  # datasets such as wikitext hold blank rows between paragraphs
+                    yield value
+            elif _is_chat(value):
+                yield _render_chat(value, tokenizer, f"{where} row {i}")
+            elif value is not None:
+                raise EdgepruneError(
+                    f"{where} row {i}: column {column!r} is neither text nor a list of chat messages; "
+                    "name a text or messages column with --calib-column."
+                )
+
+    what = f"{where} (split {dataset.split})"
+    try:
+        ids, read = _tokens(documents(), tokenizer, settings, what)
+    except OSError as e:  # a stream that breaks off part-way
+        raise EdgepruneError(f"{where} could not be read ({e}); check the network or the files.") from None
+    source = f"hf dataset {dataset.describe()} split {dataset.split} column {column} ({read} rows used)"
+    return _splits(ids, settings, source)
 
 
 @torch.no_grad()
@@ -125,7 +249,7 @@ def self_generated(model: Any, tokenizer: Any, settings: CalibrationSettings, ba
     total = settings.samples + settings.heldout_samples
     prompts = []
     for i in range(total):
-        text = SELF_PROMPTS[i % len(SELF_PROMPTS)]
+        text = self_prompt(i)
         if tokenizer.chat_template:
             prompt = tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True

@@ -4,59 +4,76 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgeprune.latency import Prediction
 from edgeprune.search import Candidate, SearchOutcome
 
 MIB = 1 << 20
 
 
-def candidate_to_dict(c: Candidate, selected: Candidate | None) -> dict[str, Any]:
-    s = c.bench.summary
+def candidate_to_dict(c: Candidate, selected: Candidate | None, estimate: Prediction | None = None) -> dict[str, Any]:
+    """One candidate's row: measured figures (None where it was not timed), its prediction on the
+    device when the search made one, and the target estimate when measured on a stand-in."""
+    s = c.bench.summary if c.measured else {}
     return {
         "id": c.id,
         "step": c.state.describe(),
         "plan": c.plan.to_dict(),
         "size_bytes": c.size_bytes,
         "parameters": c.parameters,
-        "latency_p50_s": s["latency_p50_s"],
-        "latency_p90_s": s["latency_p90_s"],
-        "latency_spread": s["latency_spread"],
-        "speedup": c.bench.speedup,
-        "ttft_p50_s": s["ttft_p50_s"],
-        "prefill_tok_s": s["prefill_tok_s_p50"],
-        "decode_tok_s": s["decode_tok_s_p50"],
-        "peak_rss_bytes": c.bench.peak_rss_bytes,
+        "measured": c.measured,
+        "latency_p50_s": s.get("latency_p50_s"),
+        "latency_p90_s": s.get("latency_p90_s"),
+        "latency_spread": s.get("latency_spread"),
+        "speedup": c.bench.speedup if c.measured else None,
+        "ttft_p50_s": s.get("ttft_p50_s"),
+        "prefill_tok_s": s.get("prefill_tok_s_p50"),
+        "decode_tok_s": s.get("decode_tok_s_p50"),
+        "peak_rss_bytes": c.bench.peak_rss_bytes if c.measured else None,
         **c.quality.to_dict(),
         "verdict": c.verdict,
         "confirmed": c.confirmed,
         "selected": c is selected,
-        "benchmark": c.bench.to_dict(),
+        "predicted_on_device": c.prediction.to_dict() if c.prediction else None,
+        "estimate_on_target": estimate.to_dict() if estimate else None,
+        "benchmark": c.bench.to_dict() if c.measured else None,
     }
 
 
-def outcome_to_dict(outcome: SearchOutcome) -> dict[str, Any]:
-    selected = outcome.selected
+def outcome_to_dict(outcome: SearchOutcome, estimates: dict[str, Prediction] | None = None) -> dict[str, Any]:
+    selected, estimates = outcome.selected, estimates or {}
     return {
         "budget": outcome.budget.to_dict(),
         "stop_reason": outcome.stop_reason,
-        "candidates": [candidate_to_dict(c, selected) for c in outcome.candidates],
+        "candidates": [candidate_to_dict(c, selected, estimates.get(c.id)) for c in outcome.candidates],
         "selected": selected.id if selected else None,
         "closest": outcome.closest.id,
         "budget_met": selected is not None,
+        "not_built": outcome.skipped,
     }
 
 
-def _row(c: dict[str, Any]) -> str:
+def _figure(value: float | None, fmt: str, scale: float = 1.0) -> str:
+    return "not timed" if value is None else format(value * scale, fmt)
+
+
+def _row(c: dict[str, Any], estimates: bool) -> str:
     mark = "**" if c["selected"] else ""
-    return (
-        f"| {mark}{c['id']}{mark} | {c['step']} | {c['size_bytes'] / MIB:.1f} | {c['latency_p50_s']:.3f} | "
-        f"{c['latency_p90_s']:.3f} | {c['speedup']:.2f}x | {c['decode_tok_s']:.0f} | {c['ttft_p50_s'] * 1000:.0f} | "
-        f"{c['peak_rss_bytes'] / MIB:.0f} | {c['perplexity']:.2f} | {c['mean_kld']:.3f} | "
-        f"{c['top1_agreement'] * 100:.1f}% | {c['verdict']} |"
-    )
+    est = c.get("estimate_on_target")
+    cells = [
+        f"{mark}{c['id']}{mark}", c["step"], f"{c['size_bytes'] / MIB:.1f}", _figure(c["latency_p50_s"], ".3f"),
+        _figure(c["latency_p90_s"], ".3f"), _figure(c["speedup"], ".2f") + ("x" if c["speedup"] else ""),
+        _figure(c["decode_tok_s"], ".0f"), _figure(c["ttft_p50_s"], ".0f", 1000),
+        _figure(c["peak_rss_bytes"], ".0f", 1 / MIB),
+    ]
+    if estimates:
+        cells.append(f"{est['latency_s']:.3f}" if est else "")
+    cells += [f"{c['perplexity']:.2f}", f"{c['mean_kld']:.3f}", f"{c['top1_agreement'] * 100:.1f}%", c["verdict"]]
+    return "| " + " | ".join(cells) + " |"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
     search, target, device = report["search"], report["target"], report["device"]
+    estimates = any(c.get("estimate_on_target") for c in search["candidates"])
     selected = next((c for c in search["candidates"] if c["selected"]), None)
     lines = [
         f"# edgeprune build: {report['model']['id']} for target `{target['name']}`",
@@ -91,15 +108,36 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Candidates",
         "",
-        "| id | step | MiB | p50 s | p90 s | speed-up | decode tok/s | TTFT ms | peak RSS MiB | PPL | KLD "
-        "| top-1 | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| id | step | MiB | p50 s | p90 s | speed-up | decode tok/s | TTFT ms | peak RSS MiB | "
+        + ("target s (est.) | " if estimates else "") + "PPL | KLD | top-1 | verdict |",
+        "|---" * (14 if estimates else 13) + "|",
     ]
-    lines += [_row(c) for c in search["candidates"]]
+    lines += [_row(c, estimates) for c in search["candidates"]]
+    lines += _prediction_notes(report, search, estimates)
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in report["timings_s"].items())
     lines += ["", f"Time: {timings}.", ""]
     lines += _verifications(report.get("verifications", []))
     return "\n".join(lines)
+
+
+def _prediction_notes(report: dict[str, Any], search: dict[str, Any], estimates: bool) -> list[str]:
+    """How the latency model took part: what it skipped, and what the target column means."""
+    model = report.get("latency_model")
+    if model is None:
+        return []
+    lines = [""]
+    skipped = [c for c in search["candidates"] if not c["measured"]]
+    if skipped or search["not_built"]:
+        lines.append(f"The latency model (fitted to the {model['observations']} candidates timed on this device) "
+                     f"skipped what it predicted to miss the budget by more than {model['skip_margin']:.0%}: "
+                     f"{len(skipped)} built but not timed, {len(search['not_built'])} not built "
+                     + "".join(f"({n['step']}: {n['reason']}) " for n in search["not_built"]).rstrip() + ".")
+    if estimates:
+        lines.append(f"*target s (est.)*: end-to-end latency on {report['target']['name']} estimated from this "
+                     f"device's measurements by the roofline model, with the target's "
+                     f"{report['target']['hardware']['memory_bandwidth_gbs']:g} GB/s: not a measurement "
+                     "(benchmarks/latency.py states the model's error).")
+    return lines
 
 
 def _verifications(verifications: list[dict[str, Any]]) -> list[str]:

@@ -44,7 +44,7 @@ def test_build_prunes_until_the_speedup_is_met(tmp_path, cache_dir, embedded_ref
     assert sel["verdict"] == "meets" and sel["confirmed"] and sel["speedup"] >= 1.15
     assert sel["step"] != "unpruned", "a pruning or quantization step must have been applied"
     assert search["budget_met"] and report["device"]["is_target_arch"]
-    for c in candidates:
+    for c in (c for c in candidates if c["measured"]):
         assert c["latency_p50_s"] <= c["latency_p90_s"]
         assert c["decode_tok_s"] > 0 and c["prefill_tok_s"] > 0 and c["peak_rss_bytes"] > 0
         assert 0 <= c["top1_agreement"] <= 1 and c["mean_kld"] >= 0 and c["perplexity"] > 1
@@ -86,6 +86,10 @@ def test_unreachable_budget_fails_naming_the_closest_candidate(tmp_path, cache_d
     assert not report["device"]["is_target_arch"]  # arm16g measured on this x86 machine: a stand-in
     assert "stand-in" in (out / "report.md").read_text()
     assert not list(out.glob("*.gguf"))
+    # Each timed candidate carries the target's latency, estimated from the stand-in's measurements.
+    timed = [c for c in report["search"]["candidates"] if c["measured"]]
+    assert timed and all(c["estimate_on_target"]["label"] == "estimated" for c in timed)
+    assert report["latency_model"]["estimated_for_target"] and "target s (est.)" in (out / "report.md").read_text()
 
 
 def test_build_from_hf_directory_with_calibration_file(tmp_path, cache_dir, embedded_reference):

@@ -78,6 +78,12 @@ def test_bundle_holds_model_binaries_scripts_card_and_manifest(bundle):
 
     card = (bundle / "README.md").read_text()
     assert "SmolLM2-135M-Instruct" in card and "Not measured on the target" in card  # x86 stand-in
+    # The target's figures are estimates transferred from the stand-in's measurements, labelled so.
+    sel = next(c for c in report["search"]["candidates"] if c["selected"])
+    est = sel["estimate_on_target"]
+    assert est["label"] == "estimated" and "arm16g" in est["machine"] and est["observations"] >= 1
+    assert 0 < est["latency_s"] < float("inf") and "Estimated on the target" in card and "not a measurement" in card
+    assert "verified" not in card.split("## Run it")[0].lower()
     assert "./run.sh" in card and "edgeprune verify . --device qemu-aarch64" in card
 
 

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from edgeprune.analysis import Importance
 from edgeprune.config import SLO, load_profile
 from edgeprune.evaluate import Quality
-from edgeprune.measure import BenchmarkRecord
+from edgeprune.latency import LatencyModel, ModelTraffic
+from edgeprune.measure import BenchmarkRecord, Workload
 from edgeprune.prune import ModelShape
-from edgeprune.search import Budget, Candidate, SearchSpace, State, greedy_search
+from edgeprune.search import (
+    NOT_MEASURED,
+    Budget,
+    Candidate,
+    HeadStructure,
+    SearchPredictor,
+    SearchSpace,
+    State,
+    greedy_search,
+)
 
 SHAPE = ModelShape(n_layers=12, n_head=6, n_head_kv=2, head_dim=8, hidden=48, ffn=96, vocab=100)
 IMPORTANCE = Importance(layer_scores=[0.9, 0.3, 0.05, 0.04, 0.03, 0.06, 0.07, 0.02, 0.08, 0.1, 0.2, 0.5],
@@ -18,10 +29,11 @@ IMPORTANCE = Importance(layer_scores=[0.9, 0.3, 0.05, 0.04, 0.03, 0.06, 0.07, 0.
 
 
 class Synthetic:
-    """Latency proportional to kept layers (+ a fixed cost), heads cheaper; KLD grows with pruning."""
+    """Latency proportional to kept layers (+ a fixed cost), heads cheaper; KLD grows with pruning.
+    A fifth of each run is prefill, the rest decoding: what a roofline model can fit exactly."""
 
     def __init__(self):
-        self.remeasured = []
+        self.timed = []
 
     def cost(self, state: State) -> float:
         heads = state.heads.heads / SHAPE.n_head if state.heads else 1.0
@@ -30,19 +42,32 @@ class Synthetic:
     def record(self, state: State, paired: bool) -> BenchmarkRecord:
         lat = self.cost(state)
         base = self.cost(State(0, None))
-        runs = [{"latency_s": lat, "ttft_s": 0.1, "prefill_tok_s": 100.0, "decode_tok_s": 50.0}] * 3
-        base_runs = [dict(runs[0], latency_s=base)] * 3 if paired else []
-        return BenchmarkRecord("synthetic", runs, 1 << 20, 0.1, 1, "synthetic", "", baseline_runs=base_runs)
 
-    def __call__(self, state, plan, cid, baseline):
+        def run(latency: float) -> dict[str, float]:
+            return {"latency_s": latency, "ttft_s": 0.2 * latency, "prefill_tok_s": 40 / latency,
+                    "decode_tok_s": (ANSWER - 1) / (0.8 * latency)}
+
+        base_runs = [run(base)] * 3 if paired else []
+        return BenchmarkRecord("synthetic", [run(lat)] * 3, 1 << 20, 0.1, 1, "synthetic", "", baseline_runs=base_runs)
+
+    def build(self, state, plan, cid):
         kld = 0.1 * state.layers_dropped ** 1.5 + (0.8 if state.heads else 0.0)
         quality = Quality(perplexity=10.0, mean_kld=kld, top1_agreement=0.5, positions=10)
         size = int(self.cost(state) * 1e6)
-        return Candidate(cid, state, plan, None, size, 1, self.record(state, baseline is not None), quality)
+        return Candidate(cid, state, plan, state, size, 1, quality)  # the "model" is the state itself
 
-    def remeasure(self, candidate, baseline):
-        self.remeasured.append(candidate.id)
+    def benchmark(self, candidate, baseline):
+        self.timed.append(candidate.id)
         return self.record(candidate.state, baseline is not None)
+
+    def traffic(self, state: State) -> ModelTraffic:
+        """Bytes and FLOPs proportional to the cost: the roofline model predicts it exactly."""
+        units = round(self.cost(state) * 1e8)
+        return ModelTraffic(state.describe(), units, units, 0, 0, 0, units, units, True)
+
+
+ANSWER = 8
+WORKLOAD = Workload(tuple(range(8)), ANSWER, 1, 0, 3)
 
 
 def space():
@@ -77,7 +102,7 @@ def test_ffn_widths_are_k_quant_multiples_and_pick_the_best_channels():
 def test_unpruned_model_meeting_the_budget_is_kept():
     ev = Synthetic()
     out = greedy_search(space(), ev, SLO(prompt_tokens=8, answer_tokens=8, latency_budget_s=5.0), 10)
-    assert out.selected.id == "c00" and out.selected.confirmed and ev.remeasured == ["c00"]
+    assert out.selected.id == "c00" and out.selected.confirmed and ev.timed == ["c00", "c00"]
     assert out.stop_reason == "the unpruned model meets the budget"
 
 
@@ -85,7 +110,7 @@ def test_selects_the_best_quality_candidate_within_the_speedup():
     ev = Synthetic()
     out = greedy_search(space(), ev, SLO(prompt_tokens=8, answer_tokens=8, speedup=1.3), 16)
     sel = out.selected
-    assert sel is not None and sel.meets and sel.confirmed and sel.id in ev.remeasured
+    assert sel is not None and sel.meets and sel.confirmed and ev.timed.count(sel.id) == 2
     within = [c for c in out.candidates if c.meets]
     assert sel.quality.mean_kld == min(c.quality.mean_kld for c in within)
     # Every candidate short of the speed-up really is.
@@ -101,6 +126,30 @@ def test_unreachable_budget_reports_the_closest():
     assert out.selected is None and len(out.candidates) <= 6
     assert out.stop_reason in ("candidate limit reached", "search limits reached (max layers / heads removed)")
     assert out.closest.bench.speedup == max(c.bench.speedup for c in out.candidates)
+
+
+@pytest.mark.parametrize("slo", [SLO(prompt_tokens=8, answer_tokens=ANSWER, speedup=1.5),
+                                 SLO(prompt_tokens=8, answer_tokens=ANSWER, latency_budget_s=0.8)])
+def test_predictions_skip_hopeless_candidates_without_changing_the_choice(slo):
+    plain = Synthetic()
+    without = greedy_search(space(), plain, slo, 16)
+    ev = Synthetic()
+    predictor = SearchPredictor(LatencyModel(10.0, 30.0), WORKLOAD, ev.traffic)
+    out = greedy_search(space(), ev, slo, 16, predictor)
+    assert out.selected.state == without.selected.state and out.selected.confirmed
+    skipped = [c for c in out.candidates if not c.measured]
+    assert skipped or out.skipped, "nothing was predicted out of budget"
+    assert len(ev.timed) < len(plain.timed)
+    budget = Budget.from_slo(slo)
+    for c in skipped:
+        assert c.verdict.startswith(NOT_MEASURED) and c.prediction.observations >= 2
+        assert budget.verdict(ev.record(c.state, paired=True)) != "meets"  # it really would have missed
+    # The first two timed candidates calibrate; nothing is skipped before.
+    assert all(c.measured for c in out.candidates[:2])
+    # With a calibrated exact model, predictions match what was then measured.
+    for c in out.candidates:
+        if c.measured and c.prediction is not None:
+            assert c.prediction.latency_s == pytest.approx(ev.cost(c.state), rel=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -127,3 +176,31 @@ def test_recipes_are_a_step_of_their_own():
     assert s.requantized(State(2, recipe="iq4_nl-narrow")) is None
     assert s.deeper(State(2, recipe="iq4_nl-narrow")).recipe == "iq4_nl-narrow"
     assert "recipe iq4_nl-narrow" in State(0, recipe="iq4_nl-narrow").describe()
+
+
+def test_attention_steps_remove_the_least_important_attention_of_kept_layers():
+    importance = Importance(IMPORTANCE.layer_scores, IMPORTANCE.head_scores, IMPORTANCE.channel_scores,
+                            attention_scores=[0.0, 0.5, 0.4, 0.01, 0.3, 0.02, 0.6, 0.7, 0.8, 0.9, 0.95, 0.001])
+    settings = load_profile("default").search.model_copy(update={"attention_step": 2, "max_attention_fraction": 0.25})
+    s = SearchSpace(SHAPE, importance, settings)
+    assert s.attention_order[:3] == [3, 5, 4]  # layers 0 and 11 (the ends) are never candidates
+    first = s.without_attention(State(0))
+    assert first == State(0, attention_removed=2)
+    assert s.plan(first).heads == ((3, ()), (5, ()))
+    assert s.without_attention(s.without_attention(first)) is None  # at most 25% of 12 layers: 3
+    assert s.without_attention(first) == State(0, attention_removed=3)
+    # Layer 3 is dropped first by depth; the next cheapest attention goes instead; heads narrow elsewhere.
+    plan = s.plan(State(2, HeadStructure(2, 2), attention_removed=2))
+    assert plan.drop_layers == (4, 7) and (3, ()) in plan.heads and (5, ()) in plan.heads
+    assert all(len(h) == 4 for l, h in plan.heads if l not in (3, 5))
+    assert "-2 attention" in State(0, attention_removed=2).describe()
+    # Profiles without an attention step never propose one.
+    assert space().without_attention(State(0)) is None
+
+
+def test_search_methods_must_rank_what_they_are_asked_to():
+    search = load_profile("default").search
+    with pytest.raises(ValidationError, match="depth_method must be one of block-influence, loss-increase"):
+        type(search).model_validate(search.model_dump() | {"depth_method": "wanda-sp"})
+    with pytest.raises(ValidationError, match="width_method"):
+        type(search).model_validate(search.model_dump() | {"width_method": "angular-distance"})

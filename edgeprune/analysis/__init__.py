@@ -1,5 +1,5 @@
-"""Importance of layers and heads, measured on calibration activations."""
+"""Importance: which layers, sublayers, heads and FFN channels matter (scores, registries, runners)."""
 
-from edgeprune.analysis.importance import Importance, compute_importance
+from edgeprune.analysis.importance import Importance
 
-__all__ = ["Importance", "compute_importance"]
+__all__ = ["Importance"]

@@ -1,4 +1,4 @@
-"""Importance scores as pure functions over captured activations (tested on small tensors)."""
+"""Block Influence and GQA-consistent selection of heads and channels by score (pure functions)."""
 
 from __future__ import annotations
 
@@ -10,29 +10,6 @@ def block_influence(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
     h_in = h_in.reshape(-1, h_in.shape[-1]).double()
     h_out = h_out.reshape(-1, h_out.shape[-1]).double()
     return 1.0 - torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1)
-
-
-def head_output_norms(o_proj_weight: torch.Tensor, o_proj_input: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Per-token norm of each head's contribution to the attention output, shape [tokens, heads].
-
-    The o_proj input is the concatenation of the heads' outputs, so head h contributes
-    W_o[:, h*d:(h+1)*d] @ x[h*d:(h+1)*d] to the residual stream.
-    """
-    x = o_proj_input.reshape(-1, o_proj_input.shape[-1]).double()
-    n_head = x.shape[-1] // head_dim
-    w = o_proj_weight.double().reshape(o_proj_weight.shape[0], n_head, head_dim)  # [hidden, head, d]
-    xh = x.reshape(x.shape[0], n_head, head_dim)  # [tokens, head, d]
-    contrib = torch.einsum("ohd,thd->tho", w, xh)
-    return contrib.norm(dim=-1)
-
-
-def channel_output_norms(down_weight: torch.Tensor, down_input: torch.Tensor) -> torch.Tensor:
-    """Per-token norm of each FFN channel's contribution to the MLP output, shape [tokens, ffn].
-
-    Channel c adds W_down[:, c] * x_c to the residual stream, whose norm is |x_c| * ||W_down[:, c]||.
-    """
-    x = down_input.reshape(-1, down_input.shape[-1]).double()
-    return x.abs() * down_weight.double().norm(dim=0)
 
 
 def select_channels(channel_scores: torch.Tensor, keep: int) -> tuple[int, ...]:

@@ -1,7 +1,9 @@
 """The search: which plans to try, in what order, and when a candidate meets the budget."""
 
 from edgeprune.search.budget import Budget
-from edgeprune.search.greedy import Candidate, SearchOutcome, greedy_search
+from edgeprune.search.greedy import NOT_MEASURED, Candidate, SearchOutcome, greedy_search
+from edgeprune.search.predict import SearchPredictor
 from edgeprune.search.space import HeadStructure, SearchSpace, State
 
-__all__ = ["Budget", "Candidate", "HeadStructure", "SearchOutcome", "SearchSpace", "State", "greedy_search"]
+__all__ = ["NOT_MEASURED", "Budget", "Candidate", "HeadStructure", "SearchOutcome", "SearchPredictor", "SearchSpace",
+           "State", "greedy_search"]

@@ -12,6 +12,10 @@ still better than the best candidate within budget (a bound: going deeper only l
 Every candidate is timed alternating with the unpruned baseline,
 so speed-ups are ratios of runs taken side by side; before a candidate is selected, its verdict is
 confirmed by a second such measurement, pooled with the first: one noisy run never decides.
+
+With a predictor (search/predict.py), a built candidate whose predicted latency clearly misses the
+budget is not timed, the candidates of a round are timed fastest-predicted first, and the depths a
+refinement would try are predicted from their neighbours before anything is built.
 """
 
 from __future__ import annotations
@@ -22,12 +26,16 @@ from typing import Any, Protocol
 
 from edgeprune.config import SLO
 from edgeprune.evaluate import Quality
+from edgeprune.latency import Prediction
 from edgeprune.measure import BenchmarkRecord
 from edgeprune.prune import Plan
 from edgeprune.search.budget import MEETS, Budget
+from edgeprune.search.predict import SearchPredictor, interpolated
 from edgeprune.search.space import SearchSpace, State
 
 log = logging.getLogger(__name__)
+
+NOT_MEASURED = "predicted out of budget, not timed"
 
 
 @dataclass
@@ -38,22 +46,27 @@ class Candidate:
     model: Any  # path of the quantized GGUF
     size_bytes: int
     parameters: int
-    bench: BenchmarkRecord
     quality: Quality
+    bench: BenchmarkRecord | None = None  # None: not timed (predicted out of budget)
     verdict: str = ""
     confirmed: bool = False
+    prediction: Prediction | None = None  # on the device, before timing (with a calibrated predictor)
 
     @property
     def meets(self) -> bool:
         return self.verdict == MEETS
 
+    @property
+    def measured(self) -> bool:
+        return self.bench is not None
+
 
 class Evaluator(Protocol):
-    def __call__(self, state: State, plan: Plan, cid: str, baseline: Candidate | None) -> Candidate:
-        """Build and measure a candidate (timed alongside `baseline`, if given)."""
+    def build(self, state: State, plan: Plan, cid: str) -> Candidate:
+        """Build a candidate and measure its quality (not its speed)."""
 
-    def remeasure(self, candidate: Candidate, baseline: Candidate | None) -> BenchmarkRecord:
-        """Time an already built candidate again."""
+    def benchmark(self, candidate: Candidate, baseline: Candidate | None) -> BenchmarkRecord:
+        """Time a built candidate (alongside `baseline`, if given)."""
 
 
 @dataclass
@@ -63,6 +76,7 @@ class SearchOutcome:
     selected: Candidate | None  # best quality within budget, confirmed
     closest: Candidate  # nearest to meeting the budget, for the failure message
     stop_reason: str
+    skipped: list[dict[str, str]]  # states never built: predicted out of budget from their neighbours
 
 
 def _efficiency(base: Candidate, step: Candidate) -> float:
@@ -73,22 +87,56 @@ def _efficiency(base: Candidate, step: Candidate) -> float:
 
 
 class _Search:
-    def __init__(self, space: SearchSpace, evaluate: Evaluator, slo: SLO, max_candidates: int) -> None:
+    def __init__(self, space: SearchSpace, evaluate: Evaluator, slo: SLO, max_candidates: int,
+                 predictor: SearchPredictor | None) -> None:
         self.space, self.evaluate, self.max_candidates = space, evaluate, max_candidates
+        self.predictor = predictor
         self.seen: dict[State, Candidate] = {}
+        self.skipped: list[dict[str, str]] = []
         self.budget = Budget.from_slo(slo)
         self.baseline: Candidate | None = None
         self.baseline = self.measure(State(0))
 
-    def measure(self, state: State) -> Candidate:
+    def build(self, state: State) -> Candidate:
         if state not in self.seen:
-            cand = self.evaluate(state, self.space.plan(state), f"c{len(self.seen):02d}", self.baseline)
-            self.seen[state] = cand
-            cand.verdict = self.budget.verdict(cand.bench)
-            log.info("%s %-26s p50 %.3f s  p90 %.3f s  %.2fx  KLD %.3f  %s", cand.id, state.describe(),
-                     cand.bench.latency_p50, cand.bench.latency_p90, cand.bench.speedup, cand.quality.mean_kld,
-                     cand.verdict)
+            self.seen[state] = self.evaluate.build(state, self.space.plan(state), f"c{len(self.seen):02d}")
         return self.seen[state]
+
+    def time(self, cand: Candidate) -> None:
+        """Time a built candidate alongside the baseline, unless its prediction clearly misses."""
+        if cand.verdict:
+            return
+        if self.predictor is not None and self.baseline is not None:
+            traffic = self.predictor.traffic_of(cand.model)
+            cand.prediction = self.predictor.predict(traffic)
+            reason = self.predictor.skip_reason(traffic, self.budget, self.predictor.traffic_of(self.baseline.model))
+            if reason:
+                cand.verdict = f"{NOT_MEASURED} ({reason})"
+                log.info("%s %-26s KLD %.3f  not timed: %s", cand.id, cand.state.describe(), cand.quality.mean_kld,
+                         reason)
+                return
+        cand.bench = self.evaluate.benchmark(cand, self.baseline)
+        cand.verdict = self.budget.verdict(cand.bench)
+        if self.predictor is not None:
+            self.predictor.observe(cand.model, cand.bench)
+        log.info("%s %-26s p50 %.3f s  p90 %.3f s  %.2fx  KLD %.3f  %s", cand.id, cand.state.describe(),
+                 cand.bench.latency_p50, cand.bench.latency_p90, cand.bench.speedup, cand.quality.mean_kld,
+                 cand.verdict)
+
+    def measure(self, state: State) -> Candidate:
+        cand = self.build(state)
+        self.time(cand)
+        return cand
+
+    def measure_round(self, states: list[State]) -> list[Candidate]:
+        """Build every state, then time them fastest-predicted first (built order without a predictor)."""
+        cands = [self.build(s) for s in states]
+        order = cands
+        if self.predictor is not None and len(self.predictor.observations) > 0:
+            order = sorted(cands, key=lambda c: self.predictor.predict(self.predictor.traffic_of(c.model)).latency_s)
+        for cand in order:
+            self.time(cand)
+        return cands
 
     def best_within(self) -> Candidate | None:
         within = [c for c in self.seen.values() if c.meets]
@@ -97,7 +145,7 @@ class _Search:
     def confirm(self, cand: Candidate) -> None:
         """Measure the candidate (alongside the baseline) once more, pool both runs, judge again."""
         pair = None if cand is self.baseline else self.baseline
-        cand.bench = cand.bench.pooled(self.evaluate.remeasure(cand, pair))
+        cand.bench = cand.bench.pooled(self.evaluate.benchmark(cand, pair))
         cand.confirmed = True
         cand.verdict = self.budget.verdict(cand.bench)
         log.info("confirming %s: p90 %.3f s, %.2fx: %s", cand.id, cand.bench.latency_p90, cand.bench.speedup,
@@ -111,8 +159,23 @@ class _Search:
             for n in range(base.state.layers_dropped + 1, cand.state.layers_dropped):
                 if len(self.seen) >= self.max_candidates:
                     return
-                if self.measure(replace(cand.state, layers_dropped=n)).meets:
+                state = replace(cand.state, layers_dropped=n)
+                reason = self.predicted_out(state, base, cand)
+                if reason:
+                    self.skipped.append({"step": state.describe(), "reason": reason})
+                    log.info("%-26s not built: %s", state.describe(), reason)
+                    continue
+                if self.measure(state).meets:
                     break
+
+    def predicted_out(self, state: State, shallow: Candidate, deep: Candidate) -> str | None:
+        """Why a depth between two built candidates (differing only in depth) would miss the budget."""
+        if self.predictor is None or state in self.seen:
+            return None
+        p, (a, b) = self.predictor, (shallow.state.layers_dropped, deep.state.layers_dropped)
+        traffic = interpolated(p.traffic_of(shallow.model), p.traffic_of(deep.model),
+                               (state.layers_dropped - a) / (b - a), state.describe())
+        return p.skip_reason(traffic, self.budget, p.traffic_of(self.baseline.model))
 
     def follow_efficient_path(self, cand: Candidate) -> None:
         """Remove one more layer at a time from `cand` while it could still beat the best."""
@@ -136,24 +199,26 @@ class _Search:
                 break
             space, state = self.space, current.state
             # Sparse first: a target that opts in wants it measured, and it never wins on bytes saved.
-            steps = [space.sparsified(state), space.deeper(state), *space.narrower(state), space.thinner(state),
-                     space.requantized(state)]
+            steps = [space.sparsified(state), space.deeper(state), space.without_attention(state),
+                     *space.narrower(state), space.thinner(state), space.requantized(state)]
             steps = [s for s in steps if s]
             steps = [s for s in steps if s not in self.seen][: max(0, self.max_candidates - len(self.seen))]
             if not steps:
                 full = len(self.seen) >= self.max_candidates
                 stop = "candidate limit reached" if full else "search limits reached (max layers / heads removed)"
                 break
-            measured = [self.measure(s) for s in steps]
+            measured = self.measure_round(steps)
             base = current
-            current = min(measured, key=lambda c: (_efficiency(base, c), -c.bench.speedup))
+            current = min(measured, key=lambda c: (_efficiency(base, c), -(c.bench.speedup if c.measured else 0.0)))
             if any(c.meets for c in measured):
                 self.refine_depth(base, measured)
                 self.follow_efficient_path(current)
 
-        closest = min(self.seen.values(), key=lambda c: (self.budget.shortfall(c.bench), c.quality.mean_kld))
-        return SearchOutcome(list(self.seen.values()), self.budget, self.best_within(), closest, stop)
+        timed = [c for c in self.seen.values() if c.measured]
+        closest = min(timed, key=lambda c: (self.budget.shortfall(c.bench), c.quality.mean_kld))
+        return SearchOutcome(list(self.seen.values()), self.budget, self.best_within(), closest, stop, self.skipped)
 
 
-def greedy_search(space: SearchSpace, evaluate: Evaluator, slo: SLO, max_candidates: int) -> SearchOutcome:
-    return _Search(space, evaluate, slo, max_candidates).run()
+def greedy_search(space: SearchSpace, evaluate: Evaluator, slo: SLO, max_candidates: int,
+                  predictor: SearchPredictor | None = None) -> SearchOutcome:
+    return _Search(space, evaluate, slo, max_candidates, predictor).run()

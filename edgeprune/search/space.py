@@ -1,5 +1,6 @@
-"""The search space: depth (least important layers first) x GQA-consistent head structures x
-FFN width (the most important channels of every layer, in K-quant-friendly steps)."""
+"""The search space: depth (least important layers first) x attention sublayers removed (least
+important first) x GQA-consistent head structures x FFN width (the most important channels of
+every layer, in K-quant-friendly steps) x quantization recipe x the target's sparse method."""
 
 from __future__ import annotations
 
@@ -36,9 +37,11 @@ class State:
     ffn: int | None = None  # FFN channels kept per layer; None: all
     recipe: str = "default"  # per-tensor quantization recipe (quantize/recipes.py)
     sparse: str | None = None  # the target's opted-in sparse method, described; None: dense
+    attention_removed: int = 0  # attention sublayers removed from kept layers, least important first
 
     def describe(self) -> str:
         parts = [f"-{self.layers_dropped} layers"] if self.layers_dropped else []
+        parts += [f"-{self.attention_removed} attention"] if self.attention_removed else []
         parts += [str(self.heads)] if self.heads else []
         parts += [f"FFN {self.ffn}"] if self.ffn else []
         parts += [f"recipe {self.recipe}"] if self.recipe != "default" else []
@@ -54,6 +57,8 @@ class SearchSpace:
         # logits, and their Block Influence is always among the highest.
         self.layer_order = importance.layers_by_importance(protect=(0, shape.n_layers - 1))
         self.max_layers = min(int(settings.max_layer_fraction * shape.n_layers), len(self.layer_order))
+        self.attention_order = importance.attention_by_importance(protect=(0, shape.n_layers - 1))
+        self.max_attention = min(int(settings.max_attention_fraction * shape.n_layers), len(self.attention_order))
         min_heads = (1 - settings.max_head_fraction) * shape.n_head
         full = HeadStructure(shape.n_head_kv, shape.group_size)
         self.head_structures = sorted(
@@ -73,9 +78,10 @@ class SearchSpace:
 
     def plan(self, state: State) -> Plan:
         drop = tuple(self.layer_order[: state.layers_dropped])
-        heads: tuple = ()
+        no_attention = [l for l in self.attention_order if l not in drop][: state.attention_removed]
+        heads: tuple = tuple((l, ()) for l in no_attention)
         if state.heads is not None:
-            heads = tuple(
+            heads += tuple(
                 (
                     layer,
                     select_heads(
@@ -86,7 +92,7 @@ class SearchSpace:
                     ),
                 )
                 for layer in range(self.shape.n_layers)
-                if layer not in drop
+                if layer not in drop and layer not in no_attention
             )
         ffn: tuple = ()
         if state.ffn is not None:
@@ -101,6 +107,13 @@ class SearchSpace:
         n = state.layers_dropped + (step or self.settings.layer_step)
         n = min(n, self.max_layers)
         return replace(state, layers_dropped=n) if n > state.layers_dropped else None
+
+    def without_attention(self, state: State) -> State | None:
+        """More attention sublayers removed (attention_step more), if the profile allows any."""
+        step = self.settings.attention_step
+        kept_layers = self.shape.n_layers - state.layers_dropped
+        n = min(state.attention_removed + step, self.max_attention, max(kept_layers - 2, 0))
+        return replace(state, attention_removed=n) if step and n > state.attention_removed else None
 
     def requantized(self, state: State) -> State | None:
         """The next per-tensor recipe of the profile's list, if any."""

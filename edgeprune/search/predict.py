@@ -1,0 +1,103 @@
+"""Predictions inside the search: which candidates are not worth timing, and in what order to time
+the rest.
+
+The latency model (edgeprune.latency) is fitted to the candidates already timed on the device, so
+its fixed scale (this device's bandwidth, its share of the roofline) comes from measurements, and a
+candidate's prediction differs from theirs only through what its GGUF reads and computes. Until
+`MIN_OBSERVATIONS_TO_SKIP` candidates are timed, nothing is skipped; after that a candidate is
+skipped only when its prediction misses the budget by more than `margin`. The margin is wide
+because the roofline counts bytes, not the fixed cost of each layer's operations: on the embedded
+model (135M, 2 threads) it predicts the speed-up of removing 12 layers as 1.40x where 1.54x is
+measured, and of removing 28 attention sublayers as 1.23x where 1.54x is measured
+(benchmarks/structured.py); per kernel type it is off by up to a third (benchmarks/latency.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgeprune.latency import HostProfile, LatencyModel, ModelTraffic, Observation, Prediction, hopeless
+from edgeprune.measure import BenchmarkRecord, Workload
+from edgeprune.search.budget import Budget
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MARGIN = 0.35
+# Matmul GFLOP/s per GB/s of bandwidth where neither is measured: about this host's one-thread ratio
+# (90 GFLOP/s, 28 GB/s). Only a starting scale: fitting to measurements replaces it.
+NOMINAL_GFLOPS_PER_GBS = 3.0
+
+
+@dataclass
+class SearchPredictor:
+    """The device's latency model, refitted after every measurement."""
+
+    model: LatencyModel  # uncalibrated, for the device's bandwidth and compute (or a nominal figure)
+    workload: Workload
+    traffic_of: Callable[[object], ModelTraffic]  # a candidate's model -> its per-token costs
+    margin: float = DEFAULT_MARGIN
+    observations: list[Observation] = field(default_factory=list)
+    _fitted: LatencyModel | None = None
+
+    def observe(self, model: object, record: BenchmarkRecord) -> None:
+        if record.runs and not record.emulated:
+            self.observations.append(Observation.from_record(self.traffic_of(model), self.workload, record))
+            self._fitted = None
+
+    @property
+    def fitted(self) -> LatencyModel:
+        if self._fitted is None:
+            self._fitted = self.model.fitted(self.observations)
+        return self._fitted
+
+    def predict(self, traffic: ModelTraffic) -> Prediction:
+        return self.fitted.predict(traffic, len(self.workload.prompt), self.workload.answer_tokens)
+
+    def skip_reason(self, traffic: ModelTraffic, budget: Budget, baseline: ModelTraffic | None) -> str | None:
+        """Why timing this candidate would be wasted (its prediction clearly misses the budget), or None."""
+        return hopeless(self.predict(traffic), latency_budget_s=budget.latency_s, speedup=budget.speedup,
+                        baseline=self.predict(baseline) if baseline is not None else None, margin=self.margin)
+
+
+def interpolated(a: ModelTraffic, b: ModelTraffic, t: float, name: str) -> ModelTraffic:
+    """The traffic of a model between `a` (t=0) and `b` (t=1) that differ only in depth: every
+    per-token cost is a sum over layers, so it moves linearly with the layers removed."""
+
+    def mix(x: int, y: int) -> int:
+        return round(x + (y - x) * t)
+
+    return ModelTraffic(
+        name=name,
+        weight_bytes_per_token=mix(a.weight_bytes_per_token, b.weight_bytes_per_token),
+        flops_per_token=mix(a.flops_per_token, b.flops_per_token),
+        output_flops=a.output_flops,
+        kv_bytes_per_position=mix(a.kv_bytes_per_position, b.kv_bytes_per_position),
+        attention_flops_per_position=mix(a.attention_flops_per_position, b.attention_flops_per_position),
+        parameters=mix(a.parameters, b.parameters),
+        file_bytes=mix(a.file_bytes, b.file_bytes),
+        tied=a.tied,
+    )
+
+
+def device_latency_model(local: bool, host: HostProfile | None, hardware: Any, url: str) -> LatencyModel:
+    """The measuring device's uncalibrated model: this host's measured bandwidth and compute for
+    `local`, else the target file's bandwidth as a nominal scale (fitting to the device's own
+    measurements replaces the scale; only ratios between candidates carry over)."""
+    if local and host is not None:
+        return LatencyModel.for_host(host)
+    bandwidth = float(hardware.memory_bandwidth_gbs)
+    return LatencyModel(bandwidth, NOMINAL_GFLOPS_PER_GBS * bandwidth, machine=url)
+
+
+def target_estimates(predictor: SearchPredictor, hardware: Any, name: str,
+                     models: dict[str, object]) -> dict[str, Prediction]:
+    """Each candidate's latency on the target, transferred from the measurements on this host:
+    estimates (labelled so), for a build measured on a stand-in. Needs a measured host profile."""
+    if not predictor.observations:
+        return {}
+    target = predictor.fitted.transfer(hardware, name=name)
+    n, m = len(predictor.workload.prompt), predictor.workload.answer_tokens
+    return {cid: target.predict(predictor.traffic_of(model), n, m) for cid, model in models.items()}
