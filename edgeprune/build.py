@@ -148,9 +148,8 @@ def _notes(target: Target, device: Device) -> list[str]:
     return notes
 
 
-def _latency_model_summary(predictor: SearchPredictor, host: Any, estimates: dict[str, Prediction],
-                           target: Target) -> dict[str, Any]:
-    """What the search's latency model rested on, and (on a stand-in) what it estimates for the target."""
+def _latency_model_summary(predictor: SearchPredictor, host: Any, estimates: dict[str, Prediction]) -> dict[str, Any]:
+    """What the search's latency model rested on, and whether it estimated the target's latencies."""
     c = predictor.fitted.calibration
     return {
         "machine": predictor.fitted.machine,
@@ -263,7 +262,7 @@ def _build(config: BuildConfig, target: Target, profile: Profile, toolchain: Bui
             "repetitions": workload.repetitions,
         },
         "search": outcome_to_dict(outcome, estimates),
-        "latency_model": _latency_model_summary(predictor, host, estimates, target),
+        "latency_model": _latency_model_summary(predictor, host, estimates),
         "notes": _notes(target, device),
     }
     # The bundle's llama.cpp binaries: cross-compiled for the target (cached after the first build).

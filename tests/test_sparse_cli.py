@@ -80,11 +80,11 @@ def test_plan_then_wanda_on_a_per_layer_model(tmp_path, cache_dir):
 @pytest.mark.parametrize("args, needle", [
     (["--sparsity", "0.5"], "--sparsity: only meaningful with a sparse method"),
     (["--method", "wanda", "--mask-group", "block"], "unstructured SparseGPT only"),
-    (["--method", "lottery"], "'method'"),
+    (["--method", "lottery"], "Unknown --method 'lottery': structured methods are block-influence"),
     (["--method", "wanda", "--nm", "2:4", "--sparsity", "0.3"], "contradicts 2:4"),
     (["--method", "wanda", "--sparsity", "1.5"], "'sparsity'"),
     (["--method", "wanda", "--nm", "5:7"], "divisible by 7"),
-    ([], "give a plan (--plan FILE), a sparse method (--method), or both"),
+    ([], "give a plan (--plan FILE), a structured or sparse method (--method), or a plan and a sparse method"),
 ])
 def test_bad_sparse_options_fail_cleanly_and_write_nothing(tmp_path, cache_dir, args, needle):
     proc, out = _prune(tmp_path, cache_dir, *args)
