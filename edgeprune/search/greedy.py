@@ -106,7 +106,9 @@ class _Search:
         """Time a built candidate alongside the baseline, unless its prediction clearly misses."""
         if cand.verdict:
             return
-        if self.predictor is not None and self.baseline is not None:
+        # Sparse candidates are always timed: the roofline models dense kernels, and a target that
+        # opts in to sparsity says its runtime is not one.
+        if self.predictor is not None and self.baseline is not None and cand.state.sparse is None:
             traffic = self.predictor.traffic_of(cand.model)
             cand.prediction = self.predictor.predict(traffic)
             reason = self.predictor.skip_reason(traffic, self.budget, self.predictor.traffic_of(self.baseline.model))
