@@ -16,9 +16,10 @@ def print_summary(result) -> None:
         where += f", a stand-in for the {report['target']['hardware']['arch']} target: not verified on the target"
     echo = click.echo
     echo("")
+    built = len(search["candidates"])
     timed = sum(c["measured"] for c in search["candidates"])
-    echo(f"Candidates: {len(search['candidates'])} built, {timed} timed (the rest predicted out of budget); "
-         f"budget: {search['budget']['description']}")
+    skipped = f" ({built - timed} predicted out of budget, not timed)" if timed < built else ""
+    echo(f"Candidates: {built} built, {timed} timed{skipped}; budget: {search['budget']['description']}")
     if sel is None:
         echo(f"SLO:        NOT met ({where})")
         echo(f"Report:     {result.output_dir / 'report.md'}")
