@@ -211,9 +211,7 @@ class SearchSettings(Strict):
         from edgeprune.structured.methods import STRUCTURED_METHODS, DepthMethod, WidthMethod
 
         kind = DepthMethod if info.field_name == "depth_method" else WidthMethod
-        # The search removes layers one step at a time: a block method (whose block depends on how
-        # many go) cannot rank them.
-        names = [n for n, m in STRUCTURED_METHODS.items() if isinstance(m, kind) and n != "angular-distance"]
+        names = [n for n, m in STRUCTURED_METHODS.items() if isinstance(m, kind) and not getattr(m, "block", False)]
         if name not in names:
             raise ValueError(f"{info.field_name} must be one of {', '.join(names)}, not {name!r}")
         return name

@@ -109,9 +109,9 @@ class _Search:
         # Sparse candidates are always timed: the roofline models dense kernels, and a target that
         # opts in to sparsity says its runtime is not one.
         if self.predictor is not None and self.baseline is not None and cand.state.sparse is None:
-            traffic = self.predictor.traffic_of(cand.model)
-            cand.prediction = self.predictor.predict(traffic)
-            reason = self.predictor.skip_reason(traffic, self.budget, self.predictor.traffic_of(self.baseline.model))
+            cand.prediction = self.predictor.predict(self.predictor.traffic_of(cand.model))
+            reason = self.predictor.skip_reason(cand.prediction, self.budget,
+                                                self.predictor.traffic_of(self.baseline.model))
             if reason:
                 cand.verdict = f"{NOT_MEASURED} ({reason})"
                 log.info("%s %-26s KLD %.3f  not timed: %s", cand.id, cand.state.describe(), cand.quality.mean_kld,
@@ -177,7 +177,7 @@ class _Search:
         p, (a, b) = self.predictor, (shallow.state.layers_dropped, deep.state.layers_dropped)
         traffic = interpolated(p.traffic_of(shallow.model), p.traffic_of(deep.model),
                                (state.layers_dropped - a) / (b - a), state.describe())
-        return p.skip_reason(traffic, self.budget, p.traffic_of(self.baseline.model))
+        return p.skip_reason(p.predict(traffic), self.budget, p.traffic_of(self.baseline.model))
 
     def follow_efficient_path(self, cand: Candidate) -> None:
         """Remove one more layer at a time from `cand` while it could still beat the best."""

@@ -56,9 +56,9 @@ class SearchPredictor:
     def predict(self, traffic: ModelTraffic) -> Prediction:
         return self.fitted.predict(traffic, len(self.workload.prompt), self.workload.answer_tokens)
 
-    def skip_reason(self, traffic: ModelTraffic, budget: Budget, baseline: ModelTraffic | None) -> str | None:
+    def skip_reason(self, prediction: Prediction, budget: Budget, baseline: ModelTraffic | None) -> str | None:
         """Why timing this candidate would be wasted (its prediction clearly misses the budget), or None."""
-        return hopeless(self.predict(traffic), latency_budget_s=budget.latency_s, speedup=budget.speedup,
+        return hopeless(prediction, latency_budget_s=budget.latency_s, speedup=budget.speedup,
                         baseline=self.predict(baseline) if baseline is not None else None, margin=self.margin)
 
 

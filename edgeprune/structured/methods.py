@@ -92,6 +92,9 @@ class DepthMethod(StructuredMethod):
     and last layers are kept: they read the embeddings and write the logits."""
 
     importance: ClassVar[str]  # a LAYER_IMPORTANCE name
+    # Scores one block whose length depends on how many layers go, so it cannot rank layers one
+    # step at a time as the search removes them.
+    block: ClassVar[bool] = False
 
     def configured(self, settings: StructuredSettings, shape: ModelShape) -> LayerImportance:
         return LAYER_IMPORTANCE[self.importance](settings.granularity)
@@ -133,6 +136,7 @@ class AngularDistanceMethod(DepthMethod):
     description = ("Gromov et al.: remove the block of consecutive layers whose input and output are closest in "
                    "angle (layers only)")
     importance = "angular_distance"
+    block = True
 
     def configured(self, settings, shape):
         if settings.granularity != "layer":
