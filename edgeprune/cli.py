@@ -346,6 +346,33 @@ def bench(model: Path, target_name: str, baseline: Path | None, repetitions: int
         sys.exit(1)
 
 
+@cli.command()
+@click.option("--runtime-only", is_flag=True, help="Only check that the runtime decodes correctly (what `make install` runs).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Cache to check (and keep the decode test's files in). Default: $EDGEPRUNE_CACHE or ~/.cache/edgeprune.")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@logging_options
+def doctor(runtime_only: bool, cache_dir: Path | None, as_json: bool) -> None:
+    """Check what each command needs, and that llama.cpp decodes quantized models correctly on this CPU.
+
+    Exit status 0: everything is there; 1: something a command needs is missing or broken (each with its fix).
+    """
+    from edgeprune.build import default_cache_dir
+    from edgeprune.doctor import diagnose, to_json
+
+    findings = diagnose(cache_dir or default_cache_dir(), runtime_only)
+    if as_json:
+        click.echo(to_json(findings))
+    else:
+        width = max(len(f.name) for f in findings)
+        for f in findings:
+            click.echo(f"{'ok' if f.ok else 'MISSING':<8} {f.name:<{width}}  {f.detail}")
+            if not f.ok:
+                click.echo(f"{'':<8} {'':<{width}}  needed by: {f.needed_by}; fix: {f.fix}")
+    if not all(f.ok for f in findings):
+        sys.exit(1)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
