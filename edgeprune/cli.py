@@ -347,9 +347,11 @@ def bench(model: Path, target_name: str, baseline: Path | None, repetitions: int
 
 
 @cli.command()
-@click.option("--runtime-only", is_flag=True, help="Only check that the runtime decodes correctly (what `make install` runs).")
+@click.option("--runtime-only", is_flag=True,
+              help="Only check that the runtime decodes correctly (what `make install` runs).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-              help="Cache to check (and keep the decode test's files in). Default: $EDGEPRUNE_CACHE or ~/.cache/edgeprune.")
+              help="Cache to check (and keep the decode test's files in). "
+                   "Default: $EDGEPRUNE_CACHE or ~/.cache/edgeprune.")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @logging_options
 def doctor(runtime_only: bool, cache_dir: Path | None, as_json: bool) -> None:

@@ -102,7 +102,8 @@ def judge_runtime_build(info: str, missing: list[str]) -> tuple[bool, str, str]:
             "reinstall it with `make install`, which builds it for a fixed baseline.")
     if missing:
         return False, f"this CPU lacks {', '.join(missing)} of the {baseline.host_baseline()} baseline", (
-            f"Set {baseline.BASELINE_ENV} to a level this CPU has (e.g. x86-64-v2 or armv8-a) and rerun `make install`.")
+            f"Set {baseline.BASELINE_ENV} to a level this CPU has (e.g. x86-64-v2 or armv8-a) and rerun "
+            "`make install`.")
     return True, f"{baseline.host_baseline()} baseline; ggml CPU features: {enabled}", ""
 
 
@@ -123,7 +124,7 @@ def run_selftest(cache_dir: Path) -> tuple[bool, str, str]:
         proc = subprocess.run([sys.executable, "-m", "edgeprune.runtimes.selftest", str(workdir)],
                               capture_output=True, text=True, timeout=SELFTEST_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return False, f"no answer within {SELFTEST_TIMEOUT_S} s", "Check the machine's load, then rerun `edgeprune doctor`."
+        return False, f"no answer within {SELFTEST_TIMEOUT_S} s", "Check the machine's load, then rerun doctor."
     if proc.returncode < 0:
         name = signal.Signals(-proc.returncode).name
         return False, f"llama.cpp crashed ({name}) decoding a quantized model", (
@@ -151,7 +152,8 @@ def _tool(command: str, package: str) -> Callable[[Path], tuple[bool, str, str]]
     def run(_: Path) -> tuple[bool, str, str]:
         path = shutil.which(command)
         if path is None:
-            return False, f"{command} not found", f"Install the Debian package {package} (sudo apt-get install {package})."
+            return False, f"{command} not found", (
+                f"Install the Debian package {package} (sudo apt-get install {package}).")
         return True, path, ""
     return run
 
@@ -184,7 +186,8 @@ def _llama_source(_: Path) -> tuple[bool, str, str]:
 def _cache_disk(cache_dir: Path) -> tuple[bool, str, str]:
     existing = next((p for p in (cache_dir, *cache_dir.parents) if p.exists()), Path("/"))
     if not os.access(existing, os.W_OK):
-        return False, f"{existing} is not writable", "Use --cache-dir or EDGEPRUNE_CACHE to point at a writable directory."
+        return False, f"{existing} is not writable", (
+            "Use --cache-dir or EDGEPRUNE_CACHE to point at a writable directory.")
     free = shutil.disk_usage(existing).free / GIB
     if free < MIN_FREE_CACHE_GIB:
         return False, f"{free:.1f} GiB free under {cache_dir}", (
