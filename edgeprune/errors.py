@@ -7,3 +7,7 @@ class EdgepruneError(Exception):
 
 class BudgetNotMet(EdgepruneError):
     """The search ended without a candidate within the target's budget."""
+
+
+class VerificationFailed(EdgepruneError):
+    """A bundle is not intact, not authentic, or does not run correctly on its device."""
