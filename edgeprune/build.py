@@ -166,6 +166,7 @@ def build(config: BuildConfig) -> BuildResult:
     t_start = time.perf_counter()
     check_output_dir(config.output_dir, config.force)
     target, profile = config.target, config.profile
+    resolve_source(config.model)  # a bad --model fails now, not after the toolchain is built
     toolchain = spec_for(target)
     check_buildable(toolchain, config.cache_dir)  # a missing cross-compiler fails now, not after the search
     with open_device(target, config.cache_dir) as device:
