@@ -267,8 +267,8 @@ def toolchain(ctx: click.Context, cache_dir: Path | None) -> None:
         except EdgepruneError:
             continue  # `edgeprune targets` says what is wrong with it
         found = cached_binaries(spec, source, cache) if source else None
-        state = (f"cached: {found.bin}" if found else
-                 f"not built (`edgeprune toolchain build -t {name}`)" if source else "unknown until the source is there")
+        state = f"cached: {found.bin}" if found else f"not built (`edgeprune toolchain build -t {name}`)"
+        state = state if source else "unknown until the source is there"
         click.echo(f"  {name:<12} {spec.triple} -march={spec.cpu_flags}: {state}")
     click.echo("Commands: `edgeprune toolchain build -t TARGET`, `edgeprune toolchain source` (see --help).")
 

@@ -261,29 +261,28 @@ def hparams(reader: gguf.GGUFReader) -> Hparams:
 
 
 def _check_against_tensors(reader: gguf.GGUFReader, hp: Hparams) -> None:
-    """What each tensor's size must be, given the metadata; a disagreement names the key at fault."""
+    """What each tensor's size must be, given the metadata; a disagreement names the keys at fault."""
     a = hp.arch
     heads_key, kv_key = _ATTN.HEAD_COUNT.format(arch=a), _ATTN.HEAD_COUNT_KV.format(arch=a)
+    width = f"{_LLM.EMBEDDING_LENGTH.format(arch=a)} {hp.hidden}"
+    dim = f"{width}, head dim {hp.head_dim}"
+    ffn_key, blocks_key = _LLM.FEED_FORWARD_LENGTH.format(arch=a), _LLM.BLOCK_COUNT.format(arch=a)
     for i, (h, kv) in enumerate(zip(hp.heads, hp.kv_heads, strict=True)):
         if h and (kv > h or (kv and h % kv)):
             raise malformed(reader, kv_key, f"gives layer {i} {kv} KV heads for {h} query heads (it must divide them)")
     expected: dict[str, tuple[int, str]] = {}
     if hp.vocab:  # a file without a tokenizer says nothing about its vocabulary
-        expected["token_embd.weight"] = (hp.hidden * hp.vocab, f"{_LLM.EMBEDDING_LENGTH.format(arch=a)} {hp.hidden}"
-                                                               f" and a vocabulary of {hp.vocab}")
-    for i in range(hp.n_layers):
-        shape = f"{_LLM.EMBEDDING_LENGTH.format(arch=a)} {hp.hidden}, head dim {hp.head_dim}"
+        expected["token_embd.weight"] = (hp.hidden * hp.vocab, f"{width} and a vocabulary of {hp.vocab}")
+    for i, (h, kv, ffn) in enumerate(zip(hp.heads, hp.kv_heads, hp.ffn, strict=True)):
         expected |= {
-            f"blk.{i}.attn_q.weight": (hp.hidden * hp.heads[i] * hp.head_dim, f"{heads_key} {hp.heads[i]}, {shape}"),
-            f"blk.{i}.attn_k.weight": (hp.hidden * hp.kv_heads[i] * hp.head_dim, f"{kv_key} {hp.kv_heads[i]}, {shape}"),
-            f"blk.{i}.ffn_up.weight": (hp.hidden * hp.ffn[i], f"{_LLM.FEED_FORWARD_LENGTH.format(arch=a)} {hp.ffn[i]}"
-                                                              f" and {_LLM.EMBEDDING_LENGTH.format(arch=a)} {hp.hidden}"),
+            f"blk.{i}.attn_q.weight": (hp.hidden * h * hp.head_dim, f"{heads_key} {h}, {dim}"),
+            f"blk.{i}.attn_k.weight": (hp.hidden * kv * hp.head_dim, f"{kv_key} {kv}, {dim}"),
+            f"blk.{i}.ffn_up.weight": (hp.hidden * ffn, f"{ffn_key} {ffn} and {width}"),
         }
     for t in reader.tensors:
         m = _BLK.match(t.name)
         if m and int(m.group(1)) >= hp.n_layers:
-            raise malformed(reader, _LLM.BLOCK_COUNT.format(arch=a),
-                            f"is {hp.n_layers}, but the file holds tensor {t.name}")
+            raise malformed(reader, blocks_key, f"is {hp.n_layers}, but the file holds tensor {t.name}")
         if t.name in expected and int(t.n_elements) != expected[t.name][0]:
             raise EdgepruneError(
                 f"{reader.data.filename} has malformed metadata: {t.name} has shape {[int(d) for d in t.shape]}, "

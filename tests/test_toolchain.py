@@ -152,8 +152,8 @@ def test_a_failed_fetch_is_one_sentence_and_leaves_nothing(tmp_path, monkeypatch
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # offline, and the sdist is nowhere to be found
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "links"))
     cache = tmp_path / "cache"
-    with pytest.raises(EdgepruneError, match=rf"Could not fetch the llama-cpp-python {installed_version()} sdist .* "
-                                             "with pip .*; connect to your package index .* set EDGEPRUNE_LLAMA_CPP_SRC"):
+    with pytest.raises(EdgepruneError, match=rf"Could not fetch the llama-cpp-python {installed_version()} sdist "
+                       ".* with pip .*; connect to your package index .* set EDGEPRUNE_LLAMA_CPP_SRC"):
         fetch_source(cache)
     assert list((cache / "llama.cpp-src").iterdir()) == []
 

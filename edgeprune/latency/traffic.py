@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-
 from edgeprune.errors import EdgepruneError
 from edgeprune.gguf_file import LLAMA_ARCHS, Hparams, hparams, is_weight, read_gguf
 
