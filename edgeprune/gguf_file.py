@@ -36,7 +36,12 @@ class _PastEnd(Exception):
 
 
 class _Hostile(Exception):
-    """A well-formed header whose counts or shapes the file cannot hold (the message says which)."""
+    """A header whose counts or shapes the file cannot hold (the message says which). A count larger
+    than the bytes left may also be a truncated file."""
+
+    def __init__(self, message: str, maybe_truncated: bool = False) -> None:
+        super().__init__(message)
+        self.what = "truncated or corrupt" if maybe_truncated else "corrupt"
 
 
 # Fewest bytes one entry can take: a key/value pair (key length, value type, one-byte value), a
@@ -64,7 +69,8 @@ class _BoundedReader(gguf.GGUFReader):
 
     def _check_count(self, offs: int, count: int, least: int, what: str) -> None:
         if int(offs) + int(count) * least > len(self.data):
-            raise _Hostile(f"its header claims {int(count)} {what}, more than its {len(self.data)} bytes can hold")
+            raise _Hostile(f"its header claims {int(count)} {what}, more than its {len(self.data)} bytes can hold",
+                           maybe_truncated=True)
 
     def _build_fields(self, offs: int, count: int) -> int:
         self._check_count(offs, count, _MIN_KV_BYTES, "metadata keys")
@@ -85,7 +91,8 @@ class _BoundedReader(gguf.GGUFReader):
         if int(raw_type) == gguf.GGUFValueType.ARRAY:  # gguf-py loops over the claimed length
             item_type, n = int(self._get(orig_offs, np.uint32)[0]), int(self._get(orig_offs + 4, np.uint64)[0])
             if orig_offs + 12 + n * _ITEM_BYTES.get(item_type, 1) > len(self.data):
-                raise _Hostile(f"{self._key} claims {n} array elements, more than its {len(self.data)} bytes can hold")
+                raise _Hostile(f"{self._key} claims {n} array elements, more than its {len(self.data)} bytes can "
+                               "hold", maybe_truncated=True)
         self._depth += 1
         try:
             return super()._get_field_parts(orig_offs, raw_type)
@@ -159,7 +166,7 @@ def read_gguf(path: Path) -> gguf.GGUFReader:
         what = "truncated" if e.tensor else "truncated or corrupt"
         raise EdgepruneError(f"{path} is {what}: {where} but the file has {size} bytes; {_REDO}.") from None
     except _Hostile as e:
-        raise EdgepruneError(f"{path} is corrupt: {e}; {_REDO}.") from None
+        raise EdgepruneError(f"{path} is {e.what}: {e}; {_REDO}.") from None
     except Exception as e:  # gguf-py raises ValueError, KeyError, UnicodeError, numpy errors alike
         detail = (str(e).splitlines() or [""])[0][:80]
         raise EdgepruneError(f"{path} is corrupt ({type(e).__name__}: {detail}); {_REDO}.") from None

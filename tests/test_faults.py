@@ -43,6 +43,11 @@ METADATA = {
     "block-count-nan": ({"deci.block_count": (float("nan"), V.FLOAT64)}, "deci.block_count is nan, not an integer"),
     "block-count-string": ({"deci.block_count": ("4", V.STRING)}, "deci.block_count is '4', not an integer"),
     "block-count-bool": ({"deci.block_count": (True, V.BOOL)}, "deci.block_count is True, not an integer"),
+    # a llama file holds one head count for all layers: a reader that spreads it over block_count
+    # layers builds a list of 4 billion entries
+    "llama-block-count-huge": ({"general.architecture": ("llama", V.STRING), "llama.block_count": (2**32 - 1, V.UINT32),
+                                "llama.attention.head_count": (4, V.UINT32)},
+                               "llama.block_count is 4294967295, outside 0..512"),
     "head-count-negative": ({"deci.attention.head_count": ([4, 0, -4, 2], V.ARRAY)},
                             "deci.attention.head_count is -4, outside 0..4294967295"),
     "head-count-absurd": ({"deci.attention.head_count": ([4, 0, 4, 2**30], V.ARRAY),
@@ -97,13 +102,15 @@ def _tensor_info(data: bytes, name: str) -> int:
 
 # Byte edits of a well-formed file: (offset finder, struct format, value, what the sentence says).
 LENGTHS = {
-    "tensor-count": (lambda d: 8, "<Q", 2**40, "its header claims 1099511627776 tensors, more than its"),
-    "kv-count": (lambda d: 16, "<Q", 2**40, "its header claims 1099511627776 metadata keys, more than its"),
+    "tensor-count": (lambda d: 8, "<Q", 2**40,
+                     "is truncated or corrupt: its header claims 1099511627776 tensors, more than its"),
+    "kv-count": (lambda d: 16, "<Q", 2**40,
+                 "is truncated or corrupt: its header claims 1099511627776 metadata keys, more than its"),
     # key, then value type u32 (ARRAY) and item type u32 (STRING), then the array's length
     "array-length": (lambda d: _u64_after(d, b"tokenizer.ggml.tokens", 8), "<Q", 2**40,
-                     "tokenizer.ggml.tokens claims 1099511627776 array elements, more than its"),
+                     "is truncated or corrupt: tokenizer.ggml.tokens claims 1099511627776 array elements"),
     "array-length-small": (lambda d: _u64_after(d, b"deci.feed_forward_length", 8), "<Q", 10**6,
-                               "deci.feed_forward_length claims 1000000 array elements"),
+                               "is truncated or corrupt: deci.feed_forward_length claims 1000000 array elements"),
     "string-length": (lambda d: _u64_after(d, b"general.name", 4), "<Q", 2**40,
                       "is truncated or corrupt: its metadata (at general.name) needs byte 1099511627"),
     "tensor-dims": (lambda d: _tensor_info(d, "blk.0.ffn_up.weight") + 4 + 8, "<Q", 2**40,

@@ -253,7 +253,8 @@ def _corrupt(tmp_path, good, kind):
 
 @pytest.mark.parametrize("kind, needle", [
     ("half", "is truncated: tensor"), ("after-header", "is truncated: tensor token_embd.weight"),
-    ("last-byte", "is truncated: tensor"), ("header-only", "truncated or corrupt: its metadata"),
+    ("last-byte", "is truncated: tensor"),
+    ("header-only", "truncated or corrupt: tokenizer.ggml.tokens claims 49152 array elements"),
     ("random", "is corrupt"), ("random-v3", "truncated or corrupt"), ("version-1", "GGUF version 1"),
     ("not-gguf", "is not a GGUF file"), ("empty", "is not a GGUF file"), ("directory", "is not a file"),
     ("missing", "does not exist"),
