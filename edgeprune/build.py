@@ -170,6 +170,7 @@ def build(config: BuildConfig) -> BuildResult:
     if config.sign_key is not None:
         check_signing_key(config.sign_key)  # an unusable key fails now, not after the search
     target, profile = config.target, config.profile
+    resolve_source(config.model)  # a bad --model fails now, not after the toolchain is built
     toolchain = spec_for(target)
     check_buildable(toolchain, config.cache_dir)  # a missing cross-compiler fails now, not after the search
     with open_device(target, config.cache_dir) as device:

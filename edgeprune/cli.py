@@ -235,25 +235,71 @@ def targets_show(name: str) -> None:
     click.echo(path.read_text(encoding="utf-8").rstrip())
 
 
-@cli.group()
-def toolchain() -> None:
-    """llama.cpp binaries for a target, built from the source llama-cpp-python was built from."""
+def _cache_option(command):
+    return click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                        help="Where built binaries and fetched source are kept. Default: $EDGEPRUNE_CACHE or "
+                             "~/.cache/edgeprune.")(command)
+
+
+def _cache_dir(cache_dir: Path | None) -> Path:
+    from edgeprune.build import default_cache_dir
+
+    return cache_dir or default_cache_dir()
+
+
+@cli.group(invoke_without_command=True)
+@_cache_option
+@logging_options
+@click.pass_context
+def toolchain(ctx: click.Context, cache_dir: Path | None) -> None:
+    """llama.cpp binaries for a target, built from the source llama-cpp-python was built from.
+    Without a command: where the source is and which targets' binaries are cached."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from edgeprune.toolchain import spec_for
+    from edgeprune.toolchain.build import cached_binaries
+    from edgeprune.toolchain.source import find_source, llama_source
+
+    cache = _cache_dir(cache_dir)
+    source = llama_source(cache) if find_source(cache) else None
+    click.echo(f"llama.cpp source:  {source.path} ({source.version})" if source else
+               "llama.cpp source:  not found; fetched with pip on first need (`edgeprune toolchain source` now)")
+    click.echo(f"binaries cached in {cache / 'toolchain'}:")
+    for name, target_path in available("targets").items():
+        try:
+            spec = spec_for(load_target(str(target_path)))
+        except EdgepruneError:
+            continue  # `edgeprune targets` says what is wrong with it
+        found = cached_binaries(spec, source, cache) if source else None
+        state = f"cached: {found.bin}" if found else f"not built (`edgeprune toolchain build -t {name}`)"
+        state = state if source else "unknown until the source is there"
+        click.echo(f"  {name:<12} {spec.triple} -march={spec.cpu_flags}: {state}")
+    click.echo("Commands: `edgeprune toolchain build -t TARGET`, `edgeprune toolchain source` (see --help).")
+
+
+@toolchain.command("source")
+@_cache_option
+@logging_options
+def toolchain_source(cache_dir: Path | None) -> None:
+    """Print where llama.cpp's source is, fetching the installed llama-cpp-python's sdist with pip if
+    neither $EDGEPRUNE_LLAMA_CPP_SRC, a checkout's .deps/llama.cpp nor the cache has it."""
+    from edgeprune.toolchain.source import source_dir
+
+    click.echo(str(source_dir(_cache_dir(cache_dir))))
 
 
 @toolchain.command("build")
 @click.option("-t", "--target", "target_name", required=True,
               help="Target name (see `edgeprune targets`) or a .toml path; its [toolchain] table is used.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
-              help="Where built binaries are kept. Default: $EDGEPRUNE_CACHE or ~/.cache/edgeprune.")
+@_cache_option
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Compile jobs. Default: one per core.")
 @logging_options
 def toolchain_build(target_name: str, cache_dir: Path | None, jobs: int | None) -> None:
     """Cross-compile (or reuse) llama-cli, llama-completion, llama-server and llama-bench for a target."""
-    from edgeprune.build import default_cache_dir
     from edgeprune.toolchain import TOOLS, ensure_binaries, spec_for
 
     spec = spec_for(load_target(target_name))
-    binaries = ensure_binaries(spec, cache_dir or default_cache_dir(), jobs)
+    binaries = ensure_binaries(spec, _cache_dir(cache_dir), jobs)
     info = binaries.info
     click.echo(f"llama.cpp:  {info['llama_cpp']}")
     click.echo(f"Built for:  {info['triple']}, -march={info['cpu_flags']}, {info['compiler']} "

@@ -12,9 +12,18 @@ from typing import Any
 import gguf
 import numpy as np
 
-from edgeprune.errors import EdgepruneError
 from edgeprune.export.gguf_llama import ProvenanceKeys
-from edgeprune.gguf_file import K_BLOCK, bits_per_weight, is_weight, read_gguf
+from edgeprune.gguf_file import (
+    K_BLOCK,
+    Hparams,
+    bits_per_weight,
+    hparams,
+    int_value,
+    is_weight,
+    metadata,
+    positive_float,
+    read_gguf,
+)
 
 K_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"}
 K_MIX = re.compile(r"^Q[2-6]_K(_[SML])?$")  # file types whose weights llama.cpp wants in K-quants
@@ -24,7 +33,7 @@ PLACEHOLDER_MAX_FFN = 32
 _GROUP = re.compile(r"^blk\.\d+\.(\w+)\.weight$")
 MIB = 1 << 20
 ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-K, LLM, ATTN, ROPE = gguf.Keys.General, gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Rope
+K, ROPE = gguf.Keys.General, gguf.Keys.Rope
 
 
 @dataclass(frozen=True)
@@ -66,51 +75,18 @@ class Inspection:
         return asdict(self)
 
 
-def _value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    field = reader.get_field(key)
-    return field.contents() if field is not None else default
-
-
-def _malformed(reader: gguf.GGUFReader, key: str, what: str) -> EdgepruneError:
-    return EdgepruneError(f"{reader.data.filename} has malformed metadata: {key} {what}; re-export it.")
-
-
-def _int(reader: gguf.GGUFReader, key: str, default: int = 0) -> int:
-    value = _value(reader, key)
-    if value is None:
-        return default
-    if isinstance(value, (int, float, np.integer)) and not isinstance(value, bool):
-        return int(value)
-    raise _malformed(reader, key, f"is {value!r:.40}, not a number")
-
-
-def _per_layer(reader: gguf.GGUFReader, key: str, n: int, default: int = 0) -> list[int]:
-    """`llama` stores one value for all layers; `deci` one per layer."""
-    value = _value(reader, key)
-    if not isinstance(value, list):
-        return [_int(reader, key, default)] * n
-    if len(value) != n or not all(isinstance(v, int) for v in value):
-        raise _malformed(reader, key, f"should hold {n} integers (one per layer) but holds {value!r:.60}")
-    return value
-
-
 def _is_zero(t: gguf.ReaderTensor) -> bool:
     return not np.any(gguf.quants.dequantize(np.array(t.data), t.tensor_type))
 
 
-def _layers(reader: gguf.GGUFReader, arch: str) -> list[LayerInfo]:
-    n = _int(reader, LLM.BLOCK_COUNT.format(arch=arch))
-    heads = _per_layer(reader, ATTN.HEAD_COUNT.format(arch=arch), n)
-    kv_key = ATTN.HEAD_COUNT_KV.format(arch=arch)
-    kv = _per_layer(reader, kv_key, n) if reader.get_field(kv_key) else heads  # absent: one KV head per head
-    ffn = _per_layer(reader, LLM.FEED_FORWARD_LENGTH.format(arch=arch), n)
+def _layers(reader: gguf.GGUFReader, hp: Hparams) -> list[LayerInfo]:
     tensors = {t.name: t for t in reader.tensors}
     layers = []
-    for i in range(n):
+    for i, (heads, kv, ffn) in enumerate(zip(hp.heads, hp.kv_heads, hp.ffn, strict=True)):
         down = tensors.get(f"blk.{i}.ffn_down.weight")
-        placeholder = down is not None and 0 < ffn[i] <= PLACEHOLDER_MAX_FFN and _is_zero(down)
-        mlp = ffn[i] > 0 and not placeholder
-        layers.append(LayerInfo(heads[i], kv[i], ffn[i] if mlp else 0, heads[i] > 0, mlp))
+        placeholder = down is not None and 0 < ffn <= PLACEHOLDER_MAX_FFN and _is_zero(down)
+        mlp = ffn > 0 and not placeholder
+        layers.append(LayerInfo(heads, kv, ffn if mlp else 0, heads > 0, mlp))
     return layers
 
 
@@ -151,12 +127,12 @@ def _tokenizer(reader: gguf.GGUFReader) -> dict[str, Any]:
     k = gguf.Keys.Tokenizer
     tokens = reader.get_field(k.LIST)
     return {
-        "model": _value(reader, k.MODEL),
-        "pre": _value(reader, k.PRE),
+        "model": metadata(reader, k.MODEL),
+        "pre": metadata(reader, k.PRE),
         "vocab": len(tokens.data) if tokens is not None else 0,
-        "bos": _value(reader, k.BOS_ID),
-        "eos": _value(reader, k.EOS_ID),
-        "add_bos": _value(reader, k.ADD_BOS),
+        "bos": metadata(reader, k.BOS_ID),
+        "eos": metadata(reader, k.EOS_ID),
+        "add_bos": metadata(reader, k.ADD_BOS),
         "chat_template": reader.get_field(k.CHAT_TEMPLATE) is not None,
     }
 
@@ -173,16 +149,16 @@ def _provenance(reader: gguf.GGUFReader) -> dict[str, Any] | None:
     if reader.get_field(ProvenanceKeys.VERSION) is None:
         return None
     return {
-        "version": _value(reader, ProvenanceKeys.VERSION),
-        "source": _value(reader, ProvenanceKeys.SOURCE),
-        "source_sha256": _value(reader, ProvenanceKeys.SOURCE_SHA256),
-        "plan": _parse_plan(_value(reader, ProvenanceKeys.PLAN)),
-        "sparsity": _parse_plan(_value(reader, ProvenanceKeys.SPARSITY)),
+        "version": metadata(reader, ProvenanceKeys.VERSION),
+        "source": metadata(reader, ProvenanceKeys.SOURCE),
+        "source_sha256": metadata(reader, ProvenanceKeys.SOURCE_SHA256),
+        "plan": _parse_plan(metadata(reader, ProvenanceKeys.PLAN)),
+        "sparsity": _parse_plan(metadata(reader, ProvenanceKeys.SPARSITY)),
     }
 
 
 def _file_type(reader: gguf.GGUFReader) -> str | None:
-    value = _int(reader, K.FILE_TYPE, -1)
+    value = int_value(reader, K.FILE_TYPE, -1)
     if value < 0:
         return None
     try:
@@ -194,29 +170,26 @@ def _file_type(reader: gguf.GGUFReader) -> str | None:
 def inspect_gguf(path: Path) -> Inspection:
     """Everything `edgeprune inspect` shows; bad files raise EdgepruneError (see read_gguf)."""
     reader = read_gguf(path)
-    arch = str(_value(reader, K.ARCHITECTURE, "?"))
-    layers = _layers(reader, arch)
-    hidden = _int(reader, LLM.EMBEDDING_LENGTH.format(arch=arch))
-    first_heads = next((l.n_head for l in layers if l.attention), 0)
-    head_dim = _int(reader, ATTN.KEY_LENGTH.format(arch=arch)) or hidden // max(first_heads, 1)
+    hp = hparams(reader)
+    arch = hp.arch
     tokenizer = _tokenizer(reader)
     file_type = _file_type(reader)
     return Inspection(
         file=str(path),
         size_bytes=Path(path).stat().st_size,
         architecture=arch,
-        name=_value(reader, K.NAME),
+        name=metadata(reader, K.NAME),
         file_type=file_type,
         parameters=sum(int(t.n_elements) for t in reader.tensors),
         bits_per_weight=bits_per_weight(reader),
-        hidden=hidden,
-        head_dim=head_dim,
-        vocab=_int(reader, LLM.VOCAB_SIZE.format(arch=arch)) or tokenizer["vocab"],
-        context_length=_int(reader, LLM.CONTEXT_LENGTH.format(arch=arch)),
-        rope={"base": _value(reader, ROPE.FREQ_BASE.format(arch=arch)),
-              "scaling": _value(reader, ROPE.SCALING_TYPE.format(arch=arch)),
+        hidden=hp.hidden,
+        head_dim=hp.head_dim,
+        vocab=hp.vocab,
+        context_length=hp.context_length,
+        rope={"base": positive_float(reader, ROPE.FREQ_BASE.format(arch=arch)),
+              "scaling": metadata(reader, ROPE.SCALING_TYPE.format(arch=arch)),
               "rope_freqs": any(t.name == ROPE_FREQS for t in reader.tensors)},
-        layers=layers,
+        layers=_layers(reader, hp),
         tensor_types=dict(Counter(t.tensor_type.name for t in reader.tensors)),
         groups=_groups(reader),
         fallbacks=_fallbacks(reader, file_type),

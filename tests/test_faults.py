@@ -1,17 +1,28 @@
-"""Fault cases: what edgeprune does when the world misbehaves."""
+"""Fault cases: what edgeprune does when its inputs or its machine turn against it (damaged bundles,
+hostile metadata, crashes, full or read-only disks, kills, concurrent builds)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import resource
+import struct
 import subprocess
 import sys
+import time
 
+import gguf
 import pytest
 from handmade_bundle import make_bundle, ssh_keypair
+from test_cli import assert_clean_error
+from test_inspect import DECI, _write_deci
 
 from edgeprune.bundle import sign_manifest
+from edgeprune.errors import EdgepruneError
+from edgeprune.inspection import inspect_gguf
+from edgeprune.latency import ModelTraffic
+from edgeprune.models import resolve_source
 
 
 def edgeprune(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -93,3 +104,162 @@ def test_build_refuses_an_unusable_signing_key_before_any_work(tmp_path):
     proc = edgeprune("build", "--target", "demo", "-o", str(tmp_path / "out"), "--sign", str(key),
                      env=os.environ | {"PATH": str(tmp_path / "nothing")})
     assert proc.returncode == 2 and "ssh-keygen is not installed" in proc.stderr, proc.stderr
+
+
+# --- hostile metadata -------------------------------------------------------------------------------
+# Well-formed GGUFs whose header claims what the file cannot be: each gets one sentence naming the
+# file and the key (or tensor), before anything is allocated from the claim.
+
+V = gguf.GGUFValueType
+AS_LIMIT = 3 << 30  # address space of the CLI child: a header's claim allocated would not fit
+
+
+def _limited() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
+
+
+def _inspect_limited(path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgeprune", "inspect", str(path)], capture_output=True, text=True,
+                          preexec_fn=_limited, timeout=120)
+
+
+# (overrides, what the sentence says). A deci file: per-layer arrays, as DECI describes (4 layers).
+METADATA = {
+    "block-count-huge": ({"deci.block_count": (2**32 - 1, V.UINT32)}, "deci.block_count is 4294967295, outside 0..512"),
+    "block-count-u64": ({"deci.block_count": (2**62, V.UINT64)}, f"deci.block_count is {2**62}, outside 0..512"),
+    "block-count-inf": ({"deci.block_count": (float("inf"), V.FLOAT32)}, "deci.block_count is inf, not an integer"),
+    "block-count-nan": ({"deci.block_count": (float("nan"), V.FLOAT64)}, "deci.block_count is nan, not an integer"),
+    "block-count-string": ({"deci.block_count": ("4", V.STRING)}, "deci.block_count is '4', not an integer"),
+    "block-count-bool": ({"deci.block_count": (True, V.BOOL)}, "deci.block_count is True, not an integer"),
+    # a llama file holds one head count for all layers: a reader that spreads it over block_count
+    # layers builds a list of 4 billion entries
+    "llama-block-count-huge": ({"general.architecture": ("llama", V.STRING), "llama.block_count": (2**32 - 1, V.UINT32),
+                                "llama.attention.head_count": (4, V.UINT32)},
+                               "llama.block_count is 4294967295, outside 0..512"),
+    "head-count-negative": ({"deci.attention.head_count": ([4, 0, -4, 2], V.ARRAY)},
+                            "deci.attention.head_count is -4, outside 0..4294967295"),
+    "head-count-absurd": ({"deci.attention.head_count": ([4, 0, 4, 2**30], V.ARRAY),
+                           "deci.attention.head_count_kv": ([2, 0, 2, 2**29], V.ARRAY)},
+                          "blk.3.attn_q.weight has shape [64, 32], which does not fit "
+                          "deci.attention.head_count 1073741824"),
+    "head-count-float": ({"deci.attention.head_count": ([4.0, 0.0, 4.0, float("nan")], V.ARRAY)},
+                         "deci.attention.head_count is 4.0, not an integer"),
+    "kv-heads-exceed": ({"deci.attention.head_count_kv": ([8, 0, 2, 1], V.ARRAY)},
+                        "deci.attention.head_count_kv gives layer 0 8 KV heads for 4 query heads"),
+    "embedding-absurd": ({"deci.embedding_length": (2**40, V.UINT64)},
+                         "deci.embedding_length is 1099511627776, outside"),
+    "embedding-wrong": ({"deci.embedding_length": (4096, V.UINT32)},
+                        "token_embd.weight has shape [64, 32], which does not fit deci.embedding_length 4096"),
+    "ffn-absurd": ({"deci.feed_forward_length": ([128, 96, 1, 2**30], V.ARRAY)},
+                   "blk.3.ffn_up.weight has shape [64, 128], which does not fit deci.feed_forward_length 1073741824"),
+    "vocab-absurd": ({"deci.vocab_size": (2**31, V.UINT32)}, "which does not fit deci.embedding_length 64 and a "
+                                                             "vocabulary of 2147483648"),
+    "key-length-inf": ({"deci.attention.key_length": (float("inf"), V.FLOAT32)},
+                       "deci.attention.key_length is inf, not an integer"),
+    "rope-base-nan": ({"deci.rope.freq_base": (float("nan"), V.FLOAT32)},
+                      "deci.rope.freq_base is nan, not a finite positive number"),
+    "context-negative": ({"deci.context_length": (-1, V.INT64)}, "deci.context_length is -1, outside"),
+    "file-type-string": ({"general.file_type": ("F32", V.STRING)}, "general.file_type is 'F32', not an integer"),
+}
+
+INSPECT_ONLY = {"file-type-string"}  # keys the latency model does not read
+
+
+@pytest.mark.parametrize("case", list(METADATA))
+def test_hostile_metadata_values_get_one_sentence(tmp_path, case):
+    overrides, needle = METADATA[case]
+    path = _write_deci(tmp_path / f"{case}.gguf", **DECI, overrides=overrides)
+    proc = _inspect_limited(path)
+    assert_clean_error(proc, f"{path} has malformed metadata: ", needle, "re-export it")
+    assert proc.returncode == 2
+    if case not in INSPECT_ONLY:
+        with pytest.raises(EdgepruneError, match="malformed metadata"):  # the latency model reads the same keys
+            ModelTraffic.from_gguf(path)
+
+
+def _u64_after(data: bytes, marker: bytes, skip: int) -> int:
+    """Offset of the uint64 `skip` bytes after the (only) occurrence of `marker`."""
+    assert data.count(marker) == 1, marker
+    return data.index(marker) + len(marker) + skip
+
+
+def _tensor_info(data: bytes, name: str) -> int:
+    """Offset just past a tensor's name in its tensor info: n_dims u32, dims u64 x n, type u32, offset u64."""
+    return _u64_after(data, name.encode(), 0)
+
+
+# Byte edits of a well-formed file: (offset finder, struct format, value, what the sentence says).
+LENGTHS = {
+    "tensor-count": (lambda d: 8, "<Q", 2**40,
+                     "is truncated or corrupt: its header claims 1099511627776 tensors, more than its"),
+    "kv-count": (lambda d: 16, "<Q", 2**40,
+                 "is truncated or corrupt: its header claims 1099511627776 metadata keys, more than its"),
+    # key, then value type u32 (ARRAY) and item type u32 (STRING), then the array's length
+    "array-length": (lambda d: _u64_after(d, b"tokenizer.ggml.tokens", 8), "<Q", 2**40,
+                     "is truncated or corrupt: tokenizer.ggml.tokens claims 1099511627776 array elements"),
+    "array-length-small": (lambda d: _u64_after(d, b"deci.feed_forward_length", 8), "<Q", 10**6,
+                               "is truncated or corrupt: deci.feed_forward_length claims 1000000 array elements"),
+    "string-length": (lambda d: _u64_after(d, b"general.name", 4), "<Q", 2**40,
+                      "is truncated or corrupt: its metadata (at general.name) needs byte 1099511627"),
+    "tensor-dims": (lambda d: _tensor_info(d, "blk.0.ffn_up.weight") + 4 + 8, "<Q", 2**40,
+                    "is truncated: tensor blk.0.ffn_up.weight's data ends at byte"),
+    "tensor-dims-overflow": (lambda d: _tensor_info(d, "token_embd.weight") + 4, "<QQ", (2**32, 2**32),
+                             "is truncated: tensor token_embd.weight's data ends at byte"),
+    "tensor-offset": (lambda d: _tensor_info(d, "output_norm.weight") + 4 + 8 + 4, "<Q", 2**50,
+                      "is truncated: tensor output_norm.weight's data ends at byte"),
+    "tensor-type": (lambda d: _tensor_info(d, "output_norm.weight") + 4 + 8, "<I", 9999,
+                    "is corrupt: tensor output_norm.weight has unknown type 9999"),
+    "tensor-dims-count": (lambda d: _tensor_info(d, "token_embd.weight"), "<I", 2**31,
+                          "is truncated or corrupt: its metadata (at token_embd.weight) needs byte"),
+}
+
+
+@pytest.mark.parametrize("case", list(LENGTHS))
+def test_lengths_the_file_cannot_hold_get_one_sentence(tmp_path, case):
+    find, fmt, value, needle = LENGTHS[case]
+    path = _write_deci(tmp_path / f"{case}.gguf", **DECI)
+    data = bytearray(path.read_bytes())
+    offset = find(bytes(data))
+    struct.pack_into(fmt, data, offset, *(value if isinstance(value, tuple) else (value,)))
+    path.write_bytes(bytes(data))
+    t0 = time.perf_counter()
+    proc = _inspect_limited(path)
+    assert_clean_error(proc, str(path), needle)
+    assert proc.returncode == 2
+    assert time.perf_counter() - t0 < 60  # refused from the header, not after walking the claim
+    with pytest.raises(EdgepruneError, match=str(path.name)):
+        inspect_gguf(path)
+
+
+def test_a_tensor_beyond_block_count_is_refused(tmp_path):
+    path = _write_deci(tmp_path / "short.gguf", **DECI, overrides={
+        "deci.block_count": (3, V.UINT32), "deci.attention.head_count": ([4, 0, 4], V.ARRAY),
+        "deci.attention.head_count_kv": ([2, 0, 2], V.ARRAY), "deci.feed_forward_length": ([128, 96, 1], V.ARRAY)})
+    with pytest.raises(EdgepruneError, match=r"deci\.block_count is 3, but the file holds tensor blk\.3\."):
+        inspect_gguf(path)
+
+
+def test_a_hostile_gguf_model_is_refused_before_any_work(tmp_path):
+    bad = _write_deci(tmp_path / "hostile.gguf", **DECI, overrides={"deci.block_count": (2**32 - 1, V.UINT32)})
+    with pytest.raises(EdgepruneError, match="deci.block_count is 4294967295"):
+        resolve_source(str(bad))
+    plan = tmp_path / "plan.toml"
+    plan.write_text("drop_layers = [1]\n")
+    for command in (["prune", "--plan", str(plan)], ["build", "--target", "demo"]):
+        out = tmp_path / f"out-{command[0]}"
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "edgeprune", *command, "-m", str(bad), "-o", str(out),
+                               "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=300,
+                              preexec_fn=_limited)
+        assert_clean_error(proc, "hostile.gguf has malformed metadata: deci.block_count is 4294967295")
+        assert proc.returncode == 2
+        assert time.perf_counter() - t0 < 60  # before the reference, the device or a toolchain build
+        assert not out.exists() and not (tmp_path / "cache" / "toolchain").exists()
+
+
+def test_inspect_cli_of_a_good_file_runs_under_the_same_limit(tmp_path):
+    """The limit leaves room for the real thing: the refusals above are not the limit's doing."""
+    proc = _inspect_limited(_write_deci(tmp_path / "good.gguf", **DECI))
+    assert proc.returncode == 0, proc.stderr
+    assert "blk 3: 2 heads / 1 KV / FFN 128" in proc.stdout
+    assert edgeprune("inspect", str(tmp_path / "good.gguf"), "--json").returncode == 0

@@ -125,8 +125,9 @@ def test_embedded_model(embedded_tokenizer_spec):
 HIDDEN, HEAD_DIM, VOCAB = 64, 16, 32
 
 
-def _write_deci(path, heads, kv, ffn, down_value=0.0, plan: str | None = None, block_count=None):
-    """A deci GGUF the way another converter would write one (no edgeprune provenance unless `plan`)."""
+def _write_deci(path, heads, kv, ffn, down_value=0.0, plan: str | None = None, block_count=None, overrides=None):
+    """A deci GGUF the way another converter would write one (no edgeprune provenance unless `plan`).
+    `overrides`: {key: (value, GGUFValueType)} written over the metadata (hostile values)."""
     rng = np.random.default_rng(0)
 
     def mat(rows, cols):
@@ -149,6 +150,8 @@ def _write_deci(path, heads, kv, ffn, down_value=0.0, plan: str | None = None, b
     if plan is not None:
         w.add_string("edgeprune.version", "0.0")
         w.add_string("edgeprune.plan", plan)
+    for key, (value, vtype) in (overrides or {}).items():
+        w.add_key_value(key, value, vtype)
     w.add_tensor("token_embd.weight", mat(VOCAB, HIDDEN))
     for i, (h, k, f) in enumerate(zip(heads, kv, ffn, strict=True)):
         if h:
@@ -250,7 +253,8 @@ def _corrupt(tmp_path, good, kind):
 
 @pytest.mark.parametrize("kind, needle", [
     ("half", "is truncated: tensor"), ("after-header", "is truncated: tensor token_embd.weight"),
-    ("last-byte", "is truncated: tensor"), ("header-only", "truncated or corrupt: its metadata"),
+    ("last-byte", "is truncated: tensor"),
+    ("header-only", "truncated or corrupt: tokenizer.ggml.tokens claims 49152 array elements"),
     ("random", "is corrupt"), ("random-v3", "truncated or corrupt"), ("version-1", "GGUF version 1"),
     ("not-gguf", "is not a GGUF file"), ("empty", "is not a GGUF file"), ("directory", "is not a file"),
     ("missing", "does not exist"),

@@ -16,14 +16,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import gguf
-
 from edgeprune.errors import EdgepruneError
-from edgeprune.gguf_file import is_weight, read_gguf
+from edgeprune.gguf_file import LLAMA_ARCHS, Hparams, hparams, is_weight, read_gguf
 
 TOKEN_EMBD, OUTPUT = "token_embd.weight", "output.weight"
 KV_BYTES = 2  # F16 K/V cache, llama.cpp's default (runtimes/llamacpp.load keeps it)
-_ATTN, _LLM = gguf.Keys.Attention, gguf.Keys.LLM
 # By name, not by shape: llama.cpp's quantizer writes an N x 1 matrix (our placeholder MLP's gate
 # and up) as a vector.
 _MATMUL = re.compile(r"^blk\.\d+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
@@ -50,9 +47,9 @@ class ModelTraffic:
     def from_gguf(cls, path: Path) -> ModelTraffic:
         path = Path(path)
         reader = read_gguf(path)
-        arch = _value(reader, gguf.Keys.General.ARCHITECTURE)
-        if arch not in ("llama", "deci"):
-            raise EdgepruneError(f"{path.name} is a GGUF of architecture {arch!r}; the latency model knows "
+        hp = hparams(reader)  # counts checked against the tensors
+        if hp.arch not in LLAMA_ARCHS:
+            raise EdgepruneError(f"{path.name} is a GGUF of architecture {hp.arch!r}; the latency model knows "
                                  "llama and deci.")
         tensors = {t.name: t for t in reader.tensors}
         if TOKEN_EMBD not in tensors:
@@ -68,7 +65,7 @@ class ModelTraffic:
             weight_bytes += int(t.n_bytes)  # norms and RoPE factors too: read every token, small
             if t is output or _MATMUL.match(t.name) or (is_weight(t) and not _NOT_MATMUL.search(t.name)):
                 flops += 2 * int(t.n_elements)
-        kv_bytes, attn_flops = _attention(reader, arch)
+        kv_bytes, attn_flops = _attention(hp)
         return cls(
             name=path.name,
             weight_bytes_per_token=weight_bytes,
@@ -100,27 +97,10 @@ class ModelTraffic:
         return asdict(self)
 
 
-def _value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    field = reader.get_field(key)
-    return field.contents() if field is not None else default
-
-
-def _per_layer(value: Any, n: int) -> list[int]:
-    """`llama` stores one value for all layers, `deci` one per layer."""
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)] * n
-
-
-def _attention(reader: gguf.GGUFReader, arch: str) -> tuple[int, int]:
+def _attention(hp: Hparams) -> tuple[int, int]:
     """(K+V cache bytes, attention FLOPs) per context position, summed over the layers that attend.
     A `deci` layer with head count 0 has no attention, so it neither caches nor reads K/V."""
-    n = int(_value(reader, _LLM.BLOCK_COUNT.format(arch=arch), 0))
-    heads = _per_layer(_value(reader, _ATTN.HEAD_COUNT.format(arch=arch), 0), n)
-    kv_value = _value(reader, _ATTN.HEAD_COUNT_KV.format(arch=arch))
-    kv_heads = heads if kv_value is None else _per_layer(kv_value, n)
-    hidden = int(_value(reader, _LLM.EMBEDDING_LENGTH.format(arch=arch), 0))
-    default_dim = hidden // max(heads) if max(heads, default=0) else 0  # what llama.cpp assumes when unset
-    k_dim = int(_value(reader, _ATTN.KEY_LENGTH.format(arch=arch), default_dim))
-    v_dim = int(_value(reader, _ATTN.VALUE_LENGTH.format(arch=arch), default_dim))
-    kv_bytes = sum(kv * (k_dim + v_dim) * KV_BYTES for h, kv in zip(heads, kv_heads, strict=True) if h > 0)
-    flops = sum(2 * h * (k_dim + v_dim) for h in heads)  # q.k over k_dim, then p.v over v_dim, per head
+    k_dim, v_dim = hp.head_dim, hp.value_dim
+    kv_bytes = sum(kv * (k_dim + v_dim) * KV_BYTES for h, kv in zip(hp.heads, hp.kv_heads, strict=True) if h > 0)
+    flops = sum(2 * h * (k_dim + v_dim) for h in hp.heads)  # q.k over k_dim, then p.v over v_dim, per head
     return kv_bytes, flops

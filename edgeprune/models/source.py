@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.gguf_file import hparams, read_gguf
 from edgeprune.hashing import sha256_file, sha256_tree
 from edgeprune.models.embedded import MODEL_ID, embedded_gguf
 
@@ -57,6 +58,7 @@ def resolve_source(model: str | None) -> ModelSource:
             raise EdgepruneError(
                 f"--model {model} is a file but not a .gguf; pass a GGUF file or a Hugging Face directory."
             )
+        hparams(read_gguf(path))  # a broken or hostile header is one sentence now, before any work
         return ModelSource("gguf", str(path.resolve()), path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():

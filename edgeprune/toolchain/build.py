@@ -69,15 +69,19 @@ def _cached(entry: Path) -> Binaries | None:
     return Binaries(entry, json.loads(info.read_text())) if info.is_file() else None
 
 
+def cached_binaries(spec: BuildSpec, source: LlamaSource, cache_dir: Path) -> Binaries | None:
+    return _cached(_entry(spec, source, cache_dir))
+
+
 def check_buildable(spec: BuildSpec, cache_dir: Path) -> None:
     """Fail now, not after a long search, if the binaries are neither cached nor buildable here."""
-    if _cached(_entry(spec, llama_source(), cache_dir)) is None:
+    if cached_binaries(spec, llama_source(cache_dir), cache_dir) is None:
         spec.check_tools()
 
 
 def ensure_binaries(spec: BuildSpec, cache_dir: Path, jobs: int | None = None) -> Binaries:
     """The binaries for `spec`, built now if no cache entry has them."""
-    source = llama_source()
+    source = llama_source(cache_dir)
     entry = _entry(spec, source, cache_dir)
     if (found := _cached(entry)) is not None:
         return found
