@@ -172,14 +172,17 @@ for _name, _package, _needed_by in (
 
 
 @check("llama.cpp source", "toolchain build, build (bundle binaries)")
-def _llama_source(_: Path) -> tuple[bool, str, str]:
+def _llama_source(cache_dir: Path) -> tuple[bool, str, str]:
     from edgeprune.errors import EdgepruneError
-    from edgeprune.toolchain.source import llama_source
+    from edgeprune.toolchain.source import find_source
 
     try:
-        return True, llama_source().version, ""
+        path = find_source(cache_dir)
     except EdgepruneError as e:
-        return False, "not found", str(e)
+        return False, "not a source tree", str(e)
+    if path is None:  # not an error: the first bundle build fetches it
+        return True, "not here yet: fetched from the llama-cpp-python sdist with pip on first need", ""
+    return True, str(path), ""
 
 
 @check("cache disk", "build, prune (artifact cache)")
