@@ -164,7 +164,7 @@ def _latency_model_summary(predictor: SearchPredictor, host: Any, estimates: dic
 
 def build(config: BuildConfig) -> BuildResult:
     t_start = time.perf_counter()
-    check_output_dir(config.output_dir, config.force)
+    check_output_dir(config.output_dir, config.force, config.cache_dir, resolve_source(config.model).directory)
     target, profile = config.target, config.profile
     toolchain = spec_for(target)
     check_buildable(toolchain, config.cache_dir)  # a missing cross-compiler fails now, not after the search
