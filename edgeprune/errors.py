@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -26,16 +27,32 @@ _SYSTEM_REFUSALS = {
 }
 
 
-def system_refusal(e: OSError, writing: object = None) -> EdgepruneError | None:
-    """Disk full, read-only or permission denied as one sentence; None for any other OSError, which
+# Rust libraries (safetensors, tokenizers) raise their own exception types for I/O errors, naming the errno.
+_RUST_IO_ERROR = re.compile(r"\(os error (\d+)\)")
+# numpy's tofile (the gguf writer's) reports a short write, a full disk, as an OSError without errno.
+_SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
+
+
+def _errno(e: BaseException) -> int | None:
+    if isinstance(e, OSError) and e.errno is None and _SHORT_WRITE.match(str(e)):
+        return errno.ENOSPC
+    if isinstance(e, OSError):
+        return e.errno
+    match = _RUST_IO_ERROR.search(str(e))
+    return int(match.group(1)) if match else None
+
+
+def system_refusal(e: BaseException, writing: object = None) -> EdgepruneError | None:
+    """Disk full, read-only or permission denied as one sentence; None for any other error, which
     is a bug's and keeps its traceback. A full or read-only disk names `writing`, what was being
     written (a failed write's error often carries no file name); a refused permission names its file."""
-    known = _SYSTEM_REFUSALS.get(e.errno)  # type: ignore[arg-type]
-    if known is None:
+    code = _errno(e)
+    known = _SYSTEM_REFUSALS.get(code)  # type: ignore[arg-type]
+    if known is None or isinstance(e, EdgepruneError):
         return None
     what, advice = known
-    where = writing if writing is not None and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else None
-    return EdgepruneError(f"{what} {where or e.filename or writing or 'a file'}: {advice}.")
+    where = writing if writing is not None and code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else None
+    return EdgepruneError(f"{what} {where or getattr(e, 'filename', None) or writing or 'a file'}: {advice}.")
 
 
 @contextmanager
@@ -43,7 +60,7 @@ def naming_refusals(writing: object) -> Iterator[None]:
     """Inside: a full or read-only disk, or a refused permission, becomes one sentence (see system_refusal)."""
     try:
         yield
-    except OSError as e:
+    except Exception as e:
         refusal = system_refusal(e, writing)
         if refusal is None:
             raise

@@ -212,3 +212,19 @@ def test_output_under_a_file(tmp_path):
     (tmp_path / "file").write_text("x")
     proc = edgeprune("build", "--target", "demo", "-o", str(tmp_path / "file" / "out"))
     assert_clean_error(proc, "is not a directory")
+
+
+def test_unreadable_weights_reach_the_last_resort_handler(tmp_path):
+    """An OSError no code names more precisely: one sentence from cli.main, the traceback only with -vv."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    unreadable(model / "model.safetensors", "weights")
+    plan = tmp_path / "plan.toml"
+    plan.write_text("drop_layers = [1]\n")
+    args = ("prune", "--plan", str(plan), "--model", str(model), "-o", str(tmp_path / "o"))
+    proc = edgeprune(*args, prefix=WITHOUT_DAC_OVERRIDE)
+    assert_clean_error(proc, f"Permission denied for {model / 'model.safetensors'}", "check its permissions")
+    assert proc.returncode == 2 and not (tmp_path / "o").exists()
+    verbose = edgeprune(*args, "-vv", prefix=WITHOUT_DAC_OVERRIDE)
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr and "PermissionError" in verbose.stderr

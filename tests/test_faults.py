@@ -45,7 +45,7 @@ def tiny_model(tmp_path_factory) -> tuple[Path, Path, Path]:
 def _prune(model: tuple[Path, Path, Path], out: Path, cache: Path) -> subprocess.CompletedProcess:
     model_dir, calib, plan = model
     return edgeprune("prune", "--plan", str(plan), "--model", str(model_dir), "--calib", str(calib), "-p", "quick",
-                     "--no-imatrix", "-o", str(out), "--cache-dir", str(cache))
+                     "--no-imatrix", "-q", "-o", str(out), "--cache-dir", str(cache))
 
 
 def _leftovers(root: Path) -> list[str]:

@@ -7,7 +7,7 @@ import json
 import gguf
 import pytest
 import torch
-from test_cli import assert_clean_error, edgeprune
+from test_cli import WITHOUT_DAC_OVERRIDE, assert_clean_error, edgeprune, unreadable
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
@@ -132,3 +132,16 @@ def test_force_replaces_edgeprunes_output_and_nothing_beside_it(tmp_path, cache_
     assert json.loads((out / "report.json").read_text())["plan"] != first["plan"]
     assert (kept / "mine.txt").read_text() == "not edgeprune's"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == [".out.old"]
+
+
+def test_unreadable_calibration_file(tmp_path):
+    from conftest import calibration_text, save_tiny_hf
+
+    model = save_tiny_hf(tmp_path / "tiny")
+    calib = unreadable(tmp_path / "calib.txt", calibration_text())
+    plan = tmp_path / "plan.toml"
+    plan.write_text("drop_layers = [1]\n")
+    proc = edgeprune("prune", "--plan", str(plan), "--model", str(model), "--calib", str(calib), "-p", "quick", "-q",
+                     "-o", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), prefix=WITHOUT_DAC_OVERRIDE)
+    assert_clean_error(proc, "Cannot read --calib", "calib.txt", "Permission denied")
+    assert proc.returncode == 2 and not (tmp_path / "out").exists()
