@@ -39,6 +39,7 @@ from edgeprune.quantize import QuantSpec
 from edgeprune.report import outcome_to_dict
 from edgeprune.search import Candidate, SearchOutcome, SearchPredictor, SearchSpace, State, greedy_search
 from edgeprune.search.predict import device_latency_model, target_estimates
+from edgeprune.signing import check_signing_key
 from edgeprune.stages import StageRunner
 from edgeprune.toolchain import BuildSpec, check_buildable, ensure_binaries, spec_for
 
@@ -58,6 +59,7 @@ class BuildConfig(BaseModel):
     cache_dir: Path
     trust_remote_code: bool = False
     force: bool = False
+    sign_key: Path | None = None  # an OpenSSH private key: the bundle's manifest is signed with it
 
 
 @dataclass
@@ -165,6 +167,8 @@ def _latency_model_summary(predictor: SearchPredictor, host: Any, estimates: dic
 def build(config: BuildConfig) -> BuildResult:
     t_start = time.perf_counter()
     check_output_dir(config.output_dir, config.force, config.cache_dir, resolve_source(config.model).directory)
+    if config.sign_key is not None:
+        check_signing_key(config.sign_key)  # an unusable key fails now, not after the search
     target, profile = config.target, config.profile
     toolchain = spec_for(target)
     check_buildable(toolchain, config.cache_dir)  # a missing cross-compiler fails now, not after the search
@@ -272,5 +276,6 @@ def _build(config: BuildConfig, target: Target, profile: Profile, toolchain: Bui
         binaries = ensure_binaries(toolchain, config.cache_dir)
         runner.timings["toolchain"] = time.perf_counter() - t0
     report["timings_s"] = runner.timings | {"total": time.perf_counter() - t_start}
-    write_output(config.output_dir, outcome, report, reference, target, config.force, binaries)
+    write_output(config.output_dir, outcome, report, reference, target, config.force, binaries,
+                 config.sign_key)
     return BuildResult(config.output_dir, outcome, report)

@@ -22,19 +22,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
 from edgeprune import __version__
-from edgeprune.config import Target
+from edgeprune.atomic import TMP_PREFIX
+from edgeprune.config import SLO, Hardware, Target
 from edgeprune.errors import EdgepruneError, naming_refusals
 from edgeprune.hashing import sha256_file
 from edgeprune.models import Reference
 from edgeprune.report import render_markdown
 from edgeprune.runtimes import llamacpp
 from edgeprune.search import SearchOutcome
+from edgeprune.signing import SIGNATURE_SUFFIX, sign_file
 from edgeprune.toolchain import TOOLS, Binaries
 
 MANIFEST = "manifest.json"
+SIGNATURE = MANIFEST + SIGNATURE_SUFFIX
 # Files whose content depends on measured timings: rebuilding changes them, so the manifest keeps
 # their hashes apart from the reproducible ones, in its `run` field.
 MEASURED_FILES = ("README.md", "report.json", "report.md")
@@ -71,16 +76,17 @@ def check_output_dir(path: Path, force: bool, cache_dir: Path | None = None, mod
 
 
 def _not_edgeprunes(path: Path) -> str | None:
-    """Why `path` is not an output edgeprune wrote (its manifest.json lists every file), or None."""
+    """Why `path` is not an output edgeprune wrote (its manifest.json lists every file but itself, its
+    signature and an interrupted writer's leftovers), or None."""
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         manifest = None
     if not isinstance(manifest, dict) or "edgeprune_version" not in manifest:
         return "was not written by edgeprune (it has no edgeprune manifest.json)"
-    listed = {*manifest_hashes(manifest), MANIFEST}
+    listed = {*manifest_hashes(manifest), MANIFEST, SIGNATURE}
     others = sorted(str(p.relative_to(path)) for p in path.rglob("*") if not p.is_dir()
-                    and str(p.relative_to(path)) not in listed)
+                    and str(p.relative_to(path)) not in listed and not p.name.startswith(TMP_PREFIX))
     return f"holds files edgeprune did not write ({', '.join(others[:3])})" if others else None
 
 
@@ -92,7 +98,7 @@ def _check_writable(path: Path, parent: Path) -> None:
         raise EdgepruneError(f"Cannot create output {path}: {existing} is not a directory; choose another "
                              "-o/--output-dir.")
     try:
-        Path(tempfile.mkdtemp(prefix=".edgeprune-probe-", dir=existing)).rmdir()
+        Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=existing)).rmdir()
     except OSError as e:
         raise EdgepruneError(f"Cannot write output {path}: {existing} refuses new files ({e.strerror}); choose "
                              "another -o/--output-dir.") from None
@@ -166,7 +172,7 @@ def file_hashes(directory: Path) -> dict[str, str]:
 
 
 def write_output(out: Path, outcome: SearchOutcome, report: dict[str, Any], reference: Reference,
-                 target: Target, force: bool, binaries: Binaries | None = None) -> None:
+                 target: Target, force: bool, binaries: Binaries | None = None, sign_key: Path | None = None) -> None:
     with staged_output(out, force) as tmp:
         selected = outcome.selected
         model = None
@@ -199,6 +205,52 @@ def write_output(out: Path, outcome: SearchOutcome, report: dict[str, Any], refe
             "run": {"created": report["created"], "files": {k: v for k, v in hashes.items() if k in MEASURED_FILES}},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if sign_key is not None:
+            sign_manifest(tmp, sign_key)
+
+
+def sign_manifest(bundle: Path, key: Path) -> Path:
+    """manifest.json.sig: the manifest (the sha256 of every file) signed with an OpenSSH private key."""
+    return sign_file(bundle / MANIFEST, key)
+
+
+def _bundle_path(name: str) -> str:
+    if name.startswith("/") or any(part in ("", ".", "..") for part in name.split("/")):
+        raise ValueError(f"{name!r} is not a plain relative path inside the bundle")
+    return name
+
+
+BundlePath = Annotated[str, AfterValidator(_bundle_path)]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Open(BaseModel):
+    # The manifest carries free-form records (plan, tools, ...): only the fields verify reads are checked.
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class ManifestRun(_Open):
+    files: dict[BundlePath, Sha256] = {}
+
+
+class ManifestToolchain(_Open):
+    arch: str
+    llama_cpp: str
+
+
+class ManifestTarget(_Open):
+    name: str
+    hardware: Hardware
+    slo: SLO
+
+
+class Manifest(_Open):
+    """What `verify` reads of manifest.json."""
+
+    files: dict[BundlePath, Sha256]
+    run: ManifestRun = ManifestRun()
+    toolchain: ManifestToolchain | None = None
+    target: ManifestTarget | None = None
 
 
 def manifest_hashes(manifest: dict[str, Any]) -> dict[str, str]:

@@ -44,12 +44,15 @@ def cli() -> None:
               help="Override the SLO: required speed-up over the unpruned model.")
 @click.option("-p", "--profile", "profile_name", default="default", show_default=True,
               help="Search profile name or .toml path.")
+@click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None,
+              help="OpenSSH private key: sign the bundle's manifest.json with it (manifest.json.sig).")
 @input_options
 @device_options
 @logging_options
 def build(target_name: str, model: str | None, calib: Path | HFDataset | None, output_dir: Path | None,
-          latency_budget: float | None, speedup: float | None, profile_name: str, cache_dir: Path | None,
-          force: bool, trust_remote_code: bool, device_overrides: dict, calibration_overrides: dict) -> None:
+          latency_budget: float | None, speedup: float | None, profile_name: str, sign_key: Path | None,
+          cache_dir: Path | None, force: bool, trust_remote_code: bool, device_overrides: dict,
+          calibration_overrides: dict) -> None:
     """Search pruning + quantization candidates until one meets the target's SLO; write it out.
 
     --latency-budget and --speedup replace the target's latency criteria (giving one drops the other).
@@ -69,6 +72,7 @@ def build(target_name: str, model: str | None, calib: Path | HFDataset | None, o
         cache_dir=cache_dir or default_cache_dir(),
         trust_remote_code=trust_remote_code,
         force=force,
+        sign_key=sign_key,
     )
     result = run_build(config)
     print_summary(result)
@@ -265,15 +269,19 @@ def toolchain_build(target_name: str, cache_dir: Path | None, jobs: int | None) 
               help="Tokens of the greedy answer compared with the host's.")
 @click.option("-r", "--repetitions", type=click.IntRange(min=1, max=100), default=3, show_default=True,
               help="Timed runs of the SLO workload (on a device of the target's architecture).")
+@click.option("--trusted-key", type=click.Path(path_type=Path), default=None,
+              help="OpenSSH public key (or allowed_signers file): the manifest must be signed by it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @device_options
 @logging_options
-def verify(bundle: Path, answer_tokens: int, repetitions: int, as_json: bool, device_overrides: dict) -> None:
-    """Check a bundle's checksums, run its binaries on a device (their greedy answer must equal the host's),
-    and on the target's hardware time the SLO workload against the budget.
+def verify(bundle: Path, answer_tokens: int, repetitions: int, trusted_key: Path | None, as_json: bool,
+           device_overrides: dict) -> None:
+    """Check a bundle's signature (with --trusted-key) and checksums, run its binaries on a device (the host
+    must rate each token of their greedy answer within its top 5 and 1 logit of its best), and on the target's
+    hardware time the SLO workload against the budget.
 
     Default device: this machine if it has the bundle's architecture, else its emulator (qemu-aarch64).
-    Exit status 0: verified (PASS); 1: a file differs, the answer differs, or the budget is missed; 2: bad input.
+    Exit status 0: verified (PASS); 1: the signature, a file, the answer or the budget fails; 2: bad input.
     """
     import json
 
@@ -284,7 +292,7 @@ def verify(bundle: Path, answer_tokens: int, repetitions: int, as_json: bool, de
     url = device_overrides.pop("url")
     config = DeviceConfig().overridden(url, **device_overrides) if url or any(device_overrides.values()) else None
     try:
-        r = run_verify(bundle, config, answer_tokens, repetitions=repetitions)
+        r = run_verify(bundle, config, answer_tokens, repetitions=repetitions, trusted_key=trusted_key)
     except VerificationFailed as e:
         click.echo(f"FAIL: {e}", err=True)
         sys.exit(1)
@@ -292,14 +300,15 @@ def verify(bundle: Path, answer_tokens: int, repetitions: int, as_json: bool, de
         click.echo(json.dumps(r.to_dict(), indent=1))
         return
     speed = f", {r.device_decode_tok_s:.1f} tok/s decode" if r.device_decode_tok_s else ""
+    click.echo(f"Signature:  {r.signature}")
     click.echo(f"Files:      {r.files_checked} match manifest.json")
     click.echo(f"Binaries:   {', '.join(r.tools)} run on {r.device} ({r.arch})")
-    if r.near_tie is None:
-        agree = f"{len(r.host_tokens)} greedy tokens equal to the host's"
-    else:
-        t = r.near_tie
-        agree = (f"equal to the host's for {t['token']} tokens, then a near-tie ({t['device']!r} vs the host's "
-                 f"{t['host']!r}, {t['logit_gap']:.3f} logits apart: kernel rounding)")
+    a = r.agreement
+    agree = f"{a['positions']} greedy tokens, {a['top1']} of them the host's first choice"
+    if a["top1"] < a["positions"]:
+        w = a["worst"]
+        agree += (f", the rest within its top {a['top_k']} and {a['gap_allowed']:g} logit (largest gap "
+                  f"{a['max_gap']:.3f} at token {w['token']}: {w['device']!r} where the host prefers {w['host']!r})")
     click.echo(f"Answer:     {agree}, in {r.device_seconds:.1f} s{speed}: {r.prompt!r} -> {r.device_text!r}")
     if r.slo is None:
         click.echo(f"Budget:     not judged: {r.slo_skipped}")
@@ -308,7 +317,7 @@ def verify(bundle: Path, answer_tokens: int, repetitions: int, as_json: bool, de
         click.echo(f"Budget:     {r.slo['budget']['description']}: p90 {s['latency_p90_s']:.3f} s, TTFT "
                    f"{s['ttft_p50_s'] * 1000:.0f} ms, {s['decode_tok_s_p50']:.1f} tok/s decode, peak RSS "
                    f"{r.slo['peak_rss_bytes'] / MIB:.0f} MiB ({s['repetitions']} runs, {r.slo['threads']} threads); "
-                   "written to report.json")
+                   + ("written to report.json" if r.written_back else "not written into the signed bundle"))
     click.echo(f"PASS:       {r.bundle} verified on {r.device} in {r.seconds:.1f} s")
 
 
@@ -344,6 +353,35 @@ def bench(model: Path, target_name: str, baseline: Path | None, repetitions: int
     else:
         print_bench(r)
     if r.verdict not in (MEETS, EMULATED, "no criterion to judge"):
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--runtime-only", is_flag=True,
+              help="Only check that the runtime decodes correctly (what `make install` runs).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Cache to check (and keep the decode test's files in). "
+                   "Default: $EDGEPRUNE_CACHE or ~/.cache/edgeprune.")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+@logging_options
+def doctor(runtime_only: bool, cache_dir: Path | None, as_json: bool) -> None:
+    """Check what each command needs, and that llama.cpp decodes quantized models correctly on this CPU.
+
+    Exit status 0: everything is there; 1: something a command needs is missing or broken (each with its fix).
+    """
+    from edgeprune.build import default_cache_dir
+    from edgeprune.doctor import diagnose, to_json
+
+    findings = diagnose(cache_dir or default_cache_dir(), runtime_only)
+    if as_json:
+        click.echo(to_json(findings))
+    else:
+        width = max(len(f.name) for f in findings)
+        for f in findings:
+            click.echo(f"{'ok' if f.ok else 'MISSING':<8} {f.name:<{width}}  {f.detail}")
+            if not f.ok:
+                click.echo(f"{'':<8} {'':<{width}}  needed by: {f.needed_by}; fix: {f.fix}")
+    if not all(f.ok for f in findings):
         sys.exit(1)
 
 

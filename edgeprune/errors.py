@@ -16,6 +16,10 @@ class BudgetNotMet(EdgepruneError):
     """The search ended without a candidate within the target's budget."""
 
 
+class VerificationFailed(EdgepruneError):
+    """A bundle is not intact, not authentic, or does not run correctly on its device."""
+
+
 # errno -> what the user is told when the system refuses a write (or, for permissions, any access).
 _ELSEWHERE = "--cache-dir/--output-dir elsewhere"
 _SYSTEM_REFUSALS = {

@@ -108,9 +108,10 @@ def test_verify_under_qemu_matches_the_host(bundle):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["device"] == "qemu-aarch64" and result["arch"] == "aarch64"
-    assert len(result["host_tokens"]) > 0 and result["device_text"] == result["host_text"]
-    if len(result["host_tokens"]) == 16:  # no end-of-generation token: llama.cpp evaluated 15 after the prompt
-        assert result["device_decode_runs"] == 15
+    assert len(result["host_tokens"]) > 0 and result["device_text"].strip()
+    a = result["agreement"]  # every device token within the host's top 5 and 1 logit of its best
+    assert a["failure"] == "" and a["positions"] >= 1 and a["max_gap"] <= a["gap_allowed"] == 1.0
+    assert result["signature"] == "unsigned"
     assert result["device_decode_tok_s"] > 0
     assert result["host_text"].strip()
     assert set(result["tools"]) == set(TOOLS)

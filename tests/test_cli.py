@@ -228,3 +228,20 @@ def test_unreadable_weights_reach_the_last_resort_handler(tmp_path):
     assert proc.returncode == 2 and not (tmp_path / "o").exists()
     verbose = edgeprune(*args, "-vv", prefix=WITHOUT_DAC_OVERRIDE)
     assert verbose.returncode == 2 and "Traceback" in verbose.stderr and "PermissionError" in verbose.stderr
+
+
+def test_force_accepts_edgeprunes_own_output_signed_or_with_a_writers_leftovers(tmp_path):
+    import json
+
+    from edgeprune.bundle import check_output_dir
+    from edgeprune.errors import EdgepruneError
+
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "model.gguf").write_bytes(b"GGUF")
+    (out / "manifest.json").write_text(json.dumps({"edgeprune_version": "0.1.0", "files": {"model.gguf": "ab" * 32}}))
+    (out / "manifest.json.sig").write_text("signature")
+    (out / ".edgeprune-tmp-k3j2x1").write_text("{half")  # what a killed verify leaves
+    check_output_dir(out, force=True)
+    with pytest.raises(EdgepruneError, match="not empty"):
+        check_output_dir(out, force=False)

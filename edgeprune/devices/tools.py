@@ -34,7 +34,7 @@ exit $rc
 _PEAK = re.compile(r"^edgeprune-peak-rss-kib (\d+)$", re.M)
 _EVAL = re.compile(r"\beval time =\s*([\d.]+) ms /\s*(\d+) runs.*?([\d.]+) tokens per second")
 _PROMPT_EVAL = re.compile(r"prompt eval time =\s*([\d.]+) ms /\s*(\d+) tokens.*?([\d.]+) tokens per second")
-_END_OF_TEXT = " [end of text]\n"
+_END_OF_TEXT = b" [end of text]\n"
 
 
 def run_with_peak_rss(device: Device, argv: list[str], what: str) -> tuple[str, str, int]:
@@ -100,7 +100,8 @@ def bench_with_tools(device: Device, model: Path, workload: Workload, baseline: 
 
 @dataclass
 class Completion:
-    text: str  # the answer exactly as llama-completion prints it
+    output: bytes  # the answer exactly as llama-completion prints it
+    text: str  # the same, decoded (a character cut by the last token shows as U+FFFD)
     decode_runs: int | None  # llama.cpp's eval count after the prompt
     decode_tok_s: float | None
     prefill_tok_s: float | None
@@ -114,10 +115,10 @@ def greedy_completion(device: Device, model: Path, prompt: str, answer_tokens: i
             "--temp", "0", "--seed", "0", "-t", str(threads), "-c", str(answer_tokens + 256), "-no-cnv",
             "--no-display-prompt", "--simple-io", "--no-warmup"]
     proc = device.exec(device.tool(argv), "llama-completion")
-    stdout, stderr = proc.stdout.decode("utf-8", errors="replace"), proc.stderr.decode(errors="replace")
+    stderr = proc.stderr.decode(errors="replace")
     # llama-completion ends its output with " [end of text]\n" after an end-of-generation token, then "\n\n".
-    result = Completion(stdout.removesuffix("\n\n").removesuffix(_END_OF_TEXT), None, None, None,
-                        time.perf_counter() - t0)
+    output = proc.stdout.removesuffix(b"\n\n").removesuffix(_END_OF_TEXT)
+    result = Completion(output, output.decode("utf-8", errors="replace"), None, None, None, time.perf_counter() - t0)
     if m := _EVAL.search(stderr):
         result.decode_runs, result.decode_tok_s = int(m.group(2)), float(m.group(3))
     if m := _PROMPT_EVAL.search(stderr):

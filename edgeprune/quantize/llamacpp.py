@@ -98,8 +98,8 @@ def _overrides_array(overrides: Sequence[Override]) -> ctypes.Array:
 
 
 def quantize(src: Path, dst: Path, qtype: str, threads: int, imatrix: Mapping[str, np.ndarray] | None = None,
-             overrides: Sequence[Override] = ()) -> None:
-    """Quantize `src` (an F32/F16 GGUF) into `dst`, atomically.
+             overrides: Sequence[Override] = (), requantize: bool = False) -> None:
+    """Quantize `src` (an F32/F16 GGUF; any GGUF with `requantize`) into `dst`, atomically.
 
     `imatrix`: GGUF tensor name -> mean of x^2 per input column, which weights the rounding error
     of each column. `overrides`: (regex, ggml type) pairs, first match wins; a matching tensor skips
@@ -114,6 +114,7 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int, imatrix: Mapping[st
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_FTYPES[qtype])
     params.nthread = threads
+    params.allow_requantize = requantize
     keep: list = []  # the buffers the params point into must outlive the call
     if imatrix:
         _check_imatrix(src, imatrix)

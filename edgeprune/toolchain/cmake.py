@@ -13,6 +13,7 @@ from pathlib import Path
 from edgeprune.config import Target, shipped_dir
 from edgeprune.devices import host_arch
 from edgeprune.errors import EdgepruneError
+from edgeprune.toolchain.baseline import X86_LEVELS, x86_options
 
 # Triple -> (architecture, Debian package with the C++ cross compiler). The C compiler's package
 # is the same name with gcc.
@@ -21,16 +22,6 @@ TRIPLES = {
     "arm-linux-gnueabihf": ("armv7l", "g++-arm-linux-gnueabihf"),
     "x86_64-linux-gnu": ("x86_64", "g++"),
 }
-
-# x86-64 micro-architecture levels -> ggml's instruction-set switches. With GGML_NATIVE=OFF ggml
-# otherwise turns AVX2/FMA/F16C on, which an x86-64-v2 device cannot execute.
-_X86_LEVELS = {
-    "x86-64": (),
-    "x86-64-v2": ("SSE42",),
-    "x86-64-v3": ("SSE42", "AVX", "AVX2", "BMI2", "FMA", "F16C"),
-    "x86-64-v4": ("SSE42", "AVX", "AVX2", "BMI2", "FMA", "F16C", "AVX512"),
-}
-_X86_SWITCHES = ("SSE42", "AVX", "AVX2", "BMI2", "FMA", "F16C", "AVX512")
 
 COMMON_OPTIONS = {
     "CMAKE_BUILD_TYPE": "Release",
@@ -82,9 +73,7 @@ class BuildSpec:
         if self.arch in ("aarch64", "armv7l"):
             options["GGML_CPU_ARM_ARCH"] = self.cpu_flags  # becomes -march for ggml's CPU backend
         else:
-            enabled = _X86_LEVELS[self.cpu_flags]
-            options |= {f"GGML_{s}": "ON" if s in enabled else "OFF" for s in _X86_SWITCHES}
-            options["CMAKE_C_FLAGS"] = options["CMAKE_CXX_FLAGS"] = f"-march={self.cpu_flags}"
+            options |= x86_options(self.cpu_flags)
         if self.toolchain_file is not None:
             options["CMAKE_TOOLCHAIN_FILE"] = str(self.toolchain_file)
         return options
@@ -116,9 +105,9 @@ def spec_for(target: Target) -> BuildSpec:
             f"Target {target.name}: toolchain triple {triple} builds for {TRIPLES[triple][0]}, but the hardware "
             f"arch is {target.hardware.arch}; make them agree."
         )
-    if TRIPLES[triple][0] == "x86_64" and flags not in _X86_LEVELS:
+    if TRIPLES[triple][0] == "x86_64" and flags not in X86_LEVELS:
         raise EdgepruneError(
             f"Target {target.name}: cpu_flags {flags!r} is not an x86-64 level edgeprune can build for; use one of "
-            f"{', '.join(_X86_LEVELS)}."
+            f"{', '.join(X86_LEVELS)}."
         )
     return BuildSpec(triple, flags)
