@@ -166,7 +166,7 @@ def _latency_model_summary(predictor: SearchPredictor, host: Any, estimates: dic
 
 def build(config: BuildConfig) -> BuildResult:
     t_start = time.perf_counter()
-    check_output_dir(config.output_dir, config.force)
+    check_output_dir(config.output_dir, config.force, config.cache_dir, resolve_source(config.model).directory)
     if config.sign_key is not None:
         check_signing_key(config.sign_key)  # an unusable key fails now, not after the search
     target, profile = config.target, config.profile

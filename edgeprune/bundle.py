@@ -27,8 +27,9 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
 from edgeprune import __version__
+from edgeprune.atomic import TMP_PREFIX
 from edgeprune.config import SLO, Hardware, Target
-from edgeprune.errors import EdgepruneError
+from edgeprune.errors import EdgepruneError, naming_refusals
 from edgeprune.hashing import sha256_file
 from edgeprune.models import Reference
 from edgeprune.report import render_markdown
@@ -45,13 +46,62 @@ MEASURED_FILES = ("README.md", "report.json", "report.md")
 MIB = 1 << 20
 
 
-def check_output_dir(path: Path, force: bool) -> None:
+def check_output_dir(path: Path, force: bool, cache_dir: Path | None = None, model_dir: Path | None = None) -> None:
+    """Refuse, before any work, an output directory that cannot be written or must not be replaced.
+
+    The output is replaced whole at the end, so it may hold neither the current directory, the
+    cache nor the source model; --force replaces only an empty directory or one that edgeprune wrote.
+    """
+    resolved = path.resolve()
+    if path.name in ("", ".", "..") or resolved == resolved.parent:
+        raise EdgepruneError(f"Output {path} names no directory of its own; give a new directory, e.g. -o out/model.")
+    if Path.cwd().resolve().is_relative_to(resolved):
+        raise EdgepruneError(f"Output {path} is the current directory or holds it, and the output directory is "
+                             "replaced whole; give a new directory, e.g. -o out/model.")
+    for label, kept in (("the cache directory", cache_dir), ("the model's directory", model_dir)):
+        if kept is not None and kept.resolve().is_relative_to(resolved):
+            raise EdgepruneError(f"Output {path} would replace {label} ({kept}); choose another -o/--output-dir.")
     if path.exists() and not path.is_dir():
         raise EdgepruneError(f"Output {path} exists and is not a directory; choose another -o/--output-dir.")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise EdgepruneError(f"Output directory {path} is not empty; pass --force to replace it or choose another.")
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir() and os.path.ismount(path):
+        raise EdgepruneError(f"Output {path} is a mount point, which cannot be replaced; give a directory inside it.")
+    if path.is_dir() and any(path.iterdir()):
+        if not force:
+            raise EdgepruneError(f"Output directory {path} is not empty; pass --force to replace it or choose another.")
+        foreign = _not_edgeprunes(path)
+        if foreign:
+            raise EdgepruneError(f"Output directory {path} {foreign}, and --force replaces only edgeprune's own "
+                                 "outputs; empty it or choose another -o/--output-dir.")
+    _check_writable(path, resolved.parent)
+
+
+def _not_edgeprunes(path: Path) -> str | None:
+    """Why `path` is not an output edgeprune wrote (its manifest.json lists every file but itself, its
+    signature and an interrupted writer's leftovers), or None."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or "edgeprune_version" not in manifest:
+        return "was not written by edgeprune (it has no edgeprune manifest.json)"
+    listed = {*manifest_hashes(manifest), MANIFEST, SIGNATURE}
+    others = sorted(str(p.relative_to(path)) for p in path.rglob("*") if not p.is_dir()
+                    and str(p.relative_to(path)) not in listed and not p.name.startswith(TMP_PREFIX))
+    return f"holds files edgeprune did not write ({', '.join(others[:3])})" if others else None
+
+
+def _check_writable(path: Path, parent: Path) -> None:
+    """The output's parent exists or can be created, and takes a new directory (probed: for root,
+    only a real write tells a read-only mount)."""
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise EdgepruneError(f"Cannot create output {path}: {existing} is not a directory; choose another "
+                             "-o/--output-dir.")
+    try:
+        Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=existing)).rmdir()
+    except OSError as e:
+        raise EdgepruneError(f"Cannot write output {path}: {existing} refuses new files ({e.strerror}); choose "
+                             "another -o/--output-dir.") from None
 
 
 def tool_versions() -> dict[str, str]:
@@ -71,23 +121,39 @@ def model_filename(model_id: str, quant: str) -> str:
 
 @contextmanager
 def staged_output(out: Path, force: bool) -> Iterator[Path]:
-    """A temporary sibling of `out` to fill; it replaces `out` only if the block completes."""
+    """A temporary sibling of `out` to fill; it replaces `out` only if the block completes.
+    A full or read-only disk is reported naming `out`; nothing half-written stays behind."""
     check_output_dir(out, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    with naming_refusals(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            yield tmp
+            _default_permissions(tmp)
+            if out.exists():
+                _replace(out, tmp)
+            else:
+                tmp.rename(out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _replace(out: Path, new: Path) -> None:
+    """Swap `new` in for the directory `out`. The old one moves onto an empty directory made for it
+    (a name no one else uses), so nothing but `out` itself is ever removed."""
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     try:
-        yield tmp
-        _default_permissions(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        out.rename(old)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        old.rmdir()
         raise
+    try:
+        new.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _default_permissions(root: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,8 +19,8 @@ from edgeprune.cli_options import (
     with_device,
 )
 from edgeprune.cli_output import print_bench, print_summary
-from edgeprune.config import Target, available, load_profile, load_target
-from edgeprune.errors import BudgetNotMet, EdgepruneError
+from edgeprune.config import Target, available, find, load_profile, load_target
+from edgeprune.errors import BudgetNotMet, EdgepruneError, system_refusal
 
 if TYPE_CHECKING:
     from edgeprune.data import HFDataset
@@ -86,7 +87,8 @@ def build(target_name: str, model: str | None, calib: Path | HFDataset | None, o
 
 
 @cli.command()
-@click.option("--plan", "plan_path", type=click.Path(path_type=Path), default=None,
+# readable=False: an unreadable plan is load_plan_spec's one sentence, not click's usage error.
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path, readable=False), default=None,
               help="Plan file (.toml or .json): layers to drop, heads / FFN channels / sublayers to keep.")
 @click.option("--method", default=None,
               help="A structured method (block-influence, angular-distance, loss-increase: layers or sublayers; "
@@ -175,8 +177,7 @@ def prune(plan_path: Path | None, method: str | None, output_dir: Path, model: s
                    + (f" (peak RSS {peak / MIB:.0f} MiB)" if peak else "")
                    + f"; {sp['gguf']['decoder_zero_share'] * 100:.1f}% still zero in the {sp['gguf']['quant']} GGUF"
                    + " (no speed-up in llama.cpp)")
-    click.echo(f"HF:         {r.hf_dir}" if r.hf_dir else
-               "HF:         none (layers differ in shape; plain transformers cannot hold the model)")
+    click.echo(f"HF:         {r.hf_dir}" if r.hf_dir else f"HF:         none: {r.hf_note}; the GGUF holds the model")
 
 
 @cli.command()
@@ -230,7 +231,7 @@ def targets(ctx: click.Context) -> None:
 def targets_show(name: str) -> None:
     """Print one target: its file and validated contents."""
     target = load_target(name)
-    path = Path(name) if name.endswith(".toml") else available("targets")[name]
+    path = find("targets", name)
     click.echo(f"# {target.name}: {path}")
     click.echo(path.read_text(encoding="utf-8").rstrip())
 
@@ -448,3 +449,10 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
+    except OSError as e:  # last resort: a full disk or a refused write the code did not name more precisely
+        refusal = system_refusal(e)
+        if refusal is None:
+            raise  # anything else is a bug: keep its traceback
+        logging.getLogger(__name__).debug("traceback of the error below (-vv)", exc_info=True)
+        click.echo(f"error: {refusal}", err=True)
+        sys.exit(2)

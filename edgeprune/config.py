@@ -264,7 +264,8 @@ def first_error(e: ValidationError) -> str:
     return f"'{where}': {msg}" if where else msg
 
 
-def _load(kind: str, schema: type[Strict], name_or_path: str) -> Strict:
+def find(kind: str, name_or_path: str) -> Path:
+    """The file a target or profile name (or a .toml path, or any path with a directory) stands for."""
     path = Path(name_or_path)
     if not (path.suffix == ".toml" or os.sep in name_or_path):
         known = available(kind)
@@ -276,10 +277,17 @@ def _load(kind: str, schema: type[Strict], name_or_path: str) -> Strict:
         path = known[name_or_path]
     if not path.is_file():
         raise EdgepruneError(f"{kind[:-1].capitalize()} file {path} does not exist.")
+    return path
+
+
+def _load(kind: str, schema: type[Strict], name_or_path: str) -> Strict:
+    path = find(kind, name_or_path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise EdgepruneError(f"{path} is not valid TOML ({e}); fix the syntax.") from None
+    except OSError as e:
+        raise EdgepruneError(f"Cannot read {kind[:-1]} file {path} ({e.strerror}); check its permissions.") from None
     if "name" in data:
         raise EdgepruneError(f"{path}: remove the 'name' key; the file name ({path.stem}) is the name.")
     try:

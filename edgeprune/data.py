@@ -160,6 +160,8 @@ def _read_documents(path: Path, tokenizer: Any) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise EdgepruneError(f"--calib {path} is not UTF-8 text; pass a .txt or .jsonl file.") from None
+    except OSError as e:
+        raise EdgepruneError(f"Cannot read --calib {path} ({e.strerror}); check its permissions.") from None
     if path.suffix != ".jsonl":
         docs = [d.strip() for d in text.split("\n\n")]
         return [d for d in docs if d]

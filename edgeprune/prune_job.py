@@ -32,7 +32,7 @@ from edgeprune.pipeline import (
     importance_of,
     pruned_model,
 )
-from edgeprune.prune import LayerShape, ModelShape, Plan
+from edgeprune.prune import LayerShape, ModelShape, Plan, pruned_config
 from edgeprune.prune.spec import PlanSpec, check, load_plan_spec, resolve
 from edgeprune.quantize import QUANT_FTYPES, RECIPES, QuantSpec
 from edgeprune.stages import StageRunner
@@ -85,23 +85,27 @@ class PruneResult:
     quality: Quality
     reference_perplexity: float
     hf_dir: Path | None
+    hf_note: str | None  # why there is no HF checkpoint
     sparsity: dict[str, Any] | None  # the sparse stage's report, + zeros kept in the GGUF
     structured: dict[str, Any] | None = None  # the structured method, and what its analysis cost
 
 
 def prune(config: PruneConfig) -> PruneResult:
-    check_output_dir(config.output_dir, config.force)
+    source = resolve_source(config.model)
+    check_output_dir(config.output_dir, config.force, config.cache_dir, source.directory)
     spec = load_plan_spec(config.plan) if config.plan else PlanSpec()  # a bad plan fails before the model loads
     runner = StageRunner(config.cache_dir / "stages")
-    reference = load_reference(resolve_source(config.model), config.cache_dir, config.trust_remote_code)
+    reference = load_reference(source, config.cache_dir, config.trust_remote_code)
     shape = ModelShape.from_config(reference.config)
-    check(spec, shape)
+    # Counts decide shapes, importance only which heads: the checked plan tells now whether transformers can hold it.
+    hf_note = hf_checkpoint_note(reference.config, check(spec, shape))
     if config.sparse is not None:  # the model's own widths, before any work; the plan's are checked below
         _check_groups(config.sparse, [LayerShape(shape.n_head, shape.n_head_kv, shape.ffn)], shape)
     splits = calibration_splits(reference, config.profile.calibration, config.calib, runner)
     structured = None
     if config.structured is not None:
         plan, structured = _structured_plan(config.structured, reference, splits, shape, runner)
+        hf_note = hf_checkpoint_note(reference.config, plan)
     else:
         needs = spec.needs_importance()
         importance = importance_of(reference, splits, config.profile.search, runner) if needs else None
@@ -121,7 +125,6 @@ def prune(config: PruneConfig) -> PruneResult:
     gguf_path = model.dir / MODEL_FILE
     quality = Quality(**runner.run(CandidateQuality(gguf_path, model.key, splits, ref_logps, config.threads)).result)
     arch = architecture(plan.layer_shapes(shape))
-    uniform = plan.uniform_shape(shape) is not None
     artifact = model_filename(reference.source.model_id, config.quant)
     sparsity = None
     if sparse is not None:
@@ -131,15 +134,16 @@ def prune(config: PruneConfig) -> PruneResult:
         output_dir=config.output_dir, artifact=artifact, plan=plan, description=description, architecture=arch,
         size_bytes=model.result["size_bytes"], parameters=model.result["parameters"], quality=quality,
         reference_perplexity=reference_perplexity(ref_logps, splits.heldout),
-        hf_dir=config.output_dir / HF_DIR if uniform else None, sparsity=sparsity, structured=structured,
+        hf_dir=config.output_dir / HF_DIR if hf_note is None else None, hf_note=hf_note, sparsity=sparsity,
+        structured=structured,
     )
     with staged_output(config.output_dir, config.force) as tmp:
         shutil.copyfile(gguf_path, tmp / artifact)
-        if uniform:
+        if hf_note is None:
             pruned_model(reference, plan, sparse).save_pretrained(tmp / HF_DIR, safe_serialization=True)
             reference.tokenizer.save_pretrained(tmp / HF_DIR)
         else:
-            log.info("per-layer shapes: no HF checkpoint (plain transformers needs one shape for all layers)")
+            log.info("no HF checkpoint: %s", hf_note)
         (tmp / PLAN_FILE).write_text(json.dumps(_plan_record(plan, shape, arch), indent=1))
         if sparsity is not None:
             (tmp / SPARSITY_FILE).write_text(json.dumps(sparsity, indent=1))
@@ -149,6 +153,22 @@ def prune(config: PruneConfig) -> PruneResult:
                     "files": file_hashes(tmp)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return result
+
+
+def hf_checkpoint_note(config: Any, plan: Plan) -> str | None:
+    """Why plain transformers cannot hold the pruned model (only the GGUF is written then), or None.
+    Decided from the plan's shapes alone, before any work, by building the config transformers would save."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import LlamaConfig
+
+    if plan.uniform_shape(ModelShape.from_config(config)) is None:
+        return "layers differ in shape, and plain transformers needs one shape for every layer"
+    try:  # the config from_pretrained would build: transformers 5 validates it (in a strict dataclass)
+        LlamaConfig(**pruned_config(config, plan).to_dict())
+    except (ValueError, StrictDataclassError) as e:  # e.g. a hidden size that is no multiple of the head count
+        reason = str(e.__cause__ or e).strip().splitlines()[0].rstrip(".")
+        return f"plain transformers refuses its shape ({reason})"
+    return None
 
 
 def _structured_plan(settings: StructuredSettings, reference: Any, splits: Any, shape: ModelShape,
@@ -204,6 +224,7 @@ def _report(result: PruneResult, config: PruneConfig, reference: Any, calibratio
         "size_bytes": result.size_bytes,
         "parameters": result.parameters,
         "hf_checkpoint": HF_DIR if result.hf_dir else None,
+        "hf_checkpoint_note": result.hf_note,
         "sparsity": _sparsity_summary(result.sparsity),
         "structured": result.structured,
         "quality": result.quality.to_dict() | {"reference_perplexity": result.reference_perplexity},

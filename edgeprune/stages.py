@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from edgeprune import __version__
+from edgeprune.errors import naming_refusals
 from edgeprune.hashing import sha256_json
 
 log = logging.getLogger(__name__)
@@ -70,19 +71,20 @@ class StageRunner:
         if (final / RESULT).is_file():
             log.debug("%s %s: cached", stage.name, key)
             return StageOutput(final, json.loads((final / RESULT).read_text()), key, True, 0.0)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=final.parent))
         t0 = time.perf_counter()
-        try:
-            result = stage.run(tmp)
-            (tmp / RESULT).write_text(json.dumps(result, indent=1, sort_keys=True))
+        with naming_refusals(self.cache_root):  # a full cache disk is one sentence, not a traceback
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=final.parent))
             try:
-                tmp.rename(final)
-            except OSError:  # another build finished the same artifact first
-                shutil.rmtree(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                result = stage.run(tmp)
+                (tmp / RESULT).write_text(json.dumps(result, indent=1, sort_keys=True))
+                try:
+                    tmp.rename(final)
+                except OSError:  # another build finished the same artifact first
+                    shutil.rmtree(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         seconds = time.perf_counter() - t0
         self.timings[stage.name] = self.timings.get(stage.name, 0.0) + seconds
         return StageOutput(final, result, key, False, seconds)

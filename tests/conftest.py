@@ -47,18 +47,18 @@ def embedded_tokenizer_spec() -> TokenizerSpec:
 
 
 def tiny_llama(*, tied: bool, n_head: int = 4, n_head_kv: int = 2, n_layers: int = 4, seed: int = 0,
-               vocab: int = 49152):
+               vocab: int = 49152, hidden: int = 64, head_dim: int = 16, ffn: int = 128):
     """A small random Llama whose logits are spread enough for top-1 comparisons to mean something."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=ffn,
         num_hidden_layers=n_layers,
         num_attention_heads=n_head,
         num_key_value_heads=n_head_kv,
-        head_dim=16,
+        head_dim=head_dim,
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
@@ -78,6 +78,34 @@ def tiny_llama(*, tied: bool, n_head: int = 4, n_head_kv: int = 2, n_layers: int
                 # std 0.15 spreads logits over several units.
                 p.normal_(0.0, 0.15)
     return model.eval()
+
+
+def calibration_text(n: int = 400) -> str:
+    """Plain sentences, paragraph per line pair: a --calib file (and a tokenizer corpus) for tiny models."""
+    return "\n\n".join(f"Pump {i} reported a pressure of {i * 7 % 90} bar at {i % 24}:00, within limits."
+                       for i in range(n))
+
+
+def tiny_tokenizer(vocab: int):
+    """A byte-level BPE tokenizer (GPT-2 splits) of `vocab` ids, trained in-process: tiny models with a
+    small vocabulary need a tokenizer that fits it. <unk>, <s>, </s> are ids 0, 1, 2, as in tiny_llama."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(calibration_text().split("\n\n"), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def save_tiny_hf(directory: Path, vocab: int = 512, **llama: object) -> Path:
+    """A tiny_llama (keyword arguments as tiny_llama's) and a tokenizer that fits it, as an HF directory."""
+    tiny_llama(tied=False, vocab=vocab, **llama).save_pretrained(directory)
+    tiny_tokenizer(vocab).save_pretrained(directory)
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import json
 import gguf
 import pytest
 import torch
-from test_cli import assert_clean_error, edgeprune
+from test_cli import WITHOUT_DAC_OVERRIDE, assert_clean_error, edgeprune, unreadable
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
@@ -79,3 +79,69 @@ def test_bad_plans_fail_cleanly_and_write_nothing(tmp_path, cache_dir, plan_text
     proc, out = _prune(tmp_path, cache_dir, plan_text)
     assert_clean_error(proc, needle)
     assert not out.exists()
+
+
+def case_study_model(directory):
+    """Llama-3.1-8B's attention geometry at toy depth and width: hidden 1024, 16 heads over 4 KV heads of 64."""
+    from conftest import save_tiny_hf
+
+    return save_tiny_hf(directory, n_layers=3, hidden=1024, n_head=16, n_head_kv=4, head_dim=64, ffn=256)
+
+
+def test_plan_plain_transformers_cannot_hold_gets_the_gguf_and_a_note(tmp_path, cache_dir):
+    """12 of 16 heads (Llama-3.1-8B's 32 -> 24): hidden 1024 is no multiple of 12, which transformers 5
+    refuses; the GGUF is written and the missing checkpoint explained, not a crash at save time."""
+    from conftest import calibration_text
+
+    model = case_study_model(tmp_path / "llama-1024")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(calibration_text())
+    proc, out = _prune(tmp_path, cache_dir, "drop_layers = [1]\n[all]\nheads = 12\nkv_heads = 3\n",
+                       "--model", str(model), "--calib", str(calib))
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["hf_checkpoint"] is None and not (out / "hf").exists()
+    assert "hidden size (1024)" in report["hf_checkpoint_note"] and "(12)" in report["hf_checkpoint_note"]
+    hf_line = next(l for l in proc.stdout.splitlines() if l.startswith("HF:"))
+    assert "none" in hf_line and "hidden size (1024)" in hf_line and "GGUF" in hf_line
+    reader = gguf.GGUFReader(str(out / report["artifact"]))
+    assert reader.get_field("llama.block_count").contents() == 2
+    assert reader.get_field("llama.attention.head_count").contents() == 12
+    assert reader.get_field("llama.attention.head_count_kv").contents() == 3
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["files"]) == {report["artifact"], "plan.json", "report.json"}
+
+
+def test_force_replaces_edgeprunes_output_and_nothing_beside_it(tmp_path, cache_dir):
+    """--force swaps a previous output for the new one; an `.out.old` the user keeps beside it survives."""
+    from conftest import calibration_text, save_tiny_hf
+
+    model = save_tiny_hf(tmp_path / "tiny")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(calibration_text())
+    args = ("--model", str(model), "--calib", str(calib), "--quant", "Q8_0", "--no-imatrix")
+    proc, out = _prune(tmp_path, cache_dir, "drop_layers = [1]\n", *args)
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads((out / "report.json").read_text())
+    kept = tmp_path / ".out.old"
+    kept.mkdir()
+    (kept / "mine.txt").write_text("not edgeprune's")
+    proc, out = _prune(tmp_path, cache_dir, "drop_layers = [2]\n", *args, "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "report.json").read_text())["plan"] != first["plan"]
+    assert (kept / "mine.txt").read_text() == "not edgeprune's"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == [".out.old"]
+
+
+def test_unreadable_calibration_file(tmp_path):
+    from conftest import calibration_text, save_tiny_hf
+
+    model = save_tiny_hf(tmp_path / "tiny")
+    calib = unreadable(tmp_path / "calib.txt", calibration_text())
+    plan = tmp_path / "plan.toml"
+    plan.write_text("drop_layers = [1]\n")
+    proc = edgeprune("prune", "--plan", str(plan), "--model", str(model), "--calib", str(calib), "-p", "quick", "-q",
+                     "-o", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), prefix=WITHOUT_DAC_OVERRIDE)
+    assert_clean_error(proc, "Cannot read --calib", "calib.txt", "Permission denied")
+    assert proc.returncode == 2 and not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,13 @@ class ModelSource:
     def path(self) -> Path:
         return Path(self.location)
 
+    @property
+    def directory(self) -> Path | None:
+        """The directory the model lives in on this machine (a hub id's is the hub cache's business)."""
+        if self.kind == "hub":
+            return None
+        return self.path if self.kind == "hf_dir" else self.path.parent
+
     def sha256(self) -> str:
         """Content hash of the weights and tokenizer (hub ids hash the downloaded snapshot)."""
         if self.kind in ("embedded", "gguf"):
@@ -45,8 +53,19 @@ class ModelSource:
         if self.kind != "hub":
             raise ValueError(f"a {self.kind} source has no HF directory")
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-        return Path(snapshot_download(self.location, allow_patterns=list(HF_FILES)))
+        try:
+            directory = Path(snapshot_download(self.location, allow_patterns=list(HF_FILES)))
+        except RepositoryNotFoundError:
+            raise EdgepruneError(f"--model {self.location}: no such model on the Hugging Face hub (or it is gated "
+                                 "or private); check the id, or pass a local directory or .gguf file.") from None
+        except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:  # offline, or the hub failed
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EdgepruneError(f"--model {self.location} could not be downloaded from the Hugging Face hub "
+                                 f"({reason}); check the network, or pass a local directory or .gguf file.") from None
+        check_weight_index(directory, self.location)
+        return directory
 
 
 def resolve_source(model: str | None) -> ModelSource:
@@ -73,9 +92,27 @@ def resolve_source(model: str | None) -> ModelSource:
                 f"--model {model} has a config.json but no model weights (*.safetensors); "
                 "pass the directory that holds the model's safetensors files."
             )
+        check_weight_index(path, model)
         return ModelSource("hf_dir", str(path.resolve()), path.resolve().name)
     if _HUB_ID.match(model) and not model.startswith((".", "~")):
         return ModelSource("hub", model, model)
     raise EdgepruneError(
         f"--model {model} does not exist: pass a .gguf file, a Hugging Face directory, or a hub id (org/name)."
     )
+
+
+def check_weight_index(directory: Path, model: str) -> None:
+    """A sharded checkpoint's model.safetensors.index.json must map tensor names to shard files."""
+    index = directory / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except ValueError:  # not JSON, or not UTF-8
+        data = None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise EdgepruneError(
+            f"--model {model}: {index.name} is not a valid index (a JSON object whose \"weight_map\" maps tensor "
+            "names to .safetensors files); restore it from the model's original files."
+        )

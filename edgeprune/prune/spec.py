@@ -57,6 +57,11 @@ def load_plan_spec(path: Path) -> PlanSpec:
     except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         kind = "JSON" if path.suffix == ".json" else "TOML"
         raise EdgepruneError(f"Plan file {path} is not valid {kind} ({e}); fix the syntax.") from None
+    except OSError as e:
+        raise EdgepruneError(f"Cannot read plan file {path} ({e.strerror}); check its permissions.") from None
+    if not isinstance(data, dict):
+        raise EdgepruneError(f"Plan file {path} is JSON but not an object; write the plan as one, e.g. "
+                             '{"drop_layers": [3], "all": {"heads": 6}}.')
     try:
         return PlanSpec(**data)
     except ValidationError as e:
@@ -103,12 +108,13 @@ def _channels(s: LayerSpec, layer: int, shape: ModelShape, importance: Importanc
     return select_channels(torch.tensor(importance.channel_scores[layer]), s.ffn)
 
 
-def check(spec: PlanSpec, shape: ModelShape) -> None:
+def check(spec: PlanSpec, shape: ModelShape) -> Plan:
     """Reject a spec the model or runtime cannot express before any costly work (scores are
-    irrelevant to structure, so flat ones stand in for the real importance)."""
+    irrelevant to structure, so flat ones stand in for the real importance). Returns that plan:
+    its shapes are the real plan's, only which heads and channels it keeps may differ."""
     flat = Importance([0.0] * shape.n_layers, [[0.0] * shape.n_head] * shape.n_layers,
                       [[0.0] * shape.ffn] * shape.n_layers)
-    resolve(spec, shape, flat, warn=False)
+    return resolve(spec, shape, flat, warn=False)
 
 
 def resolve(spec: PlanSpec, shape: ModelShape, importance: Importance | None, warn: bool = True) -> Plan:
