@@ -7,3 +7,7 @@ class EdgepruneError(Exception):
 
 class BudgetNotMet(EdgepruneError):
     """The search ended without a candidate within the target's budget."""
+
+
+class RuntimeCrash(EdgepruneError):
+    """A native runtime (llama.cpp) died in its child process: a signal, or an exit without a Python error."""

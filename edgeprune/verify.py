@@ -35,7 +35,7 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.hashing import sha256_file
 from edgeprune.measure import Workload
 from edgeprune.report import render_markdown
-from edgeprune.runtimes import llamacpp
+from edgeprune.runtimes import isolated, llamacpp
 from edgeprune.search.budget import MEETS, Budget
 from edgeprune.toolchain import TOOLS
 
@@ -126,6 +126,10 @@ def check_files(bundle: Path, manifest: dict[str, Any]) -> int:
 
 def host_answer(model: Path, prompt: str, answer_tokens: int, threads: int) -> tuple[list[int], str]:
     """Greedy tokens and their text as llama-completion prints them, from llama-cpp-python."""
+    return isolated.call("answering the test prompt with", model, _host_answer, model, prompt, answer_tokens, threads)
+
+
+def _host_answer(model: Path, prompt: str, answer_tokens: int, threads: int) -> tuple[list[int], str]:
     import llama_cpp
 
     llamacpp.route_logs_to_python()
@@ -161,6 +165,10 @@ def near_tie(model: Path, prompt: str, host_tokens: list[int], device_text: str)
     AVX-512, NEON) round differently, so two near-equal logits can swap: that is numerics, while
     a broken build picks tokens the host rates far lower. None: the device's text follows none
     of the host's top tokens."""
+    return isolated.call("comparing answers with", model, _near_tie, model, prompt, host_tokens, device_text)
+
+
+def _near_tie(model: Path, prompt: str, host_tokens: list[int], device_text: str) -> dict[str, Any] | None:
     import llama_cpp
     import numpy as np
 
