@@ -20,8 +20,10 @@ from test_cli import assert_clean_error
 
 from edgeprune.devices import get_device
 from edgeprune.errors import EdgepruneError, RuntimeCrash
+from edgeprune.export import Provenance, export_gguf
 from edgeprune.measure import Workload
 from edgeprune.models.embedded import embedded_gguf
+from edgeprune.quantize import quantize
 from edgeprune.runtimes import isolated, llamacpp
 
 # --- crash in the runtime: llama.cpp dies of a signal in its child process -------------------------------------------
@@ -32,20 +34,16 @@ DOCTOR = "run `edgeprune doctor` to check the runtime build."
 
 def _kill_child(parent: int, module: str, sig: int, running: Callable[[], bool],
                 armed: Callable[[], bool] = lambda: True) -> int | None:
-    """Send `sig` to the first `python -m module` child of `parent` that starts once `armed()`; its pid."""
-    seen: set[int] = set()
+    """Send `sig` to the first `python -m module` process under `parent` seen once `armed()`; its pid."""
     while running():
-        ready = armed()
-        for child in psutil.Process(parent).children(recursive=True):
-            try:
-                if child.pid in seen or module not in child.cmdline():
+        if armed():
+            for child in psutil.Process(parent).children(recursive=True):
+                try:
+                    if module in child.cmdline():
+                        os.kill(child.pid, sig)
+                        return child.pid
+                except psutil.Error:  # it ended meanwhile
                     continue
-            except psutil.Error:  # it ended meanwhile
-                continue
-            if ready:
-                os.kill(child.pid, sig)
-                return child.pid
-            seen.add(child.pid)
         time.sleep(0.005)
     return None
 
@@ -135,6 +133,22 @@ def test_a_benchmark_worker_killed_by_a_signal_is_a_runtime_crash():
 
 
 @pytest.mark.slow
+def test_a_quantizer_killed_mid_write_leaves_neither_its_output_nor_its_temporary_file(
+        tmp_path, embedded_reference, embedded_tokenizer_spec):
+    src, dst = tmp_path / "model-f16.gguf", tmp_path / "model-q4km.gguf"
+    export_gguf(embedded_reference.model, embedded_tokenizer_spec, src, "F16", Provenance("e", "0" * 64, {}), "e")
+    partial = dst.with_name(dst.name + ".tmp")
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(quantize, src, dst, "Q4_K_M", 1)
+        killed = _kill_child(os.getpid(), ISOLATED, signal.SIGBUS, lambda: not future.done(), partial.exists)
+        with pytest.raises(RuntimeCrash) as e:
+            future.result()
+    assert killed is not None
+    assert str(e.value) == f"llama.cpp crashed (SIGBUS) while quantizing {src}: {DOCTOR}"
+    assert sorted(tmp_path.iterdir()) == [src]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("stage", "doing"), [("quantize", "quantizing"), ("quality", "measuring the quality of")])
 def test_a_runtime_crash_ends_prune_with_one_sentence_exit_2_and_nothing_half_written(
         tmp_path, embedded_reference, stage, doing):
@@ -153,7 +167,8 @@ def test_a_runtime_crash_ends_prune_with_one_sentence_exit_2_and_nothing_half_wr
                             "--calib", str(calib), "-p", "quick", "-o", str(out), "--cache-dir", str(cache), "-q"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     quantized = lambda: any(cache.glob("stages/candidate-model/*/result.json"))  # noqa: E731
-    # The candidate's quantizer is the first llama.cpp process; its quality measurement the first after it.
+    # The candidate's quantizer is the first llama.cpp process (and has ended when the candidate's stage is
+    # complete); its quality measurement the first after it.
     killed = _kill_child(cli.pid, ISOLATED, signal.SIGSEGV, lambda: cli.poll() is None,
                          quantized if stage == "quality" else lambda: True)
     stdout, stderr = cli.communicate(timeout=600)
