@@ -126,14 +126,13 @@ def run_selftest(cache_dir: Path) -> tuple[bool, str, str]:
     except subprocess.TimeoutExpired:
         return False, f"no answer within {SELFTEST_TIMEOUT_S} s", "Check the machine's load, then rerun doctor."
     if proc.returncode < 0:
-        name = signal.Signals(-proc.returncode).name
-        return False, f"llama.cpp crashed ({name}) decoding a quantized model", (
-            "This llama-cpp-python does not run on this CPU; reinstall it with `make install`, which compiles it "
-            f"for a fixed baseline ({baseline.BASELINE_ENV} picks another).")
+        return _crashed(signal.Signals(-proc.returncode).name)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return False, f"the decode test failed: {last}", "Run `make install`, then `edgeprune doctor -v`."
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "crash" in result:
+        return _crashed(result["crash"])
     parts = [f"{q} mean KLD {c['mean_kld']:.3f} (<= {c['max_kld']:g}), top-1 {c['top1'] * 100:.0f}%, "
              f"top-5 {c['top5'] * 100:.0f}%" for q, c in result["checks"].items()]
     detail = f"{', '.join(parts)} vs F32 over {result['positions']} tokens, {result['version']}"
@@ -141,6 +140,12 @@ def run_selftest(cache_dir: Path) -> tuple[bool, str, str]:
         return True, detail, ""
     return False, detail + ": quantized kernels disagree with F32", (
         "This llama.cpp build computes wrong results on this CPU; reinstall it with `make install` and report it.")
+
+
+def _crashed(how: str) -> tuple[bool, str, str]:
+    return False, f"llama.cpp crashed ({how}) decoding a quantized model", (
+        "This llama-cpp-python does not run on this CPU; reinstall it with `make install`, which compiles it "
+        f"for a fixed baseline ({baseline.BASELINE_ENV} picks another).")
 
 
 @check("runtime decode", "every command that runs a model", runtime=True)

@@ -69,3 +69,14 @@ def naming_refusals(writing: object) -> Iterator[None]:
         if refusal is None:
             raise
         raise refusal from None
+
+
+class RuntimeCrash(EdgepruneError):
+    """A native runtime (llama.cpp) died in its child process: a signal, or an exit without a Python error."""
+
+    def __init__(self, message: str, signal_name: str | None = None) -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
+
+    def __reduce__(self):  # crosses process boundaries pickled, attribute included
+        return type(self), (str(self), self.signal_name)

@@ -189,7 +189,7 @@ class CandidateQuality(Stage):
     def run(self, out_dir: Path) -> dict[str, Any]:
         tally = QualityTally()
         windows = self.splits.heldout
-        logits = llamacpp.sequence_logits(self.model, windows.numpy(), self.threads)
+        logits = llamacpp.sequence_logits(self.model, windows.numpy(), self.threads, doing="measuring the quality of")
         pairs = zip(self.ref_logps, logits, windows, strict=True)
         for ref_logp, cand, tokens in progress(pairs, "quality", total=len(windows)):
             tally.add(ref_logp, cand, tokens)

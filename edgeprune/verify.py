@@ -43,7 +43,7 @@ from edgeprune.errors import EdgepruneError, VerificationFailed
 from edgeprune.hashing import sha256_file
 from edgeprune.measure import Workload
 from edgeprune.report import render_markdown
-from edgeprune.runtimes import llamacpp
+from edgeprune.runtimes import isolated, llamacpp
 from edgeprune.search.budget import MEETS, Budget
 from edgeprune.signing import SignatureInvalid, verify_file
 from edgeprune.toolchain import TOOLS
@@ -244,6 +244,12 @@ def _piece(vocab: Any, token: int) -> bytes:
 
 
 def agreement(model: Path, prompt: str, device_output: bytes, answer_tokens: int, threads: int) -> Agreement:
+    """The device's answer judged by the host's llama.cpp, in a child process (see _agreement)."""
+    return isolated.call("comparing answers with", model, _agreement, model, prompt, device_output, answer_tokens,
+                         threads)
+
+
+def _agreement(model: Path, prompt: str, device_output: bytes, answer_tokens: int, threads: int) -> Agreement:
     """Read the device's greedy answer with the host's logits, teacher-forced on the device's own tokens.
 
     llama-completion prints text, not token ids: at each position the device's token is the host's

@@ -85,14 +85,14 @@ def test_missing_tools_are_named_with_their_fix_and_exit_1(cache_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_runtime_crash_is_a_finding_not_the_end_of_doctor(cache_dir):
-    """The decode test's child is killed with SIGSEGV, as a broken kernel would: doctor says so."""
+    """llama.cpp's process under the decode test is killed with SIGSEGV, as a broken kernel would: doctor says so."""
     killed = []
 
     def kill_the_child() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
             for child in psutil.Process().children(recursive=True):
-                if "edgeprune.runtimes.selftest" in " ".join(child.cmdline()):
+                if "edgeprune.runtimes.isolated" in child.cmdline():
                     os.kill(child.pid, signal.SIGSEGV)
                     killed.append(child.pid)
                     return
@@ -102,6 +102,6 @@ def test_a_runtime_crash_is_a_finding_not_the_end_of_doctor(cache_dir):
     killer.start()
     ok, detail, fix = run_selftest(cache_dir)
     killer.join()
-    assert killed, "the decode test's child process was never seen"
+    assert killed, "llama.cpp's process was never seen"
     assert not ok and detail == "llama.cpp crashed (SIGSEGV) decoding a quantized model", detail
     assert "make install" in fix

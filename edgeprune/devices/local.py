@@ -13,6 +13,7 @@ from pathlib import Path
 from edgeprune.devices import python_runner
 from edgeprune.devices.base import TIMEOUT_S, Device, DeviceError, host_arch
 from edgeprune.measure import BenchmarkRecord, Workload
+from edgeprune.runtimes import isolated
 from edgeprune.runtimes.bench_worker import cpu_model
 
 RSS_POLL_S = 0.02
@@ -70,6 +71,8 @@ class LocalDevice(Device):
             return BenchmarkRecord(device=self.url, runs=[], peak_rss_bytes=watch.peak, load_s=0.0,
                                    threads=workload.threads, runtime="", system_info="", cpu=self.cpu,
                                    ram_cap_exceeded=True)
+        if proc.returncode < 0:
+            raise isolated.crash(proc.returncode, "benchmarking", model)
         if proc.returncode != 0:
             tail = (stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
             raise DeviceError(f"The benchmark of {model.name} failed on {self.url}: {tail}")

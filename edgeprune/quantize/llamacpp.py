@@ -1,4 +1,4 @@
-"""llama.cpp's quantizer (`llama_model_quantize`), called in-process through llama-cpp-python."""
+"""llama.cpp's quantizer (`llama_model_quantize`) through llama-cpp-python, in a child process."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import numpy as np
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.gguf_file import read_gguf
+from edgeprune.runtimes import isolated
 from edgeprune.runtimes.llamacpp import route_logs_to_python
 
 log = logging.getLogger(__name__)
@@ -104,12 +105,25 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int, imatrix: Mapping[st
     `imatrix`: GGUF tensor name -> mean of x^2 per input column, which weights the rounding error
     of each column. `overrides`: (regex, ggml type) pairs, first match wins; a matching tensor skips
     llama.cpp's mixture, but its shape fallback still applies (Q4_K on a 576-wide tensor still
-    becomes Q5_0). F32/F16/BF16 ignore overrides.
+    becomes Q5_0). F32/F16/BF16 ignore overrides. llama.cpp runs in a child process; `dst` appears
+    only when it is complete.
     """
-    import llama_cpp
-
     if qtype not in QUANT_FTYPES:
         raise EdgepruneError(f"Unknown quantization type {qtype}; choose one of {', '.join(QUANT_FTYPES)}.")
+    if imatrix:
+        _check_imatrix(src, imatrix)
+    tmp = dst.with_name(dst.name + ".tmp")
+    try:
+        isolated.call("quantizing", src, _quantize, src, tmp, qtype, threads, imatrix, overrides, requantize)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)  # whatever a failed or killed quantizer left
+
+
+def _quantize(src: Path, dst: Path, qtype: str, threads: int, imatrix: Mapping[str, np.ndarray] | None,
+              overrides: Sequence[Override], requantize: bool) -> None:
+    import llama_cpp
+
     route_logs_to_python()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, QUANT_FTYPES[qtype])
@@ -117,15 +131,11 @@ def quantize(src: Path, dst: Path, qtype: str, threads: int, imatrix: Mapping[st
     params.allow_requantize = requantize
     keep: list = []  # the buffers the params point into must outlive the call
     if imatrix:
-        _check_imatrix(src, imatrix)
         keep.append(_imatrix_array(imatrix, keep))
         params.imatrix = keep[-1]
     if overrides:
         keep.append(_overrides_array(overrides))
         params.tt_overrides = keep[-1]
-    tmp = dst.with_name(dst.name + ".tmp")
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-    if rc != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0 or not dst.is_file():
         raise EdgepruneError(f"llama.cpp failed to quantize {src.name} to {qtype} (code {rc}).")
-    os.replace(tmp, dst)

@@ -1,4 +1,10 @@
-"""llama.cpp through llama-cpp-python: load a GGUF, get its logits, time a generation."""
+"""llama.cpp through llama-cpp-python: load a GGUF, get its logits, time a generation.
+
+The functions that take a model's path (`tokenize`, `sequence_logits`, `greedy_answer`) run
+llama.cpp in a child process (`isolated`), so that a crash in it is an error, not the caller's
+death. Those that take a loaded model (`load` and what works on its result) are for code already
+running in such a process: the benchmark worker, isolated jobs.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.runtimes import isolated
 
 log = logging.getLogger(__name__)
 _log_callback: Any = None  # keep the ctypes callback alive for the process lifetime
@@ -71,6 +78,10 @@ def load(path: Path, n_ctx: int, threads: int, logits_all: bool = False, f32_kv_
 
 def tokenize(path: Path, text: str) -> list[int]:
     """`text` in the GGUF's own vocabulary (BOS added, as llama.cpp's tools do)."""
+    return isolated.call("tokenizing text with", path, _tokenize, path, text)
+
+
+def _tokenize(path: Path, text: str) -> list[int]:
     import llama_cpp
 
     route_logs_to_python()
@@ -84,10 +95,14 @@ def tokenize(path: Path, text: str) -> list[int]:
         vocab.close()
 
 
-def sequence_logits(
-    path: Path, sequences: np.ndarray, threads: int, f32_kv_cache: bool = False
-) -> Iterator[np.ndarray]:
-    """llama.cpp's logits for every position of every sequence, one [len, vocab] array at a time."""
+def sequence_logits(path: Path, sequences: np.ndarray, threads: int, f32_kv_cache: bool = False,
+                    doing: str = "computing the logits of") -> Iterator[np.ndarray]:
+    """llama.cpp's logits for every position of every sequence, one [len, vocab] array at a time
+    (the model is loaded once). `doing` names the work in a crash's error."""
+    return isolated.stream(doing, path, _sequence_logits, path, sequences, threads, f32_kv_cache)
+
+
+def _sequence_logits(path: Path, sequences: np.ndarray, threads: int, f32_kv_cache: bool) -> Iterator[np.ndarray]:
     llm = load(path, n_ctx=sequences.shape[1], threads=threads, logits_all=True, f32_kv_cache=f32_kv_cache)
     try:
         for seq in sequences:
@@ -109,6 +124,12 @@ def last_logits(llm: Any) -> np.ndarray:
 def greedy_answer(path: Path, prompt_tokens: list[int], max_tokens: int, threads: int,
                   f32_kv_cache: bool = False, stop_at_eog: bool = True) -> list[int]:
     """Greedy continuation that stops at end-of-generation tokens (unless told not to)."""
+    return isolated.call("generating an answer with", path, _greedy_answer, path, prompt_tokens, max_tokens, threads,
+                         f32_kv_cache, stop_at_eog)
+
+
+def _greedy_answer(path: Path, prompt_tokens: list[int], max_tokens: int, threads: int, f32_kv_cache: bool,
+                   stop_at_eog: bool) -> list[int]:
     llm = load(path, n_ctx=len(prompt_tokens) + max_tokens + 8, threads=threads, f32_kv_cache=f32_kv_cache)
     try:
         out: list[int] = []

@@ -76,4 +76,10 @@ def run(workdir: Path) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(Path(sys.argv[1]))))
+    from edgeprune.errors import RuntimeCrash
+
+    try:
+        report = run(Path(sys.argv[1]))
+    except RuntimeCrash as e:  # llama.cpp runs in a grandchild (runtimes/isolated.py)
+        report = {"crash": e.signal_name or str(e)}
+    print(json.dumps(report))
