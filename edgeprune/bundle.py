@@ -13,26 +13,24 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from edgeprune import __version__
+from edgeprune.atomic_dirs import make_tmp, sweep
 from edgeprune.config import Target
 from edgeprune.errors import EdgepruneError
 from edgeprune.hashing import sha256_file
 from edgeprune.models import Reference
 from edgeprune.report import render_markdown
-from edgeprune.runtimes import llamacpp
 from edgeprune.search import SearchOutcome
 from edgeprune.toolchain import TOOLS, Binaries
+from edgeprune.versions import tool_versions
 
 MANIFEST = "manifest.json"
 # Files whose content depends on measured timings: rebuilding changes them, so the manifest keeps
@@ -50,16 +48,6 @@ def check_output_dir(path: Path, force: bool) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
 
 
-def tool_versions() -> dict[str, str]:
-    versions = {"edgeprune": __version__, "python": platform.python_version(), "llama.cpp": llamacpp.version()}
-    for dist in ("torch", "transformers", "gguf", "llama-cpp-python"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
 def model_filename(model_id: str, quant: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model_id.split("(")[0].strip().split("/")[-1]).strip("-")
     return f"model-{slug or 'model'}-{quant}.gguf"
@@ -69,7 +57,8 @@ def model_filename(model_id: str, quant: str) -> str:
 def staged_output(out: Path, force: bool) -> Iterator[Path]:
     """A temporary sibling of `out` to fill; it replaces `out` only if the block completes."""
     check_output_dir(out, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    sweep(out.parent, f".{out.name}")  # staging dirs of killed builds
+    tmp = make_tmp(out.with_name(f".{out.name}"))
     try:
         yield tmp
         _default_permissions(tmp)
