@@ -30,6 +30,9 @@ SPLITS = TextSplits(calib=torch.zeros(1, 4, dtype=torch.long), heldout=torch.zer
                     source="test", sha256="cd" * 32)
 
 
+CALIBRATION = CalibrationSettings(samples=8, heldout_samples=4, seq_len=96, seed=0)
+
+
 def _candidate(recipe: str = "default") -> CandidateModel:
     return CandidateModel(REFERENCE, Plan(drop_layers=(1,)), QuantSpec("Q4_K_M", recipe), SPLITS, threads=2)
 
@@ -86,7 +89,7 @@ def test_editing_a_stages_code_changes_its_key(tmp_path):
     script = ("from edgeprune.config import CalibrationSettings; from edgeprune.models import Reference; "
               "from edgeprune.pipeline import SelfCalibration; "
               f"r = Reference(None, None, None, None, {'ab' * 32!r}); "
-              "print(SelfCalibration(r, CalibrationSettings()).key())")
+              f"print(SelfCalibration(r, CalibrationSettings(**{CALIBRATION.model_dump()!r})).key())")
 
     def key(root: Path) -> str:
         env = os.environ | {"PYTHONPATH": str(root)}
@@ -98,7 +101,7 @@ def test_editing_a_stages_code_changes_its_key(tmp_path):
     edited = _copy_package(tmp_path / "b")
     with open(edited / "edgeprune" / "data.py", "a") as f:
         f.write("\n# the calibration sampler changed\n")
-    assert key(original) == SelfCalibration(REFERENCE, CalibrationSettings()).key()
+    assert key(original) == SelfCalibration(REFERENCE, CALIBRATION).key()
     assert key(edited) != key(original)
 
 
