@@ -218,13 +218,18 @@ def _converted(hf_dir: Path) -> bool:
     return (hf_dir / "config.json").is_file()
 
 
+def converted_dir(cache_dir: Path, gguf_sha256: str) -> Path:
+    """Where the torch reference of a GGUF is cached: keyed like a stage, by the GGUF, the conversion
+    code and the tools that dequantize it."""
+    tools = {dist: metadata.version(dist) for dist in ("torch", "transformers", "gguf")}
+    key = sha256_json({"gguf": gguf_sha256, "code": code_hash(__name__), "tools": tools})
+    return cache_dir / "reference" / f"{gguf_sha256[:20]}-{key[:12]}"
+
+
 def load_reference(source: ModelSource, cache_dir: Path, trust_remote_code: bool = False) -> Reference:
     sha = source.sha256()
     if source.kind in ("embedded", "gguf"):
-        # Keyed like a stage: the GGUF, the conversion code, the tools that dequantize it.
-        tools = {dist: metadata.version(dist) for dist in ("torch", "transformers", "gguf")}
-        key = sha256_json({"gguf": sha, "code": code_hash(__name__), "tools": tools})
-        hf_dir = cache_dir / "reference" / f"{sha[:20]}-{key[:12]}"
+        hf_dir = converted_dir(cache_dir, sha)
         if not _converted(hf_dir):
             sweep(hf_dir.parent)
             build_once(hf_dir, _converted, lambda tmp: _gguf_to_hf_dir(source.path, tmp))
