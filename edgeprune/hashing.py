@@ -35,7 +35,7 @@ def sha256_tree(root: Path, patterns: tuple[str, ...]) -> str:
 
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the directory holding the edgeprune package
-_MODULE_NAME = re.compile(r"edgeprune(\.\w+)+")
+_MODULE_NAME = re.compile(r"edgeprune(\.\w+)*")
 
 
 @functools.cache
@@ -55,7 +55,7 @@ def code_modules(module: str, root: Path = PACKAGE_ROOT) -> dict[str, Path]:
     todo = [module]
     while todo:
         name = todo.pop()
-        if name in seen or not (name == "edgeprune" or _MODULE_NAME.fullmatch(name)):
+        if name in seen or not _MODULE_NAME.fullmatch(name):
             continue
         seen.add(name)
         path = _module_file(name, root)

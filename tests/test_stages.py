@@ -71,6 +71,8 @@ def test_code_hash_follows_the_modules_a_stage_can_run(tmp_path):
     assert {"edgeprune.prune.apply", "edgeprune.quantize", "edgeprune"} <= set(modules)
     assert "edgeprune.runtimes.bench_worker" in code_modules("edgeprune.devices.local", root)
     assert "edgeprune.cli" not in modules and "edgeprune.bundle" not in modules
+    (root / "edgeprune" / "prune" / "relative.py").write_text("from .apply import apply_plan\nfrom .. import errors\n")
+    assert {"edgeprune.prune.apply", "edgeprune.errors"} <= set(code_modules("edgeprune.prune.relative", root))
 
     before = code_hash("edgeprune.pipeline", root)
     assert before == code_hash("edgeprune.pipeline")  # same sources, same hash wherever they are
