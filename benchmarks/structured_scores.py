@@ -32,7 +32,7 @@ from edgeprune.analysis.whole_model import analyse_model
 from edgeprune.config import CalibrationSettings
 from edgeprune.memory import current_rss_bytes
 from edgeprune.models import load_reference, resolve_source
-from edgeprune.models.reference import CACHE_VERSION
+from edgeprune.models.reference import converted_dir
 from edgeprune.pipeline import calibration_splits
 from edgeprune.prune import Plan, apply_plan
 from edgeprune.stages import StageRunner
@@ -103,7 +103,7 @@ def main() -> None:
 
     reference, splits = _load(args.cache_dir)
     model, calib = reference.model, splits.calib
-    reference_dir = args.cache_dir / "reference" / f"{reference.sha256[:20]}-v{CACHE_VERSION}"
+    reference_dir = converted_dir(args.cache_dir, reference.sha256)
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "calib.npy", calib.numpy(), allow_pickle=False)
         passes = {kind: _pass_in_child(kind, reference_dir, Path(tmp) / "calib.npy", Path(tmp))

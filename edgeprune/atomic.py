@@ -1,13 +1,29 @@
-"""Replacing a file whole: written aside under a reserved name, then renamed over it.
+"""Files and directories written whole, safe with concurrent and killed writers.
 
-The reserved prefix keeps a temporary file from ever being mistaken for a real one (a bundle's
-checksums, say) when a killed process leaves it behind; `remove_leftovers` clears those."""
+Files: written aside under a reserved name, then renamed over the real one. The reserved prefix
+keeps a temporary file from ever being mistaken for a real one (a bundle's checksums, say) when a
+killed process leaves it behind; `remove_leftovers` clears those.
+
+Directories: a writer fills a temporary sibling `<name>.tmp-<pid>-<random>` and renames it when
+complete, so
+readers never see a half-written directory. A cache entry is built under an exclusive lock on
+`<name>.lock` (fcntl.flock, released by the kernel when its holder dies, even by SIGKILL): two
+builds sharing a cache compute it once, the second waits and reuses it. Temporary directories whose
+writer is dead are swept by the next writer; the pid in the name says whose they are (one machine
+per cache directory: a pid from another machine or PID namespace cannot be checked).
+"""
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import logging
 import os
+import re
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -37,3 +53,71 @@ def remove_leftovers(directory: Path, legacy: tuple[str, ...] = ()) -> list[str]
             removed.append(entry.name)
             log.warning("removed %s, left behind by an interrupted run", Path(entry.path))
     return removed
+
+
+TMP = ".tmp-"
+_OWNER = re.compile(r"\.tmp-(\d+)-[a-z0-9_]+$")
+
+
+def make_tmp(final: Path) -> Path:
+    """An empty temporary sibling of `final` that names this process as its writer."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{final.name}{TMP}{os.getpid()}-", dir=final.parent))
+
+
+def sweep(directory: Path, prefix: str = "") -> int:
+    """Remove the temporary directories `<prefix>*.tmp-*` in `directory` whose writer is dead."""
+    if not directory.is_dir():
+        return 0
+    stale = [p for p in directory.glob(f"{glob.escape(prefix)}*{TMP}*") if p.is_dir() and not _writer_alive(p)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    if stale:
+        log.info("removed %d temporary director%s left by killed builds in %s", len(stale),
+                 "y" if len(stale) == 1 else "ies", directory)
+    return len(stale)
+
+
+def _writer_alive(tmp: Path) -> bool:
+    m = _OWNER.search(tmp.name)
+    if m is None:  # written before the pid was recorded: nobody alive can be filling it
+        return False
+    pid = int(m.group(1))
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextmanager
+def locked(final: Path) -> Iterator[None]:
+    """Hold the exclusive lock of `final` (waiting for another process that holds it)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.with_name(f"{final.name}.lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another build that is writing %s", final)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # the lock goes with the file's closing
+
+
+def build_once(final: Path, complete: Callable[[Path], bool], fill: Callable[[Path], object]) -> bool:
+    """Make `final` complete: `fill` a temporary directory and rename it into place, under the lock,
+    unless another process completed it meanwhile. True when this call built it."""
+    with locked(final):
+        if complete(final):
+            return False
+        tmp = make_tmp(final)
+        try:
+            fill(tmp)
+            if final.exists():  # incomplete (damaged by hand, or an older layout): replaced
+                shutil.rmtree(final)
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return True

@@ -13,30 +13,28 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints
 
 from edgeprune import __version__
-from edgeprune.atomic import TMP_PREFIX
+from edgeprune.atomic import TMP_PREFIX, make_tmp, sweep
 from edgeprune.config import SLO, Hardware, Target
 from edgeprune.errors import EdgepruneError, naming_refusals
 from edgeprune.hashing import sha256_file
 from edgeprune.models import Reference
 from edgeprune.report import render_markdown
-from edgeprune.runtimes import llamacpp
 from edgeprune.search import SearchOutcome
 from edgeprune.signing import SIGNATURE_SUFFIX, sign_file
 from edgeprune.toolchain import TOOLS, Binaries
+from edgeprune.versions import tool_versions
 
 MANIFEST = "manifest.json"
 SIGNATURE = MANIFEST + SIGNATURE_SUFFIX
@@ -104,16 +102,6 @@ def _check_writable(path: Path, parent: Path) -> None:
                              "another -o/--output-dir.") from None
 
 
-def tool_versions() -> dict[str, str]:
-    versions = {"edgeprune": __version__, "python": platform.python_version(), "llama.cpp": llamacpp.version()}
-    for dist in ("torch", "transformers", "gguf", "llama-cpp-python"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
 def model_filename(model_id: str, quant: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model_id.split("(")[0].strip().split("/")[-1]).strip("-")
     return f"model-{slug or 'model'}-{quant}.gguf"
@@ -125,8 +113,8 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
     A full or read-only disk is reported naming `out`; nothing half-written stays behind."""
     check_output_dir(out, force)
     with naming_refusals(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        sweep(out.parent, f".{out.name}")  # staging dirs of killed builds
+        tmp = make_tmp(out.with_name(f".{out.name}"))
         try:
             yield tmp
             _default_permissions(tmp)
@@ -141,8 +129,8 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
 
 def _replace(out: Path, new: Path) -> None:
     """Swap `new` in for the directory `out`. The old one moves onto an empty directory made for it
-    (a name no one else uses), so nothing but `out` itself is ever removed."""
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    (a name no one else uses, swept if this process dies), so nothing but `out` itself is ever removed."""
+    old = make_tmp(out.with_name(f".{out.name}.old"))
     try:
         out.rename(old)
     except BaseException:

@@ -13,7 +13,7 @@ import torch
 from edgeprune.analysis import Importance
 from edgeprune.analysis.methods import LAYER_IMPORTANCE, UNIT_IMPORTANCE
 from edgeprune.config import CalibrationSettings, SearchSettings, SparsitySpec
-from edgeprune.data import HFDataset, TextSplits, from_file, from_hf, generation_key, self_generated
+from edgeprune.data import HFDataset, TextSplits, from_file, from_hf, self_generated
 from edgeprune.evaluate import QualityTally
 from edgeprune.export import Provenance, export_gguf
 from edgeprune.models import Reference
@@ -41,7 +41,7 @@ class SelfCalibration(Stage):
         self.reference, self.settings = reference, settings
 
     def identity(self) -> dict[str, Any]:
-        return generation_key(self.reference.sha256, self.settings)
+        return {"reference": self.reference.sha256, "settings": self.settings.model_dump()}
 
     def run(self, out_dir: Path) -> dict[str, Any]:
         splits = self_generated(self.reference.model, self.reference.tokenizer, self.settings)
@@ -141,7 +141,6 @@ class CandidateModel(Stage):
     """
 
     name = "candidate-model"
-    version = 2  # + quantization recipe and importance matrix
 
     def __init__(self, reference: Reference, plan: Plan, quant: QuantSpec, calib: TextSplits | None,
                  threads: int, sparse: StageOutput | None = None) -> None:
@@ -151,12 +150,10 @@ class CandidateModel(Stage):
         self.sparse = sparse
 
     def identity(self) -> dict[str, Any]:
-        ident = {"reference": self.reference.sha256, "plan": self.plan.to_dict(), "quant": self.quant.quant}
-        if self.quant != QuantSpec(self.quant.quant, imatrix=False):  # keys of plain files stay as they were
-            ident |= {"recipe": self.quant.recipe, "imatrix": self.calib.sha256 if self.quant.imatrix else None}
-        if self.sparse is not None:
-            ident |= {"sparse_weights": self.sparse.key}
-        return ident
+        return {"reference": self.reference.sha256, "plan": self.plan.to_dict(), "quant": self.quant.quant,
+                "recipe": RECIPES[self.quant.recipe].rules(),  # its contents: a recipe's name can be redefined
+                "imatrix": self.calib.sha256 if self.quant.imatrix else None,
+                "sparse_weights": self.sparse.key if self.sparse is not None else None}
 
     def run(self, out_dir: Path) -> dict[str, Any]:
         pruned = pruned_model(self.reference, self.plan, self.sparse)

@@ -1,26 +1,28 @@
 """Stages: steps with explicit inputs and outputs, cached by what they depend on.
 
 A stage subclass names itself, states its identity (config + input hashes) and writes its
-outputs into a directory. The runner keys that directory by a hash of (stage, version, identity),
-builds it under a temporary name and renames it when complete, so an interrupted build never
-leaves a half-written artifact and a repeated build reuses every finished one.
+outputs into a directory. The runner keys that directory by a hash of the stage's name, its
+identity, the code that makes it (`code_hash` of the stage's module: editing any edgeprune code
+it can run rebuilds it, no version to bump by hand) and the tools' versions (llama.cpp, torch,
+transformers, gguf). It builds the directory under a per-key lock and a temporary name
+(`atomic`), so an interrupted build never leaves a half-written artifact, two builds sharing
+a cache compute it once, and a repeated build reuses every finished one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from edgeprune import __version__
+from edgeprune.atomic import build_once, sweep
 from edgeprune.errors import naming_refusals
-from edgeprune.hashing import sha256_json
+from edgeprune.hashing import code_hash, sha256_json
+from edgeprune.versions import tool_versions
 
 log = logging.getLogger(__name__)
 RESULT = "result.json"
@@ -28,7 +30,6 @@ RESULT = "result.json"
 
 class Stage(ABC):
     name: ClassVar[str]
-    version: ClassVar[int] = 1  # bump when the outputs for the same identity change
     registry: ClassVar[dict[str, type[Stage]]] = {}
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -46,9 +47,8 @@ class Stage(ABC):
         """Write outputs into `out_dir`; return a JSON-able result."""
 
     def key(self) -> str:
-        return sha256_json(
-            {"stage": self.name, "version": self.version, "edgeprune": __version__, **self.identity()}
-        )[:24]
+        return sha256_json({"stage": self.name, "code": code_hash(type(self).__module__), "tools": tool_versions(),
+                            **self.identity()})[:24]
 
 
 @dataclass
@@ -64,27 +64,33 @@ class StageRunner:
     def __init__(self, cache_root: Path) -> None:
         self.cache_root = cache_root
         self.timings: dict[str, float] = {}
+        if cache_root.is_dir():
+            for stage_dir in cache_root.iterdir():
+                sweep(stage_dir)
 
     def run(self, stage: Stage) -> StageOutput:
         key = stage.key()
         final = self.cache_root / stage.name / key
-        if (final / RESULT).is_file():
-            log.debug("%s %s: cached", stage.name, key)
-            return StageOutput(final, json.loads((final / RESULT).read_text()), key, True, 0.0)
-        t0 = time.perf_counter()
-        with naming_refusals(self.cache_root):  # a full cache disk is one sentence, not a traceback
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=final.parent))
-            try:
-                result = stage.run(tmp)
-                (tmp / RESULT).write_text(json.dumps(result, indent=1, sort_keys=True))
-                try:
-                    tmp.rename(final)
-                except OSError:  # another build finished the same artifact first
-                    shutil.rmtree(tmp)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        seconds = time.perf_counter() - t0
-        self.timings[stage.name] = self.timings.get(stage.name, 0.0) + seconds
-        return StageOutput(final, result, key, False, seconds)
+        if not _complete(final):
+            t0 = time.perf_counter()
+            with naming_refusals(self.cache_root):  # a full cache disk is one sentence, not a traceback
+                built = build_once(final, _complete, lambda tmp: _fill(stage, tmp))
+            if built:
+                seconds = time.perf_counter() - t0
+                self.timings[stage.name] = self.timings.get(stage.name, 0.0) + seconds
+                return StageOutput(final, _result(final), key, False, seconds)
+            log.info("%s %s: built by another build meanwhile; reused", stage.name, key)
+        log.debug("%s %s: cached", stage.name, key)
+        return StageOutput(final, _result(final), key, True, 0.0)
+
+
+def _complete(entry: Path) -> bool:
+    return (entry / RESULT).is_file()
+
+
+def _result(entry: Path) -> dict[str, Any]:
+    return json.loads((entry / RESULT).read_text())
+
+
+def _fill(stage: Stage, tmp: Path) -> None:
+    (tmp / RESULT).write_text(json.dumps(stage.run(tmp), indent=1, sort_keys=True))

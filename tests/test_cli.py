@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from edgeprune.models.embedded import embedded_gguf
 
 # Root reads every file whatever its mode; without these capabilities it obeys the modes like anyone.
 WITHOUT_DAC_OVERRIDE = ("setpriv", "--inh-caps=-dac_override,-dac_read_search",
@@ -183,10 +186,10 @@ def test_output_that_holds_the_cache_or_the_model(tmp_path):
     assert_clean_error(proc, "would replace the cache directory")
     model = tmp_path / "models" / "m.gguf"
     model.parent.mkdir()
-    model.write_bytes(b"GGUF")
+    shutil.copyfile(embedded_gguf(), model)  # a valid GGUF: a damaged one is refused earlier, for itself
     proc = edgeprune("build", "--target", "demo", "-m", str(model), "-o", str(tmp_path / "models"), "--force")
     assert_clean_error(proc, "would replace the model's directory")
-    assert model.read_bytes() == b"GGUF"
+    assert model.stat().st_size == embedded_gguf().stat().st_size
 
 
 def test_force_refuses_a_directory_edgeprune_did_not_write(tmp_path):

@@ -1,7 +1,8 @@
 """Load the reference model: an fp32 torch `LlamaForCausalLM` plus its tokenizer.
 
 A GGUF source is dequantized by transformers once (about 30 s for the embedded model) and cached
-as a safetensors directory keyed by the GGUF's sha256, so later builds load it in a second or two.
+as a safetensors directory keyed by the GGUF's sha256, the conversion code and the tools' versions,
+so later builds load it in a second or two (concurrent builds convert it once).
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from edgeprune.atomic import build_once, sweep
 from edgeprune.errors import EdgepruneError
 from edgeprune.gguf_file import read_gguf
+from edgeprune.hashing import code_hash, sha256_json
 from edgeprune.models.source import ModelSource
 from edgeprune.models.tokenizer import TokenizerSpec, set_pre_tokenizer
 
@@ -24,8 +26,6 @@ log = logging.getLogger(__name__)
 
 # Config types loaded as LlamaForCausalLM (same tensors and names; see `as_llama_config`).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-# Bump when the cached reference layout changes, so stale caches are not reused.
-CACHE_VERSION = 1
 # Buffers some older checkpoints carry; transformers recomputes them.
 _IGNORED_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
@@ -186,7 +186,7 @@ def _load_hf(directory: Path, trust_remote_code: bool) -> tuple[Any, Any]:
 
 
 def _gguf_to_hf_dir(gguf_path: Path, target: Path) -> None:
-    """Dequantize a llama GGUF into an fp32 safetensors HF directory at `target` (atomically)."""
+    """Dequantize a llama GGUF into an fp32 safetensors HF directory at `target`."""
     import gguf
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -210,23 +210,29 @@ def _gguf_to_hf_dir(gguf_path: Path, target: Path) -> None:
     plain.load_state_dict(model.state_dict(), strict=True)
     model = plain
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+
+
+def _converted(hf_dir: Path) -> bool:
+    return (hf_dir / "config.json").is_file()
+
+
+def converted_dir(cache_dir: Path, gguf_sha256: str) -> Path:
+    """Where the torch reference of a GGUF is cached: keyed like a stage, by the GGUF, the conversion
+    code and the tools that dequantize it."""
+    tools = {dist: metadata.version(dist) for dist in ("torch", "transformers", "gguf")}
+    key = sha256_json({"gguf": gguf_sha256, "code": code_hash(__name__), "tools": tools})
+    return cache_dir / "reference" / f"{gguf_sha256[:20]}-{key[:12]}"
 
 
 def load_reference(source: ModelSource, cache_dir: Path, trust_remote_code: bool = False) -> Reference:
     sha = source.sha256()
     if source.kind in ("embedded", "gguf"):
-        hf_dir = cache_dir / "reference" / f"{sha[:20]}-v{CACHE_VERSION}"
-        if not (hf_dir / "config.json").is_file():
-            _gguf_to_hf_dir(source.path, hf_dir)
+        hf_dir = converted_dir(cache_dir, sha)
+        if not _converted(hf_dir):
+            sweep(hf_dir.parent)
+            build_once(hf_dir, _converted, lambda tmp: _gguf_to_hf_dir(source.path, tmp))
         model, tokenizer = _load_hf(hf_dir, trust_remote_code=False)
         spec = TokenizerSpec.from_gguf(read_gguf(source.path))
     else:

@@ -27,6 +27,10 @@ class Recipe:
     output: str | None = None  # type for the output matrix; None: llama.cpp's choice
     keep: str | None = None  # regex of narrow tensors left to llama.cpp's mixture and fallback
 
+    def rules(self) -> dict[str, str | None]:
+        """What decides the tensor types (the name and description do not): a cache key's part."""
+        return {"narrow": self.narrow, "output": self.output, "keep": self.keep}
+
     def overrides(self, tensors: dict[str, tuple[int, ...]], qtype: str | None = None) -> list[Override]:
         """Exact-name overrides for a model's tensors (GGUF name -> shape, input width first).
 
