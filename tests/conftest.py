@@ -15,8 +15,16 @@ from edgeprune.models.tokenizer import TokenizerSpec
 REPO = Path(__file__).resolve().parent.parent
 
 
+def session_cache_path() -> Path:
+    return Path(os.environ.get("EDGEPRUNE_TEST_CACHE", REPO / ".cache" / "tests"))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     from transformers.utils import logging as hf_logging
+
+    # A command run without --cache-dir uses the tests' cache, never the user's ~/.cache/edgeprune
+    # (whose state, e.g. an interrupted build's leftovers, is not the tests' business).
+    os.environ["EDGEPRUNE_CACHE"] = str(session_cache_path())
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -25,7 +33,7 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:
     """One artifact cache for the whole session (the embedded reference takes ~30 s to build once)."""
-    path = Path(os.environ.get("EDGEPRUNE_TEST_CACHE", REPO / ".cache" / "tests"))
+    path = session_cache_path()
     path.mkdir(parents=True, exist_ok=True)
     return path
 

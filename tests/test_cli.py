@@ -225,7 +225,8 @@ def test_unreadable_weights_reach_the_last_resort_handler(tmp_path):
     unreadable(model / "model.safetensors", "weights")
     plan = tmp_path / "plan.toml"
     plan.write_text("drop_layers = [1]\n")
-    args = ("prune", "--plan", str(plan), "--model", str(model), "-o", str(tmp_path / "o"))
+    args = ("prune", "--plan", str(plan), "--model", str(model), "-o", str(tmp_path / "o"), "--cache-dir",
+            str(tmp_path / "cache"))
     proc = edgeprune(*args, prefix=WITHOUT_DAC_OVERRIDE)
     assert_clean_error(proc, f"Permission denied for {model / 'model.safetensors'}", "check its permissions")
     assert proc.returncode == 2 and not (tmp_path / "o").exists()
