@@ -34,7 +34,8 @@ $(DEPS)/$(SDIST).tar.gz:
 $(HOST_WHEEL_DIR)/.built: | $(DEPS)/$(SDIST).tar.gz
 	@# Compiles llama.cpp (~5-9 min on 2 cores), once per machine and baseline.
 	rm -rf $(HOST_WHEEL_DIR).tmp && mkdir -p $(HOST_WHEEL_DIR).tmp
-	CMAKE_ARGS="$$($(BASELINE) cmake-args)" $(PYTHON) -m pip wheel --no-deps --no-cache-dir \
+	@# GGML_NATIVE=OFF: never compiled for this machine's CPU; baseline.py adds the level's switches.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF $$($(BASELINE) cmake-args)" $(PYTHON) -m pip wheel --no-deps --no-cache-dir \
 		$(DEPS)/$(SDIST).tar.gz -w $(HOST_WHEEL_DIR).tmp
 	rm -rf $(HOST_WHEEL_DIR) && mv $(HOST_WHEEL_DIR).tmp $(HOST_WHEEL_DIR)
 	touch $@
