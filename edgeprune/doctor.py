@@ -108,11 +108,12 @@ def judge_runtime_build(info: str, missing: list[str]) -> tuple[bool, str, str]:
 
 
 def selftest_dir(cache_dir: Path) -> Path:
-    from importlib import metadata
+    from edgeprune.errors import EdgepruneError
+    from edgeprune.toolchain.source import installed_version
 
     try:
-        version = metadata.version("llama-cpp-python")
-    except metadata.PackageNotFoundError:
+        version = installed_version()
+    except EdgepruneError:  # not installed: the decode test then reports it
         version = "none"
     return cache_dir / "doctor" / f"llama-cpp-python-{version}"
 

@@ -259,10 +259,12 @@ def _agreement(model: Path, prompt: str, device_output: bytes, answer_tokens: in
     import llama_cpp
     import numpy as np
 
-    prompt_tokens = llamacpp.tokenize(model, prompt)
-    llm = llamacpp.load(model, n_ctx=len(prompt_tokens) + len(device_output) + 8, threads=threads)
+    # Already in llama.cpp's child process: tokenize with the loaded model, not in another child.
+    # A prompt has at most one token per byte, plus BOS.
+    llm = llamacpp.load(model, n_ctx=len(prompt.encode()) + 1 + len(device_output) + 8, threads=threads)
     result = Agreement()
     try:
+        prompt_tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
         vocab = llama_cpp.llama_model_get_vocab(llm.model)
         llm.eval(prompt_tokens)
         rest = device_output
