@@ -25,7 +25,7 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate import Quality, reference_log_probs, reference_perplexity
 from edgeprune.latency import ModelTraffic, Prediction, host_profile
 from edgeprune.measure import BenchmarkRecord, Workload
-from edgeprune.models import Reference, load_reference, resolve_source
+from edgeprune.models import ModelSource, Reference, load_reference, resolve_source
 from edgeprune.pipeline import (
     MODEL_FILE,
     CandidateModel,
@@ -166,15 +166,15 @@ def _latency_model_summary(predictor: SearchPredictor, host: Any, estimates: dic
 
 def build(config: BuildConfig) -> BuildResult:
     t_start = time.perf_counter()
-    check_output_dir(config.output_dir, config.force, config.cache_dir, resolve_source(config.model).directory)
+    source = resolve_source(config.model)  # a bad --model fails now, not after the toolchain is built
+    check_output_dir(config.output_dir, config.force, config.cache_dir, source.directory)
     if config.sign_key is not None:
         check_signing_key(config.sign_key)  # an unusable key fails now, not after the search
     target, profile = config.target, config.profile
-    resolve_source(config.model)  # a bad --model fails now, not after the toolchain is built
     toolchain = spec_for(target)
     check_buildable(toolchain, config.cache_dir)  # a missing cross-compiler fails now, not after the search
     with open_device(target, config.cache_dir) as device:
-        return _build(config, target, profile, toolchain, device, t_start)
+        return _build(config, source, target, profile, toolchain, device, t_start)
 
 
 def open_device(target: Target, cache_dir: Path, judging: bool = True) -> Device:
@@ -202,12 +202,11 @@ def open_device(target: Target, cache_dir: Path, judging: bool = True) -> Device
     return device
 
 
-def _build(config: BuildConfig, target: Target, profile: Profile, toolchain: BuildSpec, device: Device,
-           t_start: float) -> BuildResult:
+def _build(config: BuildConfig, source: ModelSource, target: Target, profile: Profile, toolchain: BuildSpec,
+           device: Device, t_start: float) -> BuildResult:
     threads = min(target.hardware.cores, device.cores)
     runner = StageRunner(config.cache_dir / "stages")
 
-    source = resolve_source(config.model)
     log.info("loading %s", source.model_id)
     t0 = time.perf_counter()
     reference = load_reference(source, config.cache_dir, config.trust_remote_code)
