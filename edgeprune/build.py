@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from edgeprune import __version__
@@ -22,7 +22,7 @@ from edgeprune.data import HFDataset, TextSplits
 from edgeprune.devices import Device, get_device
 from edgeprune.devices.local import LocalDevice
 from edgeprune.errors import EdgepruneError
-from edgeprune.evaluate import Quality, reference_log_probs, reference_perplexity
+from edgeprune.evaluate import Quality
 from edgeprune.latency import ModelTraffic, Prediction, host_profile
 from edgeprune.measure import BenchmarkRecord, Workload
 from edgeprune.models import ModelSource, Reference, load_reference, resolve_source
@@ -33,6 +33,7 @@ from edgeprune.pipeline import (
     SparseWeights,
     calibration_splits,
     importance_of,
+    reference_logprobs,
 )
 from edgeprune.prune import ModelShape, Plan
 from edgeprune.quantize import QuantSpec
@@ -89,7 +90,7 @@ class CandidateEvaluator:
     device: Device
     workload: Workload
     splits: TextSplits
-    ref_logps: list[torch.Tensor]
+    ref_logps: np.ndarray  # memory-mapped from the stage cache
     settings: SearchSettings
     threads: int
     sparsity: SparsitySpec | None = None  # the target's opt-in; applied to states marked sparse
@@ -215,7 +216,7 @@ def _build(config: BuildConfig, source: ModelSource, target: Target, profile: Pr
 
     splits = calibration_splits(reference, profile.calibration, config.calib, runner)
     importance = importance_of(reference, splits, profile.search, runner)
-    ref_logps = reference_log_probs(reference.model, splits.heldout)
+    ref_logps, ref_perplexity = reference_logprobs(reference, splits, runner)
 
     workload = _workload(target, profile, splits, threads)
     sparsity = target.sparsity.spec() if target.sparsity else None
@@ -243,7 +244,7 @@ def _build(config: BuildConfig, source: ModelSource, target: Target, profile: Pr
             "source": reference.source.kind,
             "sha256": reference.sha256,
             "shape": shape.__dict__,
-            "parameters": reference.model.num_parameters(),
+            "parameters": reference.parameters,
         },
         "target": {"name": target.name, **target.model_dump(mode="json")},
         "profile": {"name": profile.name, **profile.model_dump()},
@@ -256,7 +257,7 @@ def _build(config: BuildConfig, source: ModelSource, target: Target, profile: Pr
             "is_target_arch": device.arch == target.hardware.arch,
         },
         "verified_on_target": outcome.selected is not None and device.arch == target.hardware.arch,
-        "calibration": splits.to_dict() | {"reference_perplexity": reference_perplexity(ref_logps, splits.heldout)},
+        "calibration": splits.to_dict() | {"reference_perplexity": ref_perplexity},
         "importance": importance.summary(),
         "workload": {
             "prompt_tokens": len(workload.prompt),

@@ -5,7 +5,9 @@ Pure functions over logits; `QualityTally` sums them over held-out windows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +48,9 @@ class QualityTally:
         self.kld = self.nll = self.agree = 0.0
         self.positions = self.predictions = 0
 
-    def add(self, ref_logp: torch.Tensor, cand_logits: torch.Tensor | np.ndarray, tokens: torch.Tensor) -> None:
+    def add(self, ref_logp: torch.Tensor | np.ndarray, cand_logits: torch.Tensor | np.ndarray,
+            tokens: torch.Tensor) -> None:
+        ref_logp = torch.as_tensor(np.asarray(ref_logp)) if isinstance(ref_logp, np.ndarray) else ref_logp
         cand_logp = log_probs(cand_logits)
         self.kld += float(kl_divergence(ref_logp, cand_logp).sum())
         self.agree += float((ref_logp.argmax(-1) == cand_logp.argmax(-1)).sum())
@@ -64,11 +68,26 @@ class QualityTally:
 
 
 @torch.no_grad()
-def reference_log_probs(model, windows: torch.Tensor) -> list[torch.Tensor]:
-    """The reference's log-probabilities for every held-out window, one [len, vocab] each."""
-    return [log_probs(model(input_ids=w.unsqueeze(0), use_cache=False).logits[0]) for w in windows]
+def reference_log_probs(source: Any, windows: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
+    """The reference's log-probabilities for every held-out window, [n, len, vocab] float32, computed
+    one layer at a time and written into `out` (a memory-mapped file, so they live on disk) or a
+    new array. `source`: a WeightStore, a DecoderStream, or a model in memory."""
+    from edgeprune.models.streamed import SequentialPass, as_stream
+
+    stream = as_stream(source)
+    # One window per batch, as the model would be run on each alone.
+    passes = SequentialPass(stream, windows, batch_size=1, label="reference log-probs")
+    hidden = passes.run()
+    norm, head = stream.final_norm(), stream.head_weight()
+    if out is None:
+        out = np.empty((*windows.shape, head.shape[0]), dtype=np.float32)
+    for i in range(len(windows)):
+        out[i] = log_probs(stream.logits(norm(hidden[i])[0], head)).numpy()
+    passes.close()
+    return out
 
 
-def reference_perplexity(ref_logps: list[torch.Tensor], windows: torch.Tensor) -> float:
-    nll = sum(float(next_token_nll(lp, w).sum()) for lp, w in zip(ref_logps, windows, strict=True))
+def reference_perplexity(ref_logps: Sequence[np.ndarray] | np.ndarray, windows: torch.Tensor) -> float:
+    nll = sum(float(next_token_nll(torch.as_tensor(np.asarray(lp)), w).sum())
+              for lp, w in zip(ref_logps, windows, strict=True))
     return float(np.exp(nll / sum(w.numel() - 1 for w in windows)))

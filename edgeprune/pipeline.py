@@ -14,22 +14,25 @@ from edgeprune.analysis import Importance
 from edgeprune.analysis.methods import LAYER_IMPORTANCE, UNIT_IMPORTANCE
 from edgeprune.config import CalibrationSettings, SearchSettings, SparsitySpec
 from edgeprune.data import HFDataset, TextSplits, from_file, from_hf, self_generated
-from edgeprune.evaluate import QualityTally
-from edgeprune.export import Provenance, export_gguf
+from edgeprune.evaluate import QualityTally, reference_log_probs, reference_perplexity
+from edgeprune.export import Provenance, write_gguf
 from edgeprune.models import Reference
+from edgeprune.models.streamed import DecoderStream, Overrides
 from edgeprune.progress import progress
-from edgeprune.prune import Plan, apply_plan
+from edgeprune.prune import Plan
+from edgeprune.prune.modules import materialize
 from edgeprune.quantize import RECIPES, QuantSpec, collect_imatrix, quantize, tensor_shapes
 from edgeprune.runtimes import llamacpp
-from edgeprune.sparse import sparsify
 from edgeprune.sparse.methods import needs_calibration
+from edgeprune.sparse.sequential import linear_weights, sparsify_stream
 from edgeprune.stages import Stage, StageOutput, StageRunner
 from edgeprune.structured import STRUCTURED_METHODS, structured_importance
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.gguf"
-SPARSE_WEIGHTS = "decoder-linears.safetensors"
+SPARSE_DIR = "sparse-layers"
+LOGPROBS_FILE = "logprobs.npy"
 
 
 class SelfCalibration(Stage):
@@ -44,7 +47,7 @@ class SelfCalibration(Stage):
         return {"reference": self.reference.sha256, "settings": self.settings.model_dump()}
 
     def run(self, out_dir: Path) -> dict[str, Any]:
-        splits = self_generated(self.reference.model, self.reference.tokenizer, self.settings)
+        splits = self_generated(materialize(self.reference.weights), self.reference.tokenizer, self.settings)
         np.save(out_dir / "calib.npy", splits.calib.numpy(), allow_pickle=False)
         np.save(out_dir / "heldout.npy", splits.heldout.numpy(), allow_pickle=False)
         return {"source": splits.source, "sha256": splits.sha256}
@@ -86,9 +89,43 @@ def importance_of(reference: Reference, splits: TextSplits, settings: SearchSett
     return Importance.from_structured(scores, layer.key, attention.key, unit.name)
 
 
+class ReferenceLogProbs(Stage):
+    """The reference's log-probabilities on the held-out windows, computed one layer at a time and
+    kept on disk ([windows, tokens, vocab] float32, memory-mapped when read)."""
+
+    name = "reference-logprobs"
+
+    def __init__(self, reference: Reference, splits: TextSplits) -> None:
+        self.reference, self.splits = reference, splits
+
+    def identity(self) -> dict[str, Any]:
+        return {"reference": self.reference.sha256, "heldout": self.splits.sha256}
+
+    def run(self, out_dir: Path) -> dict[str, Any]:
+        windows = self.splits.heldout
+        vocab = self.reference.weights.shape(self.reference.weights.head_name())[0]
+        out = np.lib.format.open_memmap(out_dir / LOGPROBS_FILE, mode="w+", dtype=np.float32,
+                                        shape=(*windows.shape, vocab))
+        reference_log_probs(self.reference.weights, windows, out)
+        out.flush()
+        del out
+        return {"perplexity": reference_perplexity(self.load(out_dir), windows)}
+
+    @staticmethod
+    def load(out_dir: Path) -> np.ndarray:
+        return np.load(out_dir / LOGPROBS_FILE, mmap_mode="r")
+
+
+def reference_logprobs(reference: Reference, splits: TextSplits, runner: StageRunner) -> tuple[np.ndarray, float]:
+    """The held-out log-probabilities (memory-mapped from the stage cache) and the reference's perplexity."""
+    out = runner.run(ReferenceLogProbs(reference, splits))
+    return ReferenceLogProbs.load(out.dir), out.result["perplexity"]
+
+
 class SparseWeights(Stage):
     """The reference with a plan applied, then sparsified (Wanda, SparseGPT, magnitude) with
-    sequential calibration. Only the decoder's linear weights change: only they are stored."""
+    sequential calibration, one layer at a time. Only the decoder's linear weights change: only
+    they are stored, one file per layer."""
 
     name = "sparse-weights"
 
@@ -102,42 +139,48 @@ class SparseWeights(Stage):
     def run(self, out_dir: Path) -> dict[str, Any]:
         from safetensors.torch import save_file
 
-        pruned = apply_plan(self.reference.model, self.plan)
-        report = sparsify(pruned, self.calib.calib if self.calib else None, self.spec.method, self.spec.settings())
-        save_file(decoder_linear_weights(pruned), out_dir / SPARSE_WEIGHTS)
+        (out_dir / SPARSE_DIR).mkdir()
+
+        def save(i: int, layer: torch.nn.Module) -> None:
+            save_file(linear_weights(i, layer), out_dir / SPARSE_DIR / f"layer-{i}.safetensors")
+
+        stream = DecoderStream(self.reference.weights, self.plan)
+        report = sparsify_stream(stream, self.calib.calib if self.calib else None, self.spec.method,
+                                 self.spec.settings(), save)
         return report.to_dict() | {"spec": self.spec.model_dump()}
 
 
-def decoder_linear_weights(model: Any) -> dict[str, torch.Tensor]:
-    """The weights sparse methods change: every nn.Linear inside the decoder layers, by name."""
-    return {f"{name}.weight": m.weight.detach().contiguous() for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")}
+def sparse_overrides(sparse: StageOutput | None) -> Overrides:
+    """Loaders of a SparseWeights stage's tensors, by name in the pruned model (each read when needed)."""
+    if sparse is None:
+        return {}
+    from safetensors import safe_open
 
+    def loader(path: Path, name: str):
+        def load() -> torch.Tensor:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(name)
+        return load
 
-@torch.no_grad()
-def load_weights(model: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    params = dict(model.named_parameters())
-    for name, tensor in tensors.items():
-        params[name].copy_(tensor)
-    return model
+    out: dict[str, Any] = {}
+    for path in sorted((sparse.dir / SPARSE_DIR).glob("layer-*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            out.update({name: loader(path, name) for name in f.keys()})
+    return out
 
 
 def pruned_model(reference: Reference, plan: Plan, sparse: StageOutput | None = None) -> Any:
-    """The torch model a candidate is exported from: the plan applied, and the sparse weights if any."""
-    pruned = apply_plan(reference.model, plan)
-    if sparse is not None:
-        from safetensors.torch import load_file
-
-        load_weights(pruned, load_file(sparse.dir / SPARSE_WEIGHTS))
-    return pruned
+    """The whole torch model a candidate is exported from (for what needs it whole)."""
+    return materialize(reference.weights, plan, sparse_overrides(sparse))
 
 
 class CandidateModel(Stage):
-    """Apply a plan to the reference, export an F32 GGUF, quantize it; keep only the quantized file.
+    """Apply a plan to the reference, export a 16-bit GGUF tensor by tensor, quantize it; keep only
+    the quantized file.
 
-    The importance matrix is collected on the pruned model itself, from calibration windows only:
-    pruning changes what later layers see. `sparse`: the output of a SparseWeights stage to
-    export instead of the plain pruned weights.
+    The importance matrix is collected on the pruned model itself, one layer at a time, from
+    calibration windows only: pruning changes what later layers see. `sparse`: the output of a
+    SparseWeights stage whose weights replace the plain pruned ones.
     """
 
     name = "candidate-model"
@@ -156,18 +199,19 @@ class CandidateModel(Stage):
                 "sparse_weights": self.sparse.key if self.sparse is not None else None}
 
     def run(self, out_dir: Path) -> dict[str, Any]:
-        pruned = pruned_model(self.reference, self.plan, self.sparse)
-        f32 = out_dir / "model-f32.gguf"
+        weights, overrides = self.reference.weights, sparse_overrides(self.sparse)
+        intermediate = out_dir / "model-16bit.gguf"
         provenance = Provenance(self.reference.source.model_id, self.reference.sha256, self.plan.to_dict(),
                                 self.sparse.result["spec"] if self.sparse else None)
-        export_gguf(pruned, self.reference.tokenizer_spec, f32, "F32", provenance, name=self.reference.source.model_id)
-        parameters = pruned.num_parameters()  # shared (tied) tensors counted once
-        imatrix = collect_imatrix(pruned, self.calib.calib) if self.quant.imatrix else None
-        del pruned
-        overrides = RECIPES[self.quant.recipe].overrides(tensor_shapes(f32), self.quant.quant)
-        quantize(f32, out_dir / MODEL_FILE, self.quant.quant, self.threads, imatrix, overrides)
-        f32.unlink()
-        return {"size_bytes": os.path.getsize(out_dir / MODEL_FILE), "parameters": parameters}
+        written = write_gguf(weights, self.plan, self.reference.tokenizer_spec, intermediate, "auto", provenance,
+                             name=self.reference.source.model_id, overrides=overrides)
+        imatrix = None
+        if self.quant.imatrix:
+            imatrix = collect_imatrix(DecoderStream(weights, self.plan, overrides), self.calib.calib)
+        recipe = RECIPES[self.quant.recipe].overrides(tensor_shapes(intermediate), self.quant.quant)
+        quantize(intermediate, out_dir / MODEL_FILE, self.quant.quant, self.threads, imatrix, recipe)
+        intermediate.unlink()
+        return {"size_bytes": os.path.getsize(out_dir / MODEL_FILE), "parameters": written.parameters}
 
 
 class CandidateQuality(Stage):
@@ -175,7 +219,7 @@ class CandidateQuality(Stage):
 
     name = "quality"
 
-    def __init__(self, model: Path, model_key: str, splits: TextSplits, ref_logps: list[torch.Tensor],
+    def __init__(self, model: Path, model_key: str, splits: TextSplits, ref_logps: np.ndarray,
                  threads: int) -> None:
         self.model, self.model_key, self.splits = model, model_key, splits
         self.ref_logps, self.threads = ref_logps, threads

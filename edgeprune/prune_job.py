@@ -19,7 +19,7 @@ from edgeprune.bundle import MANIFEST, check_output_dir, file_hashes, model_file
 from edgeprune.config import Profile, SparsitySpec, Strict
 from edgeprune.data import HFDataset
 from edgeprune.errors import EdgepruneError
-from edgeprune.evaluate import Quality, reference_log_probs, reference_perplexity
+from edgeprune.evaluate import Quality
 from edgeprune.export.gguf_llama import architecture
 from edgeprune.gguf_file import decoder_zero_share, read_gguf
 from edgeprune.models import load_reference, resolve_source
@@ -31,6 +31,7 @@ from edgeprune.pipeline import (
     calibration_splits,
     importance_of,
     pruned_model,
+    reference_logprobs,
 )
 from edgeprune.prune import LayerShape, ModelShape, Plan, pruned_config
 from edgeprune.prune.spec import PlanSpec, check, load_plan_spec, resolve
@@ -121,7 +122,7 @@ def prune(config: PruneConfig) -> PruneResult:
 
     quant = QuantSpec(config.quant, config.recipe, config.imatrix)
     model = runner.run(CandidateModel(reference, plan, quant, splits, config.threads, sparse))
-    ref_logps = reference_log_probs(reference.model, splits.heldout)
+    ref_logps, ref_perplexity = reference_logprobs(reference, splits, runner)
     gguf_path = model.dir / MODEL_FILE
     quality = Quality(**runner.run(CandidateQuality(gguf_path, model.key, splits, ref_logps, config.threads)).result)
     arch = architecture(plan.layer_shapes(shape))
@@ -133,7 +134,7 @@ def prune(config: PruneConfig) -> PruneResult:
     result = PruneResult(
         output_dir=config.output_dir, artifact=artifact, plan=plan, description=description, architecture=arch,
         size_bytes=model.result["size_bytes"], parameters=model.result["parameters"], quality=quality,
-        reference_perplexity=reference_perplexity(ref_logps, splits.heldout),
+        reference_perplexity=ref_perplexity,
         hf_dir=config.output_dir / HF_DIR if hf_note is None else None, hf_note=hf_note, sparsity=sparsity,
         structured=structured,
     )
@@ -216,7 +217,7 @@ def _report(result: PruneResult, config: PruneConfig, reference: Any, calibratio
     return {
         "edgeprune_version": __version__,
         "model": {"id": reference.source.model_id, "sha256": reference.sha256,
-                  "parameters": reference.model.num_parameters()},
+                  "parameters": reference.parameters},
         "artifact": result.artifact,
         "quant": quant_description(config),
         "plan": result.description,

@@ -18,7 +18,7 @@ from edgeprune.analysis.layer_scores import (
     sublayer_pair,
     token_nll,
 )
-from edgeprune.analysis.layerwise import SafetensorsLayers, analyse_layerwise
+from edgeprune.analysis.layerwise import analyse_layerwise
 from edgeprune.analysis.methods import LAYER_IMPORTANCE, UNIT_IMPORTANCE, UnitInputs
 from edgeprune.analysis.unit_scores import (
     ColumnStats,
@@ -31,8 +31,11 @@ from edgeprune.analysis.unit_scores import (
     taylor_second_order,
 )
 from edgeprune.analysis.whole_model import analyse_model, gradients, loss_scores
+from edgeprune.analysis.whole_model import layer_inputs
+from edgeprune.models.reference import weight_files
+from edgeprune.models.streamed import DecoderStream
+from edgeprune.models.weights import SafetensorsStore
 from edgeprune.prune import ModelShape, Plan, PlanError, apply_plan, layer_shapes
-from edgeprune.sparse.sequential import layer_inputs
 
 VOCAB = 256
 HEAD_DIM = 16
@@ -333,14 +336,19 @@ def test_gqa_refuses_uneven_head_removal_and_a_uniform_removal_gives_a_consisten
 
 # -- the layer-by-layer runner --------------------------------------------------------------------
 
-def test_layer_by_layer_scores_equal_whole_model_scores(tmp_path):
+def test_layer_by_layer_scores_equal_whole_model_scores(tmp_path, monkeypatch):
     model, windows = _model(), _windows(n=7)  # 7 windows: the last batch is short
     layer_methods, unit_methods = _states_methods(), _units("weights", "activations")
     whole = analyse_model(model, windows, layer_methods, unit_methods, batch_size=3)
     layerwise = analyse_layerwise(model, windows, layer_methods, unit_methods, batch_size=3)
     model.save_pretrained(tmp_path, safe_serialization=True)
-    streamed = analyse_layerwise(SafetensorsLayers(tmp_path), windows, layer_methods, unit_methods, batch_size=3)
+    stream = DecoderStream(SafetensorsStore(weight_files(tmp_path), model.config))
+    streamed = analyse_layerwise(stream, windows, layer_methods, unit_methods, batch_size=3)
+    monkeypatch.setenv("EDGEPRUNE_ACTIVATION_BUDGET", "0")  # every batch's activations spilled to disk
+    spilled = analyse_layerwise(stream, windows, layer_methods, unit_methods, batch_size=3)
     assert set(whole.layer_scores) == {m.key for m in layer_methods}
+    for key, scores in streamed.layer_scores.items():
+        assert torch.equal(spilled.layer_scores[key], scores)
     for result in (layerwise, streamed):
         assert set(result.layer_scores) == set(whole.layer_scores)
         for key, scores in whole.layer_scores.items():

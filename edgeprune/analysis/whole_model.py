@@ -17,6 +17,7 @@ from functools import partial
 from typing import Any
 
 import torch
+from torch import nn
 
 from edgeprune.analysis.capture import LayerProbe, StateTally, StructuredImportance, layer_weights
 from edgeprune.analysis.groups import module_groups
@@ -25,9 +26,38 @@ from edgeprune.analysis.methods import LayerImportance, UnitInputs
 from edgeprune.memory import peak_rss_bytes, reset_peak_rss
 from edgeprune.progress import progress
 from edgeprune.prune.plan import ModelShape
-from edgeprune.sparse.sequential import layer_inputs
 
 log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def layer_inputs(model: Any, windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """(hidden states, keyword arguments) entering decoder layer 0, one pair per batch of windows.
+
+    The model's own forward builds them (embeddings, RoPE cos/sin, mask), so every later layer is
+    called exactly as the model would call it.
+    """
+    captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+    def catch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _StopForward
+
+    handle = model.model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for start in range(0, len(windows), batch_size):
+            try:
+                model(input_ids=windows[start : start + batch_size], use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
 
 
 def _logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
@@ -54,7 +84,7 @@ def loss_scores(model: Any, windows: torch.Tensor, methods: list[LayerImportance
     """Token-averaged scores of the "loss" methods: NLL with each block skipped vs the full model.
 
     A skipped attention leaves h_mid = h_in and a skipped MLP leaves h_out = h_mid, exactly what the
-    pruned model (`prune.modules.RemovedAttention` / `RemovedMLP`) computes.
+    pruned model (`models.streamed.RemovedAttention` / `RemovedMLP`) computes.
     """
     layers = model.model.layers
     n_layers = len(layers)

@@ -1,8 +1,8 @@
-"""Load the reference model: an fp32 torch `LlamaForCausalLM` plus its tokenizer.
+"""The reference model: its weights where they are stored (a `WeightStore`), config and tokenizer.
 
-A GGUF source is dequantized by transformers once (about 30 s for the embedded model) and cached
-as a safetensors directory keyed by the GGUF's sha256, the conversion code and the tools' versions,
-so later builds load it in a second or two (concurrent builds convert it once).
+Nothing is loaded whole: passes read the weights one decoder layer at a time (`models/streamed.py`).
+A GGUF source is read in place (each tensor dequantized when read); its tokenizer, which
+transformers builds from the GGUF's vocabulary in seconds, is cached as a directory.
 """
 
 from __future__ import annotations
@@ -21,19 +21,18 @@ from edgeprune.gguf_file import read_gguf
 from edgeprune.hashing import code_hash, sha256_json
 from edgeprune.models.source import ModelSource
 from edgeprune.models.tokenizer import TokenizerSpec, set_pre_tokenizer
+from edgeprune.models.weights import IGNORED, GGUFStore, SafetensorsStore, WeightStore
 
 log = logging.getLogger(__name__)
 
 # Config types loaded as LlamaForCausalLM (same tensors and names; see `as_llama_config`).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-# Buffers some older checkpoints carry; transformers recomputes them.
-_IGNORED_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 
 @dataclass
 class Reference:
-    model: Any  # transformers.LlamaForCausalLM, fp32, eval mode
+    weights: WeightStore  # read one tensor at a time, in the stored dtype
     tokenizer: Any  # transformers tokenizer whose splits match the GGUF runtime
     tokenizer_spec: TokenizerSpec
     source: ModelSource
@@ -41,7 +40,11 @@ class Reference:
 
     @property
     def config(self) -> Any:
-        return self.model.config
+        return self.weights.config
+
+    @property
+    def parameters(self) -> int:
+        return self.weights.parameters
 
 
 def _check_arch(model_type: str | None, where: str) -> None:
@@ -111,7 +114,7 @@ def _checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
                     shapes[name] = tuple(handle.get_slice(name).get_shape())
         except (SafetensorError, OSError) as e:
             raise EdgepruneError(f"Cannot read the weights file {path}: {e}".rstrip(".") + ".") from None
-    return {k: v for k, v in shapes.items() if not _IGNORED_TENSORS.search(k)}
+    return {k: v for k, v in shapes.items() if not IGNORED.search(k)}
 
 
 def _expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
@@ -162,9 +165,8 @@ def check_weights(directory: Path, config: Any) -> None:
             )
 
 
-def _load_hf(directory: Path, trust_remote_code: bool) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+def _hf_store(directory: Path, trust_remote_code: bool) -> tuple[SafetensorsStore, Any]:
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
@@ -172,70 +174,81 @@ def _load_hf(directory: Path, trust_remote_code: bool) -> tuple[Any, Any]:
         raise EdgepruneError(f"Cannot read the model config of {directory}: {e}".rstrip(".") + ".") from None
     config = as_llama_config(config, str(directory))
     check_weights(directory, config)
-    model, info = LlamaForCausalLM.from_pretrained(
-        directory, config=config, dtype=torch.float32, use_safetensors=True, output_loading_info=True
-    )
-    # Belt and braces: transformers only warns when it random-initialises a tensor.
-    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if problems:
-        raise EdgepruneError(
-            f"{directory}: transformers could not load every weight as config.json describes ({problems})."
-        )
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    return model.eval(), tokenizer
+    return SafetensorsStore(weight_files(directory), config), tokenizer
 
 
-def _gguf_to_hf_dir(gguf_path: Path, target: Path) -> None:
-    """Dequantize a llama GGUF into an fp32 safetensors HF directory at `target`."""
+def gguf_config(reader: Any, where: str) -> Any:
+    """The LlamaConfig of a llama GGUF, from its metadata alone (no tensor is read; transformers'
+    own parser decodes every token of the vocabulary to do this, ~20 s for the embedded model)."""
     import gguf
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaConfig
 
-    reader = read_gguf(gguf_path)
-    arch_field = reader.get_field(gguf.Keys.General.ARCHITECTURE)
-    _check_arch(arch_field.contents() if arch_field else None, str(gguf_path))
-    spec = TokenizerSpec.from_gguf(reader)
-    del reader
+    from edgeprune.gguf_file import hparams, metadata
 
-    log.info("dequantizing %s into a torch reference (once; cached)", gguf_path.name)
-    directory, name = str(gguf_path.parent), gguf_path.name
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    tokenizer = set_pre_tokenizer(AutoTokenizer.from_pretrained(directory, gguf_file=name), spec.pre)
-    # The weights are plain fp32 now, but save_pretrained refuses a model loaded through the GGUF
-    # quantizer: move them into a fresh model whose config has no quantization_config.
-    config = model.config
-    del config.quantization_config
-    config.name_or_path = ""
-    plain = LlamaForCausalLM(config)
-    plain.load_state_dict(model.state_dict(), strict=True)
-    model = plain
+    _check_arch(metadata(reader, gguf.Keys.General.ARCHITECTURE, None), where)
+    hp = hparams(reader)
+    if len(set(hp.heads)) != 1 or len(set(hp.kv_heads)) != 1 or len(set(hp.ffn)) != 1:
+        raise EdgepruneError(f"{where} gives its layers different shapes; edgeprune reads uniform Llama GGUFs.")
+    arch = hp.arch
+    rope: dict[str, Any] = {"rope_type": "default",
+                            "rope_theta": float(metadata(reader, gguf.Keys.Rope.FREQ_BASE.format(arch=arch), 10000.0))}
+    if metadata(reader, gguf.Keys.Rope.SCALING_TYPE.format(arch=arch), "none") == "linear":
+        rope = rope | {"rope_type": "linear",
+                       "factor": float(metadata(reader, gguf.Keys.Rope.SCALING_FACTOR.format(arch=arch)))}
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        log.warning("%s scales RoPE frequencies by a rope_freqs tensor (Llama 3.1 style), which is not read back: "
+                    "the torch reference uses plain RoPE, as transformers does for this file.", where)
+    tokens = gguf.Keys.Tokenizer
+    return LlamaConfig(
+        vocab_size=hp.vocab, hidden_size=hp.hidden, intermediate_size=hp.ffn[0], num_hidden_layers=len(hp.heads),
+        num_attention_heads=hp.heads[0], num_key_value_heads=hp.kv_heads[0], head_dim=hp.head_dim,
+        max_position_embeddings=hp.context_length or 2048,
+        rms_norm_eps=float(metadata(reader, gguf.Keys.Attention.LAYERNORM_RMS_EPS.format(arch=arch))),
+        rope_parameters=rope,
+        bos_token_id=metadata(reader, tokens.BOS_ID, None), eos_token_id=metadata(reader, tokens.EOS_ID, None),
+        pad_token_id=metadata(reader, tokens.PAD_ID, None),
+        tie_word_embeddings=all(t.name != "output.weight" for t in reader.tensors),
+        architectures=["LlamaForCausalLM"],
+    )
 
-    model.save_pretrained(target, safe_serialization=True)
-    tokenizer.save_pretrained(target)
+
+def _gguf_tokenizer(gguf_path: Path, spec: TokenizerSpec, cache_dir: Path, sha: str) -> Any:
+    """The GGUF's tokenizer as transformers builds it, cached as a directory (building it takes seconds)."""
+    from transformers import AutoTokenizer
+
+    tools = {dist: metadata.version(dist) for dist in ("transformers", "gguf")}
+    key = sha256_json({"gguf": sha, "code": code_hash(__name__), "tools": tools})
+    directory = cache_dir / "tokenizer" / f"{sha[:20]}-{key[:12]}"
+
+    def convert(tmp: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        set_pre_tokenizer(tokenizer, spec.pre).save_pretrained(tmp)
+
+    def done(d: Path) -> bool:
+        return (d / "tokenizer_config.json").is_file()
+
+    if not done(directory):
+        sweep(directory.parent)
+        build_once(directory, done, convert)
+    return set_pre_tokenizer(AutoTokenizer.from_pretrained(directory), spec.pre)
 
 
-def _converted(hf_dir: Path) -> bool:
-    return (hf_dir / "config.json").is_file()
-
-
-def converted_dir(cache_dir: Path, gguf_sha256: str) -> Path:
-    """Where the torch reference of a GGUF is cached: keyed like a stage, by the GGUF, the conversion
-    code and the tools that dequantize it."""
-    tools = {dist: metadata.version(dist) for dist in ("torch", "transformers", "gguf")}
-    key = sha256_json({"gguf": gguf_sha256, "code": code_hash(__name__), "tools": tools})
-    return cache_dir / "reference" / f"{gguf_sha256[:20]}-{key[:12]}"
+def open_weights(source: ModelSource, trust_remote_code: bool = False) -> WeightStore:
+    """The source's weights as a store, without the tokenizer (the memory preflight reads shapes from it)."""
+    if source.kind in ("embedded", "gguf"):
+        reader = read_gguf(source.path)
+        return GGUFStore(source.path, gguf_config(reader, str(source.path)), reader)
+    return _hf_store(source.local_dir(), trust_remote_code)[0]
 
 
 def load_reference(source: ModelSource, cache_dir: Path, trust_remote_code: bool = False) -> Reference:
     sha = source.sha256()
     if source.kind in ("embedded", "gguf"):
-        hf_dir = converted_dir(cache_dir, sha)
-        if not _converted(hf_dir):
-            sweep(hf_dir.parent)
-            build_once(hf_dir, _converted, lambda tmp: _gguf_to_hf_dir(source.path, tmp))
-        model, tokenizer = _load_hf(hf_dir, trust_remote_code=False)
-        spec = TokenizerSpec.from_gguf(read_gguf(source.path))
+        weights = open_weights(source)
+        spec = TokenizerSpec.from_gguf(weights.reader)
+        tokenizer = _gguf_tokenizer(source.path, spec, cache_dir, sha)
     else:
-        model, tokenizer = _load_hf(source.local_dir(), trust_remote_code)
-        spec = TokenizerSpec.from_hf(tokenizer, model.config.vocab_size, model.config)
-    return Reference(model=model, tokenizer=tokenizer, tokenizer_spec=spec, source=source, sha256=sha)
+        weights, tokenizer = _hf_store(source.local_dir(), trust_remote_code)
+        spec = TokenizerSpec.from_hf(tokenizer, weights.config.vocab_size, weights.config)
+    return Reference(weights=weights, tokenizer=tokenizer, tokenizer_spec=spec, source=source, sha256=sha)

@@ -149,14 +149,14 @@ class GGUFStore(WeightStore):
     """A llama GGUF, memory-mapped by gguf-py; each read dequantizes one tensor to fp32 and puts
     Q/K rows back in HF order (what transformers' GGUF loader does, tensor by tensor)."""
 
-    def __init__(self, path: Path, config: Any) -> None:
+    def __init__(self, path: Path, config: Any, reader: Any = None) -> None:
         import gguf
 
         from edgeprune.export.gguf_llama import gguf_tensor_name
         from edgeprune.gguf_file import read_gguf
 
         self.config, self.path = config, path
-        self._reader = read_gguf(path)
+        self.reader = self._reader = reader if reader is not None else read_gguf(path)
         hf_names = [EMBEDDING, FINAL_NORM, LM_HEAD] + [
             f"model.layers.{i}.{rest}" for i in range(config.num_hidden_layers)
             for rest in ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
@@ -195,12 +195,14 @@ class GGUFStore(WeightStore):
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = self.config.num_attention_heads if "q_proj" in name else self.config.num_key_value_heads
             data = reverse_rope_interleave(data, heads)
-        return torch.from_numpy(np.ascontiguousarray(data))
+        data = np.ascontiguousarray(data)
+        # An F32 tensor is a view of the read-only mapping: the caller owns what it gets.
+        return torch.from_numpy(data if data.flags.writeable else data.copy())
 
 
 class ModuleStore(WeightStore):
     """A transformers model already in memory, read as a store (tests, and models trained in this
-    process). Reads are the module's own tensors, detached: no copy is made."""
+    process). Reads are copies, as from a file: what a pass does to them never reaches the model."""
 
     def __init__(self, model: Any) -> None:
         self.config = model.config
@@ -219,4 +221,4 @@ class ModuleStore(WeightStore):
         return self._state[name].dtype
 
     def read(self, name: str) -> torch.Tensor:
-        return self._state[name].detach()
+        return self._state[name].detach().clone()

@@ -72,8 +72,9 @@ def prune_layer_channels(tensors: dict[str, torch.Tensor], channels: tuple[int, 
     return out
 
 
-def _prune_layer(tensors: dict[str, torch.Tensor], layer: int, plan: Plan,
-                 shape: ModelShape) -> dict[str, torch.Tensor]:
+def prune_layer(tensors: dict[str, torch.Tensor], layer: int, plan: Plan,
+                shape: ModelShape) -> dict[str, torch.Tensor]:
+    """One layer's tensors (names relative to the layer) with the plan's slices for original layer `layer`."""
     heads, channels = dict(plan.heads), dict(plan.ffn)
     if layer in heads:
         if heads[layer]:
@@ -102,6 +103,6 @@ def pruned_state_dict(state: dict[str, torch.Tensor], config: Any, plan: Plan) -
         elif int(m.group(1)) in new_index:
             per_layer.setdefault(int(m.group(1)), {})[m.group(2)] = tensor
     for old, tensors in per_layer.items():
-        for name, t in _prune_layer(tensors, old, plan, shape).items():
+        for name, t in prune_layer(tensors, old, plan, shape).items():
             out[f"model.layers.{new_index[old]}.{name}"] = t.clone()
     return out

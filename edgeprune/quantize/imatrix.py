@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from edgeprune.export.gguf_llama import gguf_tensor_name
-from edgeprune.progress import progress
+from edgeprune.models.streamed import SequentialPass, as_stream
 
 TOKEN_EMBD = "token_embd.weight"
 
@@ -24,10 +24,12 @@ def add_squares(total: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, int
 
 
 @torch.no_grad()
-def collect_imatrix(model: Any, windows: torch.Tensor, batch_size: int = 4) -> dict[str, np.ndarray]:
+def collect_imatrix(source: Any, windows: torch.Tensor, batch_size: int = 4) -> dict[str, np.ndarray]:
     """GGUF tensor name -> mean x^2 per input column, over `windows` (calibration tokens only).
 
-    Hooks every nn.Linear, so per-layer pruned shapes need no special case.
+    `source`: the candidate's DecoderStream (its plan and sparse weights applied), or a model in
+    memory. One layer at a time: hooks on every nn.Linear of the layer in hand (so per-layer
+    pruned shapes need no special case), then the output head on the last layer's outputs.
 
     Tied embeddings: the GGUF has no `output`, llama.cpp's output matmul multiplies by
     `token_embd`, so the lm_head's statistics go under `token_embd.weight` -- as llama.cpp's own
@@ -38,26 +40,29 @@ def collect_imatrix(model: Any, windows: torch.Tensor, batch_size: int = 4) -> d
     in 8 of 8 held-out windows (benchmarks/quant.py). The input embedding lookup is no matmul:
     an untied `token_embd` gets no entry.
     """
+    stream = as_stream(source)
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
 
-    def hook(name: str):
-        def fn(module: nn.Linear, args: tuple) -> None:
-            total, n = add_squares(sums.get(name, torch.zeros(module.in_features, dtype=torch.float64)), args[0])
-            sums[name], rows[name] = total, rows.get(name, 0) + n
+    def add(name: str, x: torch.Tensor) -> None:
+        total, n = add_squares(sums.get(name, torch.zeros(x.shape[-1], dtype=torch.float64)), x)
+        sums[name], rows[name] = total, rows.get(name, 0) + n
 
-        return fn
-
-    handles = []
-    for module_name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            name = TOKEN_EMBD if module_name == "lm_head" and tied else gguf_tensor_name(module_name + ".weight")
-            handles.append(module.register_forward_pre_hook(hook(name)))
-    try:
-        for start in progress(range(0, len(windows), batch_size), "imatrix"):
-            model(input_ids=windows[start : start + batch_size], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    passes = SequentialPass(stream, windows, batch_size, label="imatrix")
+    for step in passes:
+        handles = [
+            module.register_forward_pre_hook(
+                lambda _m, args, n=gguf_tensor_name(f"model.layers.{step.index}.{name}.weight"): add(n, args[0]))
+            for name, module in step.layer.named_modules() if isinstance(module, nn.Linear)
+        ]
+        try:
+            step.advance()
+        finally:
+            for h in handles:
+                h.remove()
+    head = TOKEN_EMBD if stream.store.tied else gguf_tensor_name("lm_head.weight")
+    norm = stream.final_norm()
+    for b in range(len(passes.hidden)):
+        add(head, norm(passes.hidden[b]))
+    passes.close()
     return {name: (total / rows[name]).float().numpy() for name, total in sums.items()}

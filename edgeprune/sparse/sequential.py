@@ -1,15 +1,16 @@
-"""Sequential calibration, as the Wanda and SparseGPT reference implementations run it: capture
-the calibration activations entering the first decoder layer, then for each layer in turn gather
-its linear layers' input statistics, prune them, and run the *pruned* layer to produce the next
-layer's inputs, so every layer is calibrated on what it will see after pruning upstream.
+"""Sequential calibration, as the Wanda and SparseGPT reference implementations run it: for each
+decoder layer in turn (a sequential pass, `models/streamed.py`) gather its linear layers' input
+statistics, prune them, and run the *pruned* layer to produce the next layer's inputs, so every
+layer is calibrated on what it will see after pruning upstream.
 
-Working memory is one layer's statistics plus the activations of the calibration set.
+Working memory is one layer, its statistics and the activations of the calibration set.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from edgeprune.memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
-from edgeprune.progress import progress
+from edgeprune.models.streamed import DecoderStream, SequentialPass, as_stream
 from edgeprune.sparse.methods import SPARSE_METHODS, SparseSettings, needs_calibration
 
 log = logging.getLogger(__name__)
@@ -63,41 +64,13 @@ class SparsifyReport:
         }
 
 
-class _StopForward(Exception):
-    pass
-
-
 @torch.no_grad()
-def layer_inputs(model: Any, windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-    """(hidden states, keyword arguments) entering decoder layer 0, one pair per batch of windows.
-
-    The model's own forward builds them (embeddings, RoPE cos/sin, mask), so every later layer is
-    called exactly as the model would call it.
-    """
-    captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
-
-    def catch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _StopForward
-
-    handle = model.model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for start in range(0, len(windows), batch_size):
-            try:
-                model(input_ids=windows[start : start + batch_size], use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-@torch.no_grad()
-def sparsify(model: Any, windows: torch.Tensor | None, method_name: str, settings: SparseSettings,
-             batch_size: int = 4) -> SparsifyReport:
-    """Prune every linear layer of every decoder layer of `model` in place (not the embeddings or
-    the output head, as in the papers). `windows`: calibration token windows [n, seq_len]."""
+def sparsify_stream(stream: DecoderStream, windows: torch.Tensor | None, method_name: str, settings: SparseSettings,
+                    on_layer: Callable[[int, nn.Module], None], batch_size: int = 4) -> SparsifyReport:
+    """Prune every linear layer of every decoder layer of the stream's model (not the embeddings or
+    the output head, as in the papers), one layer at a time; `on_layer(i, layer)` receives each
+    pruned layer (to store its weights) before it produces the next layer's inputs.
+    `windows`: calibration token windows [n, seq_len]."""
     method = SPARSE_METHODS[method_name]()
     report = SparsifyReport(method_name, asdict(settings), rss_before_bytes=current_rss_bytes())
     can_reset = reset_peak_rss()
@@ -105,17 +78,18 @@ def sparsify(model: Any, windows: torch.Tensor | None, method_name: str, setting
     needs_data = needs_calibration(method_name)
     if needs_data and (windows is None or len(windows) == 0):
         raise ValueError(f"{method_name} needs calibration windows")
-    batches = layer_inputs(model, windows, batch_size) if needs_data else []
     report.calibration_tokens = int(windows.numel()) if needs_data else 0
+    if not needs_data:  # no activations needed: a dummy window keeps the pass's shape
+        windows = torch.zeros((0, 1), dtype=torch.long)
 
-    for i, layer in enumerate(progress(model.model.layers, f"{method_name}", total=len(model.model.layers))):
+    for step in SequentialPass(stream, windows, batch_size, label=method_name):
+        i, layer = step.index, step.layer
         linears = {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
         stats = {name: method.statistic(mod.in_features) for name, mod in linears.items()} if needs_data else {}
         handles = [mod.register_forward_pre_hook(lambda _m, args, s=stats[name]: s.add(args[0]))
                    for name, mod in linears.items() if needs_data]
         try:
-            for hidden, kwargs in batches:
-                layer(hidden, **kwargs)
+            step.run()
         finally:
             for h in handles:
                 h.remove()
@@ -125,9 +99,28 @@ def sparsify(model: Any, windows: torch.Tensor | None, method_name: str, setting
             report.tensors.append(TensorSparsity(
                 f"model.layers.{i}.{name}.weight", tuple(weight.shape), int((weight == 0).sum()), int(mask.sum())))
         del stats
-        # The next layer sees what this one outputs once pruned.
-        batches = [(layer(hidden, **kwargs), kwargs) for hidden, kwargs in batches]
+        on_layer(i, layer)
+        step.advance()  # the next layer sees what this one outputs once pruned
     report.seconds = time.perf_counter() - t0
     report.peak_rss_bytes = peak_rss_bytes() if can_reset else None
     log.info("%s: %.1f%% of decoder weights zero in %.1f s", method_name, 100 * report.overall, report.seconds)
     return report
+
+
+def linear_weights(index: int, layer: nn.Module) -> dict[str, torch.Tensor]:
+    """A decoder layer's linear weights under their model-level names (what sparse methods change)."""
+    return {f"model.layers.{index}.{name}.weight": m.weight.detach().contiguous()
+            for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+@torch.no_grad()
+def sparsify(model: Any, windows: torch.Tensor | None, method_name: str, settings: SparseSettings,
+             batch_size: int = 4) -> SparsifyReport:
+    """`sparsify_stream` on an (unpruned) model in memory, its weights replaced in place."""
+    params = dict(model.named_parameters())
+
+    def store_back(i: int, layer: nn.Module) -> None:
+        for name, weight in linear_weights(i, layer).items():
+            params[name].copy_(weight)
+
+    return sparsify_stream(as_stream(model), windows, method_name, settings, store_back, batch_size)

@@ -16,6 +16,9 @@ from edgeprune.analysis.unit_scores import UnitScores
 from edgeprune.analysis.whole_model import analyse_model
 from edgeprune.data import TextSplits
 from edgeprune.models import Reference
+from edgeprune.models.streamed import as_stream
+from edgeprune.models.weights import WeightStore
+from edgeprune.prune.modules import materialize
 from edgeprune.stages import Stage
 
 log = logging.getLogger(__name__)
@@ -37,7 +40,7 @@ class StructuredAnalysis(Stage):
                 "layer": sorted(m.key for m in self.layer_methods), "unit": sorted(m.name for m in self.unit_methods)}
 
     def run(self, out_dir: Path) -> dict[str, Any]:
-        result = analyse(self.reference.model, self.splits.calib, self.layer_methods, self.unit_methods)
+        result = analyse(self.reference.weights, self.splits.calib, self.layer_methods, self.unit_methods)
         save_scores(out_dir / SCORES_FILE, result)
         return {"runner": result.runner, "seconds": result.seconds, "peak_rss_bytes": result.peak_rss_bytes,
                 "calibration_tokens": result.calibration_tokens}
@@ -47,18 +50,21 @@ class StructuredAnalysis(Stage):
         return load_scores(out_dir / SCORES_FILE, result)
 
 
-def analyse(model: Any, windows: torch.Tensor, layer_methods: list[LayerImportance],
+def analyse(source: WeightStore | Any, windows: torch.Tensor, layer_methods: list[LayerImportance],
             unit_methods: list[UnitImportance]) -> StructuredImportance:
-    """Layer by layer what can be (one layer's weights at a time), the whole model for the rest."""
+    """Layer by layer what can be (one layer's weights at a time), the whole model for the rest
+    (the memory preflight has checked that it fits). `source`: a store, or a model in memory."""
     light_layers = [m for m in layer_methods if m.needs == "states"]
     light_units = [m for m in unit_methods if m.needs != "gradients"]
     heavy_layers = [m for m in layer_methods if m.needs != "states"]
     heavy_units = [m for m in unit_methods if m.needs == "gradients"]
     result = None
     if light_layers or light_units:
-        result = analyse_layerwise(model, windows, light_layers, light_units)
+        result = analyse_layerwise(as_stream(source), windows, light_layers, light_units)
     if heavy_layers or heavy_units:
+        model = materialize(source) if isinstance(source, WeightStore) else source
         whole = analyse_model(model, windows, heavy_layers, heavy_units)
+        del model
         result = whole if result is None else result.merge(whole)
     return result if result is not None else StructuredImportance()
 

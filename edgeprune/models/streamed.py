@@ -1,0 +1,290 @@
+"""A model's decoder one layer at a time: every torch pass of a build runs through here.
+
+As llm-compressor's sequential pipeline does, the token windows are embedded once, then each
+decoder layer in turn is read from the `WeightStore` (the plan's slices applied), runs every batch
+of hidden states, hands its outputs on as the next layer's inputs, and is released. Working memory
+is one layer plus the activations, which spill to disk beyond a budget; nothing holds the model.
+The caller visits each layer (hooks for importance, the imatrix, sparse statistics) between its
+load and its run.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeprune.memory import return_freed_memory
+from edgeprune.models.weights import FINAL_NORM, ModuleStore, WeightStore
+from edgeprune.prune.apply import prune_layer
+from edgeprune.prune.plan import LayerShape, ModelShape, Plan
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ACTIVATION_BUDGET = 1 << 30
+# The output head is converted to fp32 in row chunks of at most this many bytes.
+HEAD_CHUNK_BYTES = 512 << 20
+# A replacement for one tensor of the pruned model (the sparse methods' weights), by HF name.
+Overrides = Mapping[str, Callable[[], torch.Tensor]]
+
+
+def activation_budget() -> int:
+    """Bytes of hidden states kept in RAM before they spill to disk (EDGEPRUNE_ACTIVATION_BUDGET)."""
+    value = os.environ.get("EDGEPRUNE_ACTIVATION_BUDGET")
+    return int(value) if value else DEFAULT_ACTIVATION_BUDGET
+
+
+class Activations:
+    """The hidden states of every batch, in RAM up to `budget` bytes and in .npy files beyond it."""
+
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = activation_budget() if budget is None else budget
+        self._held: list[torch.Tensor | Path] = []
+        self._bytes = 0
+        self._dir: Path | None = None
+
+    def append(self, hidden: torch.Tensor) -> None:
+        size = hidden.numel() * hidden.element_size()
+        if self._bytes + size <= self.budget:
+            self._held.append(hidden)
+            self._bytes += size
+            return
+        if self._dir is None:
+            self._dir = Path(tempfile.mkdtemp(prefix="edgeprune-activations-"))
+        path = self._dir / f"{len(self._held)}.npy"
+        np.save(path, hidden.numpy(), allow_pickle=False)
+        self._held.append(path)
+
+    @property
+    def spilled(self) -> int:
+        return sum(isinstance(h, Path) for h in self._held)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        held = self._held[i]
+        return torch.from_numpy(np.load(held, allow_pickle=False)) if isinstance(held, Path) else held
+
+    def close(self) -> None:
+        self._held.clear()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+class RemovedAttention(nn.Module):
+    """A layer's attention after pruning removed it: its residual branch is zero."""
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return torch.zeros_like(hidden_states), None
+
+
+class RemovedMLP(nn.Module):
+    """A layer's MLP after pruning removed it: its residual branch is zero."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+def layer_config(config: Any, layer_shape: LayerShape) -> Any:
+    out = copy.deepcopy(config)
+    out.num_attention_heads = layer_shape.n_head or config.num_attention_heads
+    out.num_key_value_heads = layer_shape.n_head_kv or config.num_key_value_heads
+    out.intermediate_size = layer_shape.ffn or config.intermediate_size
+    return out
+
+
+def empty_layer(config: Any, layer_shape: LayerShape, index: int) -> nn.Module:
+    """A decoder layer of `layer_shape` on the meta device (no storage), removed sublayers zeroed."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    with torch.device("meta"):
+        layer = LlamaDecoderLayer(layer_config(config, layer_shape), layer_idx=index)
+    if not layer_shape.has_attention:
+        layer.self_attn, layer.input_layernorm = RemovedAttention(), nn.Identity()
+    if not layer_shape.has_mlp:
+        layer.mlp, layer.post_attention_layernorm = RemovedMLP(), nn.Identity()
+    return layer
+
+
+class _StopForward(Exception):
+    pass
+
+
+class DecoderStream:
+    """The decoder of `store`'s model with `plan` applied, one layer at a time, computing in `dtype`.
+
+    `overrides` replace tensors of the pruned model by name (the sparse weights of a candidate).
+    """
+
+    def __init__(self, store: WeightStore, plan: Plan | None = None, overrides: Overrides | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        from transformers import LlamaForCausalLM
+
+        self.store, self.plan, self.dtype = store, plan or Plan(), dtype
+        self.overrides = dict(overrides or {})
+        self.shape = ModelShape.from_config(store.config)
+        self.plan.validate(self.shape)
+        self.kept = self.plan.kept_layers(self.shape)
+        self.layer_shapes = self.plan.layer_shapes(self.shape)
+        # A skeleton on the meta device settles config details (attention implementation) exactly as
+        # a loaded model would, and computes the first layer's keyword arguments (RoPE, mask).
+        with torch.device("meta"):
+            self._skeleton = LlamaForCausalLM(store.config)
+        self.config = self._skeleton.config
+        self.n_layers = len(self.kept)
+
+    # -- what enters layer 0 -------------------------------------------------------------------
+    def embed(self, windows: torch.Tensor) -> torch.Tensor:
+        return self.store.rows("model.embed_tokens.weight", windows.reshape(-1)).reshape(
+            *windows.shape, -1).to(self.dtype)
+
+    @torch.no_grad()
+    def first_inputs(self, windows: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Hidden states and keyword arguments entering decoder layer 0 for one batch of windows.
+        The model's own forward builds the arguments, so every layer is called as the model calls it."""
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        model = self._skeleton.model
+        if not hasattr(self, "_rotary"):
+            self._rotary = LlamaRotaryEmbedding(config=self.config)  # buffers computed for real
+        captured: dict[str, Any] = {}
+
+        def catch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            captured.update(kwargs)
+            captured["hidden_states"] = args[0] if args else kwargs["hidden_states"]
+            raise _StopForward
+
+        meta_rotary, model.rotary_emb = model.rotary_emb, self._rotary
+        handle = model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            model(inputs_embeds=self.embed(windows), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+            model.rotary_emb = meta_rotary
+        hidden = captured.pop("hidden_states")
+        return hidden, captured
+
+    # -- one layer -----------------------------------------------------------------------------
+    def load(self, i: int) -> nn.Module:
+        """Kept layer `i` (new numbering), its tensors read, sliced by the plan, in `dtype`."""
+        old = self.kept[i]
+        tensors = prune_layer(self.store.layer(old), old, self.plan, self.shape)
+        prefix = f"model.layers.{i}."
+        for name in tensors:
+            if prefix + name in self.overrides:
+                tensors[name] = self.overrides[prefix + name]()
+        layer = empty_layer(self.config, self.layer_shapes[i], i)
+        layer.load_state_dict({k: v.to(self.dtype) for k, v in tensors.items()}, strict=True, assign=True)
+        return layer.eval()
+
+    # -- the output head -----------------------------------------------------------------------
+    def final_norm(self) -> nn.Module:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        norm = LlamaRMSNorm(self.shape.hidden, eps=self.config.rms_norm_eps)
+        norm.weight.data = self.store.read(FINAL_NORM).to(self.dtype)
+        return norm
+
+    def head_weight(self) -> torch.Tensor:
+        """The output projection in its stored dtype (converted chunk by chunk in `logits`)."""
+        return self.store.read(self.store.head_name())
+
+    def logits(self, normed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The output projection of final-normed hidden states, in fp32 row chunks when it is big."""
+        rows = max(1, HEAD_CHUNK_BYTES // (weight.shape[1] * 4))
+        if weight.shape[0] <= rows and weight.dtype == self.dtype:
+            return normed @ weight.T
+        return torch.cat([normed @ w.to(self.dtype).T for w in weight.split(rows)], dim=-1)
+
+
+def as_stream(source: Any) -> DecoderStream:
+    """A stream as is; a store, or a (unpruned) model in memory, streamed whole."""
+    if isinstance(source, DecoderStream):
+        return source
+    return DecoderStream(source if isinstance(source, WeightStore) else ModuleStore(source))
+
+
+class LayerStep:
+    """One layer of a sequential pass: the caller hooks `layer`, then runs it (or lets the pass do so)."""
+
+    def __init__(self, index: int, layer: nn.Module, inputs: Activations, kwargs: list[dict[str, Any]]) -> None:
+        self.index, self.layer, self.inputs, self.kwargs = index, layer, inputs, kwargs
+        self.outputs: Activations | None = None
+
+    @torch.no_grad()
+    def run(self, on_batch: Callable[[int], None] | None = None) -> None:
+        """Every batch through the layer, outputs discarded (statistics are gathered by hooks)."""
+        for b in range(len(self.inputs)):
+            if on_batch is not None:
+                on_batch(b)
+            self.layer(self.inputs[b], **self.kwargs[b])
+
+    @torch.no_grad()
+    def advance(self, on_batch: Callable[[int], None] | None = None) -> None:
+        """Every batch through the layer, outputs kept as the next layer's inputs."""
+        outputs = Activations(self.inputs.budget)
+        for b in range(len(self.inputs)):
+            if on_batch is not None:
+                on_batch(b)
+            out = self.layer(self.inputs[b], **self.kwargs[b])
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        self.outputs = outputs
+
+
+class SequentialPass:
+    """Iterate a stream's layers over token windows; afterwards `hidden` holds the last layer's outputs.
+
+    for step in SequentialPass(stream, windows):
+        ...hook step.layer, then step.advance() (called for you if you do not)
+    """
+
+    def __init__(self, stream: DecoderStream, windows: torch.Tensor, batch_size: int = 4,
+                 budget: int | None = None, label: str | None = None) -> None:
+        self.stream, self.windows, self.batch_size, self.budget = stream, windows, batch_size, budget
+        self.label = label
+        self.hidden: Activations | None = None
+        self.kwargs: list[dict[str, Any]] = []
+        self.spilled = 0
+
+    def __iter__(self) -> Iterator[LayerStep]:
+        from edgeprune.progress import progress
+
+        hidden = Activations(self.budget)
+        for start in range(0, len(self.windows), self.batch_size):
+            h, kw = self.stream.first_inputs(self.windows[start : start + self.batch_size])
+            hidden.append(h)
+            self.kwargs.append(kw)
+        layers = range(self.stream.n_layers)
+        for i in progress(layers, self.label, total=len(layers)) if self.label else layers:
+            step = LayerStep(i, self.stream.load(i), hidden, self.kwargs)
+            yield step
+            if step.outputs is None:
+                step.advance()
+            self.spilled = max(self.spilled, hidden.spilled)
+            hidden.close()
+            hidden = step.outputs
+            del step  # the layer's weights go now, before the next is read
+            return_freed_memory()
+        self.hidden = hidden
+
+    def run(self) -> Activations:
+        for _ in self:
+            pass
+        return self.hidden
+
+    def close(self) -> None:
+        if self.hidden is not None:
+            self.hidden.close()
