@@ -22,6 +22,7 @@ from edgeprune.export import Provenance, export_gguf
 from edgeprune.inspection import inspect_gguf
 from edgeprune.models.tokenizer import TokenizerSpec
 from edgeprune.prune import ModelShape, Plan, apply_plan
+from edgeprune.prune.modules import materialize
 from edgeprune.runtimes import llamacpp
 
 TOKENS = np.array([[1, 504, 2432, 28, 3300, 17, 33, 34, 35, 216, 4389, 29, 44, 9000, 12, 77, 6345, 2]])
@@ -130,11 +131,11 @@ def test_unpruned_export_carries_the_converters_metadata_tokenizer_and_tensors(t
     """Oracle: for the unpruned embedded model, our writer and llama.cpp's converter agree."""
     ref = embedded_reference
     hf_dir = tmp_path / "hf"
-    ref.model.save_pretrained(hf_dir)
+    materialize(ref.weights).save_pretrained(hf_dir)
     ref.tokenizer.save_pretrained(hf_dir)
     spec = TokenizerSpec.from_hf(ref.tokenizer, ref.config.vocab_size)
     ours = tmp_path / "ours.gguf"
-    export_gguf(ref.model, spec, ours, "F32", Provenance("x", "0" * 64, {}), "x")
+    export_gguf(materialize(ref.weights), spec, ours, "F32", Provenance("x", "0" * 64, {}), "x")
     theirs = tmp_path / "theirs.gguf"
     run_converter(llama_cpp_src, hf_dir, theirs)
 

@@ -28,6 +28,7 @@ from edgeprune.export.rope import ROPE_FREQS, llama3_rope_factors, write_rope
 from edgeprune.models import load_reference, resolve_source
 from edgeprune.models.source import ModelSource
 from edgeprune.models.tokenizer import TokenizerSpec
+from edgeprune.prune.modules import materialize
 from edgeprune.runtimes import llamacpp
 
 ADDED = ("<|im_start|>", "<|im_end|>")  # chat markers added after the SentencePiece model
@@ -234,7 +235,7 @@ def test_llama3_rope_scaling_matches_the_converter_and_torch(tmp_path, sp_model,
     theirs = tmp_path / "converter.gguf"
     run_converter(llama_cpp_src, hf_dir, theirs)
     ref = load_reference(resolve_source(str(hf_dir)), tmp_path / "cache")
-    ours = _export(ref.model, ref.tokenizer_spec, tmp_path / "ours.gguf")
+    ours = _export(materialize(ref.weights), ref.tokenizer_spec, tmp_path / "ours.gguf")
 
     assert _tensor(ours, ROPE_FREQS).tobytes() == _tensor(theirs, ROPE_FREQS).tobytes()
     rope_keys = {k: v for k, v in _reader_fields(theirs, "llama.rope").items()}
@@ -330,7 +331,7 @@ def test_sentencepiece_tokenizer_matches_the_converter_and_tokenizes_like_senten
     ref = load_reference(resolve_source(str(hf_dir)), tmp_path / "cache")
     spec = ref.tokenizer_spec
     assert spec.model == "llama" and spec.scores is not None
-    ours = _export(ref.model, spec, tmp_path / "ours.gguf")
+    ours = _export(materialize(ref.weights), spec, tmp_path / "ours.gguf")
     theirs = tmp_path / "converter.gguf"
     run_converter(llama_cpp_src, hf_dir, theirs)
 
@@ -381,7 +382,7 @@ def test_sentencepiece_models_export_and_match_torch(tmp_path, sp_model, llama_c
     expected = _torch_logits(model, tokens)
     theirs = tmp_path / "converter.gguf"
     run_converter(llama_cpp_src, hf_dir, theirs)
-    ours = _export(ref.model, ref.tokenizer_spec, tmp_path / "ours.gguf")
+    ours = _export(materialize(ref.weights), ref.tokenizer_spec, tmp_path / "ours.gguf")
     maxdiff, ref_maxdiff = _assert_parity(expected, ours, theirs, tokens)
     print(f"{name}: maxdiff ours {maxdiff:.3g}, converter {ref_maxdiff:.3g}")
 
@@ -418,16 +419,16 @@ def test_mistral_config_loads_as_llama_and_matches_torch(tmp_path, sp_model, lla
 
     with caplog.at_level(logging.WARNING, logger="edgeprune.models.reference"):
         ref = load_reference(resolve_source(str(hf_dir)), tmp_path / "cache")
-    assert isinstance(ref.model, LlamaForCausalLM)
+    assert isinstance(materialize(ref.weights), LlamaForCausalLM)
     assert any("128-token sliding attention window" in r.getMessage() and "whole context" in r.getMessage()
                for r in caplog.records)
 
     tokens = _tokens(sp_model)  # shorter than the window: Mistral and Llama attention agree
     expected = _torch_logits(mistral, tokens)
-    np.testing.assert_allclose(_torch_logits(ref.model, tokens), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(_torch_logits(materialize(ref.weights), tokens), expected, rtol=0, atol=1e-5)
     theirs = tmp_path / "converter.gguf"
     run_converter(llama_cpp_src, hf_dir, theirs)
-    ours = _export(ref.model, ref.tokenizer_spec, tmp_path / "ours.gguf")
+    ours = _export(materialize(ref.weights), ref.tokenizer_spec, tmp_path / "ours.gguf")
     maxdiff, ref_maxdiff = _assert_parity(expected, ours, theirs, tokens)
     print(f"mistral: maxdiff ours {maxdiff:.3g}, converter {ref_maxdiff:.3g}")
 

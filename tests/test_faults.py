@@ -42,6 +42,7 @@ from edgeprune.measure import Workload
 from edgeprune.models import resolve_source
 from edgeprune.models.embedded import embedded_gguf
 from edgeprune.pipeline import MODEL_FILE
+from edgeprune.prune.modules import materialize
 from edgeprune.quantize import quantize
 from edgeprune.runtimes import isolated, llamacpp
 
@@ -512,7 +513,8 @@ def test_a_benchmark_worker_killed_by_a_signal_is_a_runtime_crash():
 def test_a_quantizer_killed_mid_write_leaves_neither_its_output_nor_its_temporary_file(
         tmp_path, embedded_reference, embedded_tokenizer_spec):
     src, dst = tmp_path / "model-f16.gguf", tmp_path / "model-q4km.gguf"
-    export_gguf(embedded_reference.model, embedded_tokenizer_spec, src, "F16", Provenance("e", "0" * 64, {}), "e")
+    export_gguf(materialize(embedded_reference.weights), embedded_tokenizer_spec, src, "F16",
+                Provenance("e", "0" * 64, {}), "e")
     partial = dst.with_name(dst.name + ".tmp")
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(quantize, src, dst, "Q4_K_M", 1)

@@ -12,7 +12,8 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
 from edgeprune.hashing import sha256_file
-from edgeprune.prune import ModelShape, Plan, apply_plan
+from edgeprune.prune import ModelShape, Plan
+from edgeprune.prune.modules import materialize
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ def test_uniform_plan_writes_gguf_and_a_plain_transformers_checkpoint(tmp_path, 
     hf = AutoModelForCausalLM.from_pretrained(out / "hf").eval()  # plain transformers, no custom code
     c = hf.config
     assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) == (28, 6, 3, 1024)
-    expected = apply_plan(embedded_reference.model, Plan.from_dict(record["plan"]))
+    expected = materialize(embedded_reference.weights, Plan.from_dict(record["plan"]))
     tokens = torch.tensor([[1, 504, 2432, 28, 3300, 17, 33, 34]])
     with torch.no_grad():
         assert_close(hf(tokens).logits, expected(tokens).logits)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama
 from torch import nn
 
+from conftest import tiny_llama
 from edgeprune.evaluate import log_probs, reference_log_probs
 from edgeprune.export.gguf_llama import gguf_tensor_name
 from edgeprune.models.reference import weight_files
@@ -81,8 +81,9 @@ def _whole_model_imatrix(model, windows):
         return fn
 
     tied = model.config.tie_word_embeddings
-    handles = [m.register_forward_pre_hook(hook(TOKEN_EMBD if n == "lm_head" and tied else gguf_tensor_name(n + ".weight")))
-               for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    names = {n: TOKEN_EMBD if n == "lm_head" and tied else gguf_tensor_name(n + ".weight")
+             for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(g)) for n, g in names.items()]
     with torch.no_grad():
         for start in range(0, len(windows), 4):
             model(input_ids=windows[start : start + 4], use_cache=False)

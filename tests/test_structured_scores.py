@@ -30,8 +30,7 @@ from edgeprune.analysis.unit_scores import (
     taylor_first_order,
     taylor_second_order,
 )
-from edgeprune.analysis.whole_model import analyse_model, gradients, loss_scores
-from edgeprune.analysis.whole_model import layer_inputs
+from edgeprune.analysis.whole_model import analyse_model, gradients, layer_inputs, loss_scores
 from edgeprune.models.reference import weight_files
 from edgeprune.models.streamed import DecoderStream
 from edgeprune.models.weights import SafetensorsStore

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from edgeprune.export import Provenance, export_gguf
-from edgeprune.prune import Plan, apply_plan
+from edgeprune.prune import Plan
+from edgeprune.prune.modules import materialize
 from edgeprune.runtimes import llamacpp
 
 pytestmark = pytest.mark.slow
@@ -29,7 +30,7 @@ def _torch_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
 
 def test_non_uniform_plan_generates_the_same_32_tokens(tmp_path, embedded_reference):
     ref = embedded_reference
-    pruned = apply_plan(ref.model, PLAN)
+    pruned = materialize(ref.weights, PLAN)
     path = tmp_path / "deci.gguf"
     export_gguf(pruned, ref.tokenizer_spec, path, "F32", Provenance("embedded", "0" * 64, PLAN.to_dict()), "x")
     messages = [{"role": "user", "content": "Name three things a lighthouse keeper does every day."}]

@@ -55,8 +55,12 @@ def analyse_layerwise(source: DecoderStream | Any, windows: torch.Tensor, layer_
     for step in SequentialPass(source, windows, batch_size, label="importance"):
         i, layer = step.index, step.layer
         probe = LayerProbe(layer, states=bool(tally.methods), stats=needs_stats)
+
+        def to_batch(b: int, i: int = i, probe: LayerProbe = probe) -> None:
+            probe.on_states = partial(tally.add, i, b)
+
         with probe:
-            step.advance(on_batch=lambda b, i=i: setattr(probe, "on_states", partial(tally.add, i, b)))
+            step.advance(on_batch=to_batch)
         if unit_methods:
             inputs = UnitInputs(layer_weights(layer), module_groups(layer, head_dim), probe.stats or None)
             for m in unit_methods:

@@ -50,11 +50,10 @@ def collect_imatrix(source: Any, windows: torch.Tensor, batch_size: int = 4) -> 
 
     passes = SequentialPass(stream, windows, batch_size, label="imatrix")
     for step in passes:
-        handles = [
-            module.register_forward_pre_hook(
-                lambda _m, args, n=gguf_tensor_name(f"model.layers.{step.index}.{name}.weight"): add(n, args[0]))
-            for name, module in step.layer.named_modules() if isinstance(module, nn.Linear)
-        ]
+        linears = {gguf_tensor_name(f"model.layers.{step.index}.{name}.weight"): module
+                   for name, module in step.layer.named_modules() if isinstance(module, nn.Linear)}
+        handles = [module.register_forward_pre_hook(lambda _m, args, n=n: add(n, args[0]))
+                   for n, module in linears.items()]
         try:
             step.advance()
         finally:
