@@ -23,10 +23,17 @@ import torch
 from edgeprune.analysis.scores import select_channels
 from edgeprune.config import load_profile, load_target
 from edgeprune.devices import get_device
-from edgeprune.evaluate import Quality, reference_log_probs
+from edgeprune.evaluate import Quality
 from edgeprune.measure import Workload
 from edgeprune.models import load_reference, resolve_source
-from edgeprune.pipeline import MODEL_FILE, CandidateModel, CandidateQuality, calibration_splits, importance_of
+from edgeprune.pipeline import (
+    MODEL_FILE,
+    CandidateModel,
+    CandidateQuality,
+    calibration_splits,
+    importance_of,
+    reference_logprobs,
+)
 from edgeprune.prune import Plan
 from edgeprune.quantize import QuantSpec
 from edgeprune.stages import StageRunner
@@ -52,7 +59,7 @@ def main() -> None:
     reference = load_reference(resolve_source(None), args.cache_dir)
     profile = load_profile("default")
     splits = calibration_splits(reference, profile.calibration, None, runner)
-    ref_logps = reference_log_probs(reference.model, splits.heldout)
+    ref_logps, _ = reference_logprobs(reference, splits, runner)
     importance = importance_of(reference, splits, profile.search, runner)
     n_layers = len(importance.channel_scores)
     target = load_target("demo")

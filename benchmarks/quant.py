@@ -30,6 +30,7 @@ from edgeprune.gguf_file import read_gguf
 from edgeprune.measure import Workload
 from edgeprune.models import load_reference, resolve_source
 from edgeprune.pipeline import calibration_splits
+from edgeprune.prune.modules import materialize
 from edgeprune.quantize import RECIPES, collect_imatrix, effective_bits, quantize, tensor_shapes
 from edgeprune.runtimes import llamacpp
 from edgeprune.stages import StageRunner
@@ -120,9 +121,9 @@ def main() -> None:
     # 16 + 8 windows: the 24 self-generation prompts once each, so no held-out prompt calibrates.
     settings = CalibrationSettings(samples=16, heldout_samples=8, seq_len=args.seq_len, seed=0)
     splits = calibration_splits(reference, settings, None, StageRunner(args.cache_dir / "stages"))
-    ref_logps = reference_log_probs(reference.model, splits.heldout)
+    ref_logps = reference_log_probs(reference.weights, splits.heldout)
     ref_ppl = reference_perplexity(ref_logps, splits.heldout)
-    imatrix = collect_imatrix(reference.model, splits.calib)
+    imatrix = collect_imatrix(reference.weights, splits.calib)
     no_output = {k: v for k, v in imatrix.items() if k != "token_embd.weight"}
     prompt = tuple(splits.heldout[0, :64].tolist())
     workload = Workload(prompt, 100, args.threads, warmup=1, repetitions=args.repetitions)
@@ -131,7 +132,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         f32 = Path(tmp) / "f32.gguf"
-        export_gguf(reference.model, reference.tokenizer_spec, f32, "F32",
+        export_gguf(materialize(reference.weights), reference.tokenizer_spec, f32, "F32",
                     Provenance("embedded", reference.sha256, {}), "embedded")
         shapes = tensor_shapes(f32)
         files = {}

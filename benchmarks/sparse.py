@@ -31,10 +31,11 @@ from edgeprune.gguf_file import decoder_zero_share, read_gguf
 from edgeprune.measure import Workload
 from edgeprune.memory import current_rss_bytes
 from edgeprune.models import load_reference, resolve_source
-from edgeprune.pipeline import calibration_splits, decoder_linear_weights, load_weights
-from edgeprune.prune import Plan, apply_plan
+from edgeprune.pipeline import calibration_splits
+from edgeprune.prune.modules import materialize
 from edgeprune.quantize import quantize
 from edgeprune.sparse import sparsify
+from edgeprune.sparse.sequential import linear_weights
 from edgeprune.stages import StageRunner
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,7 +60,7 @@ def child(args) -> None:
     """One pass in this fresh process: write the sparse decoder weights and the pass's report."""
     method, options = VARIANTS[args.child]
     reference, splits = _load(args)
-    model = apply_plan(reference.model, Plan())  # a copy to sparsify
+    model = materialize(reference.weights)  # a copy to sparsify
     settings = SparsitySpec(method=method, **options).settings()
     loaded = current_rss_bytes()
     report = sparsify(model, splits.calib, method, settings)
@@ -68,6 +69,21 @@ def child(args) -> None:
 
 
 @torch.no_grad()
+def decoder_linear_weights(model) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(model.model.layers):
+        out |= linear_weights(i, layer)
+    return out
+
+
+@torch.no_grad()
+def load_weights(model, tensors: dict[str, torch.Tensor]):
+    params = dict(model.named_parameters())
+    for name, tensor in tensors.items():
+        params[name].copy_(tensor)
+    return model
+
+
 def torch_quality(model, windows: torch.Tensor, ref_logps: list[torch.Tensor]) -> dict:
     tally, per_window = QualityTally(), []
     for ref_logp, tokens in zip(ref_logps, windows, strict=True):
@@ -99,8 +115,9 @@ def main() -> None:
         return child(args)
 
     reference, splits = _load(args)
-    ref_logps = reference_log_probs(reference.model, splits.heldout)
-    rows = [{"variant": "dense", "sparsity": 0.0, **torch_quality(reference.model, splits.heldout, ref_logps)}]
+    dense = materialize(reference.weights)
+    ref_logps = reference_log_probs(dense, splits.heldout)
+    rows = [{"variant": "dense", "sparsity": 0.0, **torch_quality(dense, splits.heldout, ref_logps)}]
     wanda50 = None
     with tempfile.TemporaryDirectory() as tmp:
         for label in VARIANTS:
@@ -110,7 +127,7 @@ def main() -> None:
                    "--cache-dir", str(args.cache_dir), "--seq-len", str(args.seq_len)]
             subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
             rep = json.loads((result_dir / "report.json").read_text())
-            model = load_weights(apply_plan(reference.model, Plan()), load_file(result_dir / "weights.st"))
+            model = load_weights(materialize(reference.weights), load_file(result_dir / "weights.st"))
             rows.append({"variant": label, "sparsity": rep["overall_sparsity"], "seconds": rep["seconds"],
                          "rss_loaded_bytes": rep["rss_loaded_bytes"], "peak_rss_bytes": rep["peak_rss_bytes"],
                          **torch_quality(model, splits.heldout, ref_logps)})
@@ -121,7 +138,7 @@ def main() -> None:
         prompt = tuple(splits.heldout[0, :64].tolist())
         workload = Workload(prompt, 100, args.threads, warmup=1, repetitions=args.repetitions)
         device, speed, files = get_device("local"), [], {}
-        for label, model in (("dense", reference.model), ("wanda", wanda50)):
+        for label, model in (("dense", dense), ("wanda", wanda50)):
             f32 = Path(tmp) / f"{label}-f32.gguf"
             export_gguf(model, reference.tokenizer_spec, f32, "F32", Provenance("embedded", reference.sha256, {}), "e")
             for qtype in ("F16", "Q4_K_M"):

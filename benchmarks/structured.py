@@ -36,11 +36,18 @@ import torch
 from edgeprune.analysis.scores import select_heads
 from edgeprune.config import load_profile, load_target
 from edgeprune.devices import get_device
-from edgeprune.evaluate import Quality, reference_log_probs, reference_perplexity
+from edgeprune.evaluate import Quality
 from edgeprune.latency import LatencyModel, ModelTraffic, Observation, host_profile
 from edgeprune.measure import Workload
 from edgeprune.models import load_reference, resolve_source
-from edgeprune.pipeline import MODEL_FILE, CandidateModel, CandidateQuality, calibration_splits, importance_of
+from edgeprune.pipeline import (
+    MODEL_FILE,
+    CandidateModel,
+    CandidateQuality,
+    calibration_splits,
+    importance_of,
+    reference_logprobs,
+)
 from edgeprune.prune import ModelShape, Plan
 from edgeprune.quantize import QuantSpec
 from edgeprune.stages import StageRunner
@@ -70,8 +77,7 @@ class Bench:
         self.shape = ModelShape.from_config(self.reference.config)
         profile = load_profile("default")
         self.splits = calibration_splits(self.reference, profile.calibration, None, self.runner)
-        self.ref_logps = reference_log_probs(self.reference.model, self.splits.heldout)
-        self.ref_ppl = reference_perplexity(self.ref_logps, self.splits.heldout)
+        self.ref_logps, self.ref_ppl = reference_logprobs(self.reference, self.splits, self.runner)
         target = load_target("demo")
         self.device = get_device("local")
         prompt = tuple(self.splits.heldout.flatten().tolist()[: target.slo.prompt_tokens])

@@ -26,15 +26,17 @@ import numpy as np
 import torch
 
 from edgeprune.analysis.layer_scores import block_to_drop, layers_to_drop, token_nll
-from edgeprune.analysis.layerwise import SafetensorsLayers, analyse_layerwise
+from edgeprune.analysis.layerwise import analyse_layerwise
 from edgeprune.analysis.methods import LAYER_IMPORTANCE, UNIT_IMPORTANCE
 from edgeprune.analysis.whole_model import analyse_model
 from edgeprune.config import CalibrationSettings
 from edgeprune.memory import current_rss_bytes
 from edgeprune.models import load_reference, resolve_source
-from edgeprune.models.reference import converted_dir
+from edgeprune.models.reference import open_weights
+from edgeprune.models.streamed import DecoderStream
 from edgeprune.pipeline import calibration_splits
 from edgeprune.prune import Plan, apply_plan
+from edgeprune.prune.modules import materialize
 from edgeprune.stages import StageRunner
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,11 +66,10 @@ def child(args) -> None:
     windows = torch.from_numpy(np.load(args.windows))
     before = current_rss_bytes()
     if args.child == "layerwise":
-        result = analyse_layerwise(SafetensorsLayers(args.reference_dir), windows, _states_methods(), _unit_methods())
+        stream = DecoderStream(open_weights(resolve_source(None)))
+        result = analyse_layerwise(stream, windows, _states_methods(), _unit_methods())
     else:
-        from transformers import LlamaForCausalLM
-
-        model = LlamaForCausalLM.from_pretrained(args.reference_dir, dtype=torch.float32).eval()
+        model = materialize(open_weights(resolve_source(None)))
         before = current_rss_bytes()
         result = analyse_model(model, windows, _states_methods(), _unit_methods())
     out = result.to_dict() | {"rss_before_bytes": before}
@@ -76,9 +77,9 @@ def child(args) -> None:
     args.result.write_text(json.dumps(out))
 
 
-def _pass_in_child(kind: str, reference_dir: Path, windows_file: Path, tmp: Path) -> dict:
+def _pass_in_child(kind: str, windows_file: Path, tmp: Path) -> dict:
     result = tmp / f"{kind}.json"
-    subprocess.run([sys.executable, __file__, "--child", kind, "--reference-dir", str(reference_dir),
+    subprocess.run([sys.executable, __file__, "--child", kind,
                     "--windows", str(windows_file), "--result", str(result)], check=True, stderr=subprocess.DEVNULL)
     return json.loads(result.read_text())
 
@@ -94,7 +95,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "structured_scores.json")
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "tests")
     parser.add_argument("--child", choices=("layerwise", "whole"), help=argparse.SUPPRESS)
-    parser.add_argument("--reference-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--windows", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -102,11 +102,10 @@ def main() -> None:
         return child(args)
 
     reference, splits = _load(args.cache_dir)
-    model, calib = reference.model, splits.calib
-    reference_dir = converted_dir(args.cache_dir, reference.sha256)
+    model, calib = materialize(reference.weights), splits.calib
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "calib.npy", calib.numpy(), allow_pickle=False)
-        passes = {kind: _pass_in_child(kind, reference_dir, Path(tmp) / "calib.npy", Path(tmp))
+        passes = {kind: _pass_in_child(kind, Path(tmp) / "calib.npy", Path(tmp))
                   for kind in ("layerwise", "whole")}
     agree = all(np.allclose(passes["layerwise"]["layer_scores"][k], passes["whole"]["layer_scores"][k],
                             rtol=1e-5, atol=1e-7) for k in passes["whole"]["layer_scores"])
