@@ -10,7 +10,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import Provenance, export_gguf
 from edgeprune.gguf_file import bits_per_weight, read_gguf
-from edgeprune.prune import Plan, apply_plan
+from edgeprune.models.streamed import DecoderStream
+from edgeprune.models.weights import ModuleStore
+from edgeprune.prune import Plan
 from edgeprune.quantize import QUANT_FTYPES, RECIPES, collect_imatrix, quantize, tensor_shapes
 from edgeprune.quantize.imatrix import add_squares
 from edgeprune.quantize.recipes import EffectiveBits, Recipe, effective_bits
@@ -90,8 +92,8 @@ def test_add_squares_is_the_per_column_sum_of_squares():
 
 
 def test_imatrix_names_and_sizes_follow_the_gguf_tensors(f32_file):
-    model = apply_plan(_model(), Plan(heads=((1, (0, 1)),), ffn=((0, tuple(range(256))),)))
-    imatrix = collect_imatrix(model, torch.from_numpy(TOKENS).repeat(3, 1))
+    stream = DecoderStream(ModuleStore(_model()), Plan(heads=((1, (0, 1)),), ffn=((0, tuple(range(256))),)))
+    imatrix = collect_imatrix(stream, torch.from_numpy(TOKENS).repeat(3, 1))
     shapes = tensor_shapes(f32_file)
     assert imatrix["token_embd.weight"].shape == (256,)  # tied: the output matmul's statistics
     assert imatrix["blk.0.ffn_down.weight"].shape == (256,)  # pruned to 256 channels
