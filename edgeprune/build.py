@@ -25,7 +25,10 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate import Quality
 from edgeprune.latency import ModelTraffic, Prediction, host_profile
 from edgeprune.measure import BenchmarkRecord, Workload
+from edgeprune.memory import TreeSampler
 from edgeprune.models import ModelSource, Reference, load_reference, resolve_source
+from edgeprune.models.reference import open_weights
+from edgeprune.models.weights import WeightStore
 from edgeprune.pipeline import (
     MODEL_FILE,
     CandidateModel,
@@ -35,6 +38,7 @@ from edgeprune.pipeline import (
     importance_of,
     reference_logprobs,
 )
+from edgeprune.preflight import Estimate, Work, compared, preflight
 from edgeprune.prune import ModelShape, Plan
 from edgeprune.quantize import QuantSpec
 from edgeprune.report import outcome_to_dict
@@ -174,8 +178,14 @@ def build(config: BuildConfig) -> BuildResult:
     target, profile = config.target, config.profile
     toolchain = spec_for(target)
     check_buildable(toolchain, config.cache_dir)  # a missing cross-compiler fails now, not after the search
-    with open_device(target, config.cache_dir) as device:
-        return _build(config, source, target, profile, toolchain, device, t_start)
+    weights = open_weights(source, config.trust_remote_code)
+    bench_tokens = target.slo.prompt_tokens + target.slo.answer_tokens if target.device.url == "local" else 0
+    work = Work.for_build(profile.search, self_generated=config.calib is None, bench_tokens=bench_tokens,
+                          sparse=target.sparsity.method if target.sparsity else None)
+    memory = preflight(weights, profile.calibration, work, config.cache_dir, config.output_dir)
+    with TreeSampler() as measured, open_device(target, config.cache_dir) as device:
+        result = _build(config, source, weights, target, profile, toolchain, device, t_start, memory, measured)
+    return result
 
 
 def open_device(target: Target, cache_dir: Path, judging: bool = True) -> Device:
@@ -203,14 +213,15 @@ def open_device(target: Target, cache_dir: Path, judging: bool = True) -> Device
     return device
 
 
-def _build(config: BuildConfig, source: ModelSource, target: Target, profile: Profile, toolchain: BuildSpec,
-           device: Device, t_start: float) -> BuildResult:
+def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, target: Target, profile: Profile,
+           toolchain: BuildSpec, device: Device, t_start: float, memory: Estimate,
+           measured: TreeSampler) -> BuildResult:
     threads = min(target.hardware.cores, device.cores)
     runner = StageRunner(config.cache_dir / "stages")
 
     log.info("loading %s", source.model_id)
     t0 = time.perf_counter()
-    reference = load_reference(source, config.cache_dir, config.trust_remote_code)
+    reference = load_reference(source, config.cache_dir, config.trust_remote_code, weights)
     runner.timings["reference"] = time.perf_counter() - t0
     shape = ModelShape.from_config(reference.config)
 
@@ -277,6 +288,9 @@ def _build(config: BuildConfig, source: ModelSource, target: Target, profile: Pr
         binaries = ensure_binaries(toolchain, config.cache_dir)
         runner.timings["toolchain"] = time.perf_counter() - t0
     report["timings_s"] = runner.timings | {"total": time.perf_counter() - t_start}
+    # Both peaks over this process and its llama.cpp children; the anonymous one is what a memory limit bounds.
+    report["memory"] = compared(memory, measured.peak_rss_bytes, measured.peak_anon_bytes) | {
+        "estimate": memory.to_dict()}
     write_output(config.output_dir, outcome, report, reference, target, config.force, binaries,
                  config.sign_key)
     return BuildResult(config.output_dir, outcome, report)

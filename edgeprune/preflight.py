@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.models.streamed import DEFAULT_ACTIVATION_BUDGET, HEAD_CHUNK_BYTES
 
 if TYPE_CHECKING:
     from edgeprune.config import CalibrationSettings, SearchSettings
@@ -34,8 +35,8 @@ log = logging.getLogger(__name__)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
-ACTIVATION_BUDGET = 1 * GiB  # calibration activations kept in RAM; beyond it they spill to disk
-HEAD_CHUNK = 512 * MiB  # the output head is converted to fp32 in chunks of at most this
+# Calibration activations kept in RAM (beyond: spilled to disk); the head's fp32 conversion chunk.
+ACTIVATION_BUDGET, HEAD_CHUNK = DEFAULT_ACTIVATION_BUDGET, HEAD_CHUNK_BYTES
 BATCH_WINDOWS = 4  # windows per torch forward (analysis, imatrix, sparse: sequential.py's batch_size)
 LOGIT_COPIES = 3  # logits, log-softmax and one temporary of a window, fp32
 
@@ -757,6 +758,18 @@ def _advice(kind: KnobKind, command: Command) -> str:
 def _top(parts: Mapping[str, int], n: int = 2) -> str:
     biggest = sorted(parts.items(), key=lambda kv: -kv[1])[:n]
     return ", ".join(f"{name} {fmt(size)}" for name, size in biggest if size)
+
+
+def preflight(store: WeightStore, calibration: CalibrationSettings, work: Work, cache_dir: Path,
+              output_dir: Path | None) -> Estimate:
+    """Estimate, log, and refuse what does not fit: before any work."""
+    from edgeprune.models.streamed import activation_budget
+
+    result = estimate(store, calibration, work, activation_budget())
+    limits = machine_limits(cache_dir, output_dir)
+    log.info("%s", summary(result, limits))
+    check(result, limits)
+    return result
 
 
 def check(estimate: Estimate, limits: Limits) -> None:

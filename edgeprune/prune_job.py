@@ -22,7 +22,10 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate import Quality
 from edgeprune.export.gguf_llama import architecture
 from edgeprune.gguf_file import decoder_zero_share, read_gguf
-from edgeprune.models import load_reference, resolve_source
+from edgeprune.memory import TreeSampler
+from edgeprune.models import ModelSource, load_reference, resolve_source
+from edgeprune.models.reference import open_weights
+from edgeprune.models.weights import WeightStore
 from edgeprune.pipeline import (
     MODEL_FILE,
     CandidateModel,
@@ -33,6 +36,7 @@ from edgeprune.pipeline import (
     pruned_model,
     reference_logprobs,
 )
+from edgeprune.preflight import Estimate, Work, compared, preflight
 from edgeprune.prune import LayerShape, ModelShape, Plan, pruned_config
 from edgeprune.prune.spec import PlanSpec, check, load_plan_spec, resolve
 from edgeprune.quantize import QUANT_FTYPES, RECIPES, QuantSpec
@@ -95,13 +99,29 @@ def prune(config: PruneConfig) -> PruneResult:
     source = resolve_source(config.model)
     check_output_dir(config.output_dir, config.force, config.cache_dir, source.directory)
     spec = load_plan_spec(config.plan) if config.plan else PlanSpec()  # a bad plan fails before the model loads
-    runner = StageRunner(config.cache_dir / "stages")
-    reference = load_reference(source, config.cache_dir, config.trust_remote_code)
-    shape = ModelShape.from_config(reference.config)
+    weights = open_weights(source, config.trust_remote_code)
+    shape = ModelShape.from_config(weights.config)
     # Counts decide shapes, importance only which heads: the checked plan tells now whether transformers can hold it.
-    hf_note = hf_checkpoint_note(reference.config, check(spec, shape))
+    checked = check(spec, shape)
+    hf_note = hf_checkpoint_note(weights.config, checked)
     if config.sparse is not None:  # the model's own widths, before any work; the plan's are checked below
         _check_groups(config.sparse, [LayerShape(shape.n_head, shape.n_head_kv, shape.ffn)], shape)
+    work = Work.for_prune(
+        quant=config.quant, imatrix=config.imatrix, self_generated=config.calib is None,
+        structured=config.structured.method if config.structured else None,
+        plan_search=config.profile.search if spec.needs_importance() else None,
+        slices=bool(checked.heads or checked.ffn) or config.structured is not None,
+        sparse=config.sparse.method if config.sparse else None, hf_checkpoint=hf_note is None)
+    memory = preflight(weights, config.profile.calibration, work, config.cache_dir, config.output_dir)
+    with TreeSampler() as measured:
+        return _prune(config, source, weights, spec, hf_note, memory, measured)
+
+
+def _prune(config: PruneConfig, source: ModelSource, weights: WeightStore, spec: PlanSpec, hf_note: str | None,
+           memory: Estimate, measured: TreeSampler) -> PruneResult:
+    runner = StageRunner(config.cache_dir / "stages")
+    reference = load_reference(source, config.cache_dir, config.trust_remote_code, weights)
+    shape = ModelShape.from_config(reference.config)
     splits = calibration_splits(reference, config.profile.calibration, config.calib, runner)
     structured = None
     if config.structured is not None:
@@ -149,6 +169,8 @@ def prune(config: PruneConfig) -> PruneResult:
         if sparsity is not None:
             (tmp / SPARSITY_FILE).write_text(json.dumps(sparsity, indent=1))
         report = _report(result, config, reference, splits.to_dict())
+        report["memory"] = compared(memory, measured.peak_rss_bytes, measured.peak_anon_bytes) | {
+            "estimate": memory.to_dict()}
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
         manifest = {"edgeprune_version": __version__, "model": report["model"], "tools": tool_versions(),
                     "files": file_hashes(tmp)}

@@ -242,10 +242,12 @@ def open_weights(source: ModelSource, trust_remote_code: bool = False) -> Weight
     return _hf_store(source.local_dir(), trust_remote_code)[0]
 
 
-def load_reference(source: ModelSource, cache_dir: Path, trust_remote_code: bool = False) -> Reference:
+def load_reference(source: ModelSource, cache_dir: Path, trust_remote_code: bool = False,
+                   weights: WeightStore | None = None) -> Reference:
+    """`weights`: the store `open_weights` already opened for this source (the preflight's)."""
     sha = source.sha256()
     if source.kind in ("embedded", "gguf"):
-        weights = open_weights(source)
+        weights = weights or open_weights(source)
         spec = TokenizerSpec.from_gguf(weights.reader)
         tokenizer = _gguf_tokenizer(source.path, spec, cache_dir, sha)
     else:
