@@ -20,7 +20,8 @@ from pathlib import Path
 from edgeprune.config import load_profile
 from edgeprune.models.embedded import embedded_gguf
 from edgeprune.models.weights import GGUFStore
-from edgeprune.preflight import Work, estimate, fmt, machine_limits, summary
+from edgeprune.limits import fmt, machine_limits
+from edgeprune.preflight import Work, estimate, summary
 from edgeprune.prune.spec import load_plan_spec
 
 

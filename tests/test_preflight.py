@@ -11,27 +11,29 @@ from transformers import LlamaConfig
 
 from edgeprune.config import CalibrationSettings, load_profile
 from edgeprune.errors import EdgepruneError
+from edgeprune.limits import (
+    MEMORY_LIMIT_ENV,
+    Disk,
+    GiB,
+    Limits,
+    MiB,
+    cgroup_headroom,
+    cgroup_memory_dir,
+    machine_limits,
+    meminfo_available,
+    parse_size,
+)
 from edgeprune.models.weights import WeightStore
 from edgeprune.preflight import (
     CANDIDATES,
     EMBEDDING_READ,
     LAYER,
     LAYER_FP32,
-    MEMORY_LIMIT_ENV,
     RUNTIME_WEIGHTS,
     WHOLE_MODEL,
-    Disk,
-    GiB,
-    Limits,
-    MiB,
     Work,
-    cgroup_headroom,
-    cgroup_memory_dir,
     check,
     estimate,
-    machine_limits,
-    meminfo_available,
-    parse_size,
     summary,
 )
 
