@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from edgeprune.config import load_profile
+from edgeprune.limits import fmt, machine_limits
 from edgeprune.models.embedded import embedded_gguf
 from edgeprune.models.weights import GGUFStore
-from edgeprune.limits import fmt, machine_limits
 from edgeprune.preflight import Work, estimate, summary
 from edgeprune.prune.spec import load_plan_spec
 
