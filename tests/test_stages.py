@@ -88,10 +88,14 @@ def test_code_hash_follows_the_modules_a_stage_can_run(tmp_path):
 def test_editing_a_stages_code_changes_its_key(tmp_path):
     """Without a version to bump: the same stage, keyed by two copies of the package that differ in a
     module it runs (each in its own interpreter, as two edgeprune versions would be)."""
-    script = ("from edgeprune.config import CalibrationSettings; from edgeprune.models import Reference; "
+    generator = tmp_path / "generator.gguf"
+    generator.write_bytes(b"a GGUF to sample from")
+    script = ("from pathlib import Path; "
+              "from edgeprune.config import CalibrationSettings; from edgeprune.models import Reference; "
               "from edgeprune.pipeline import SelfCalibration; "
               f"r = Reference(None, None, None, None, {'ab' * 32!r}); "
-              f"print(SelfCalibration(r, CalibrationSettings(**{CALIBRATION.model_dump()!r})).key())")
+              f"print(SelfCalibration(r, CalibrationSettings(**{CALIBRATION.model_dump()!r}), "
+              f"Path({str(generator)!r}), 2).key())")
 
     def key(root: Path) -> str:
         env = os.environ | {"PYTHONPATH": str(root)}
@@ -103,8 +107,17 @@ def test_editing_a_stages_code_changes_its_key(tmp_path):
     edited = _copy_package(tmp_path / "b")
     with open(edited / "edgeprune" / "data.py", "a") as f:
         f.write("\n# the calibration sampler changed\n")
-    assert key(original) == SelfCalibration(REFERENCE, CALIBRATION).key()
+    assert key(original) == SelfCalibration(REFERENCE, CALIBRATION, generator, 2).key()
     assert key(edited) != key(original)
+
+
+def test_self_calibration_is_keyed_by_the_gguf_it_samples_from_not_the_thread_count(tmp_path):
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.write_bytes(b"one quantized copy")
+    b.write_bytes(b"another quantized copy")
+    key = SelfCalibration(REFERENCE, CALIBRATION, a, threads=2).key()
+    assert SelfCalibration(REFERENCE, CALIBRATION, a, threads=1).key() == key
+    assert SelfCalibration(REFERENCE, CALIBRATION, b, threads=2).key() != key
 
 
 class Counted(Stage):
