@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from edgeprune.models.streamed import DecoderStream, Overrides
 from edgeprune.preflight import QUICK_QUANT
 from edgeprune.progress import progress
 from edgeprune.prune import Plan
-from edgeprune.prune.modules import materialize
+from edgeprune.prune.apply import pruned_tensors
 from edgeprune.quantize import RECIPES, QuantSpec, collect_imatrix, quantize, tensor_shapes
 from edgeprune.runtimes import llamacpp
 from edgeprune.sparse.methods import needs_calibration
@@ -194,11 +195,6 @@ def sparse_overrides(sparse: StageOutput | None) -> Overrides:
     return out
 
 
-def pruned_model(reference: Reference, plan: Plan, sparse: StageOutput | None = None) -> Any:
-    """The whole torch model a candidate is exported from (for what needs it whole)."""
-    return materialize(reference.weights, plan, sparse_overrides(sparse))
-
-
 class CandidateModel(Stage):
     """Apply a plan to the reference, export a 16-bit GGUF tensor by tensor, quantize it; keep only
     the quantized file.
@@ -228,15 +224,16 @@ class CandidateModel(Stage):
         intermediate = out_dir / "model-16bit.gguf"
         provenance = Provenance(self.reference.source.model_id, self.reference.sha256, self.plan.to_dict(),
                                 self.sparse.result["spec"] if self.sparse else None)
-        written = write_gguf(weights, self.plan, self.reference.tokenizer_spec, intermediate, "auto", provenance,
-                             name=self.reference.source.model_id, overrides=overrides)
+        write_gguf(weights, self.plan, self.reference.tokenizer_spec, intermediate, "auto", provenance,
+                   name=self.reference.source.model_id, overrides=overrides)
         imatrix = None
         if self.quant.imatrix:
             imatrix = collect_imatrix(DecoderStream(weights, self.plan, overrides), self.calib.calib)
         recipe = RECIPES[self.quant.recipe].overrides(tensor_shapes(intermediate), self.quant.quant)
         quantize(intermediate, out_dir / MODEL_FILE, self.quant.quant, self.threads, imatrix, recipe)
         intermediate.unlink()
-        return {"size_bytes": os.path.getsize(out_dir / MODEL_FILE), "parameters": written.parameters}
+        parameters = sum(math.prod(t.shape) for t in pruned_tensors(weights, self.plan))  # tied counted once
+        return {"size_bytes": os.path.getsize(out_dir / MODEL_FILE), "parameters": parameters}
 
 
 class CandidateQuality(Stage):

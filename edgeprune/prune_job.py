@@ -20,6 +20,7 @@ from edgeprune.config import Profile, SparsitySpec, Strict
 from edgeprune.data import HFDataset
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate import Quality
+from edgeprune.export import write_hf_checkpoint
 from edgeprune.export.gguf_llama import architecture
 from edgeprune.gguf_file import decoder_zero_share, read_gguf
 from edgeprune.memory import TreeSampler
@@ -33,8 +34,8 @@ from edgeprune.pipeline import (
     SparseWeights,
     calibration_splits,
     importance_of,
-    pruned_model,
     reference_logprobs,
+    sparse_overrides,
 )
 from edgeprune.preflight import Estimate, Work, compared, preflight
 from edgeprune.prune import LayerShape, ModelShape, Plan, pruned_config
@@ -161,7 +162,7 @@ def _prune(config: PruneConfig, source: ModelSource, weights: WeightStore, spec:
     with staged_output(config.output_dir, config.force) as tmp:
         shutil.copyfile(gguf_path, tmp / artifact)
         if hf_note is None:
-            pruned_model(reference, plan, sparse).save_pretrained(tmp / HF_DIR, safe_serialization=True)
+            write_hf_checkpoint(reference.weights, plan, sparse_overrides(sparse), tmp / HF_DIR)
             reference.tokenizer.save_pretrained(tmp / HF_DIR)
         else:
             log.info("no HF checkpoint: %s", hf_note)
