@@ -50,7 +50,7 @@ class QualityTally:
 
     def add(self, ref_logp: torch.Tensor | np.ndarray, cand_logits: torch.Tensor | np.ndarray,
             tokens: torch.Tensor) -> None:
-        ref_logp = torch.as_tensor(np.asarray(ref_logp)) if isinstance(ref_logp, np.ndarray) else ref_logp
+        ref_logp = torch.from_numpy(np.array(ref_logp)) if isinstance(ref_logp, np.ndarray) else ref_logp
         cand_logp = log_probs(cand_logits)
         self.kld += float(kl_divergence(ref_logp, cand_logp).sum())
         self.agree += float((ref_logp.argmax(-1) == cand_logp.argmax(-1)).sum())
@@ -88,6 +88,6 @@ def reference_log_probs(source: Any, windows: torch.Tensor, out: np.ndarray | No
 
 
 def reference_perplexity(ref_logps: Sequence[np.ndarray] | np.ndarray, windows: torch.Tensor) -> float:
-    nll = sum(float(next_token_nll(torch.as_tensor(np.asarray(lp)), w).sum())
+    nll = sum(float(next_token_nll(torch.from_numpy(np.array(lp)), w).sum())
               for lp, w in zip(ref_logps, windows, strict=True))
     return float(np.exp(nll / sum(w.numel() - 1 for w in windows)))
