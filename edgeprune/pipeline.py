@@ -48,7 +48,7 @@ class SelfCalibration(Stage):
         self.reference, self.settings, self.model, self.threads = reference, settings, model, threads
 
     def identity(self) -> dict[str, Any]:
-        # The thread count is left out: llama.cpp's CPU kernels give the same logits for any count.
+        # Not the thread count: 1 and 2 threads sampled the same windows (tests/test_self_generation.py).
         return {"reference": self.reference.sha256, "settings": self.settings.model_dump(),
                 "generator": _generator_identity(self.reference, self.model)}
 
