@@ -225,7 +225,7 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
     runner.timings["reference"] = time.perf_counter() - t0
     shape = ModelShape.from_config(reference.config)
 
-    splits = calibration_splits(reference, profile.calibration, config.calib, runner)
+    splits = calibration_splits(reference, profile.calibration, config.calib, runner, threads)
     importance = importance_of(reference, splits, profile.search, runner)
     ref_logps, ref_perplexity = reference_logprobs(reference, splits, runner)
 

@@ -123,7 +123,7 @@ def _prune(config: PruneConfig, source: ModelSource, weights: WeightStore, spec:
     runner = StageRunner(config.cache_dir / "stages")
     reference = load_reference(source, config.cache_dir, config.trust_remote_code, weights)
     shape = ModelShape.from_config(reference.config)
-    splits = calibration_splits(reference, config.profile.calibration, config.calib, runner)
+    splits = calibration_splits(reference, config.profile.calibration, config.calib, runner, config.threads)
     structured = None
     if config.structured is not None:
         plan, structured = _structured_plan(config.structured, reference, splits, shape, runner)
