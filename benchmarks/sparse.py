@@ -35,7 +35,7 @@ from edgeprune.pipeline import calibration_splits
 from edgeprune.prune.modules import materialize
 from edgeprune.quantize import quantize
 from edgeprune.sparse import sparsify
-from edgeprune.sparse.sequential import linear_weights
+from edgeprune.sparse.sequential import decoder_linear_weights, load_weights
 from edgeprune.stages import StageRunner
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,21 +69,6 @@ def child(args) -> None:
 
 
 @torch.no_grad()
-def decoder_linear_weights(model) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for i, layer in enumerate(model.model.layers):
-        out |= linear_weights(i, layer)
-    return out
-
-
-@torch.no_grad()
-def load_weights(model, tensors: dict[str, torch.Tensor]):
-    params = dict(model.named_parameters())
-    for name, tensor in tensors.items():
-        params[name].copy_(tensor)
-    return model
-
-
 def torch_quality(model, windows: torch.Tensor, ref_logps: list[torch.Tensor]) -> dict:
     tally, per_window = QualityTally(), []
     for ref_logp, tokens in zip(ref_logps, windows, strict=True):

@@ -17,11 +17,11 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.export import Provenance, export_gguf, write_gguf, write_hf_checkpoint
 from edgeprune.export.hf_checkpoint import INDEX_FILE, SINGLE_FILE
 from edgeprune.models.weights import GGUFStore, ModuleStore
-from edgeprune.pipeline import decoder_linear_weights, load_weights
 from edgeprune.prune import ModelShape, Plan, PlanError, apply_plan, pruned_state_dict
 from edgeprune.prune.apply import pruned_name, slice_tensor, sliced_shape
 from edgeprune.quantize import collect_imatrix, quantize
 from edgeprune.runtimes import llamacpp
+from edgeprune.sparse.sequential import decoder_linear_weights, load_weights
 
 C = tuple(range(128))
 TOKENS = np.array([[1, 504, 2432, 28, 3300, 17, 33, 34, 35, 216, 4389, 29, 44, 9000, 12, 77, 6345, 2]])

@@ -25,7 +25,7 @@ from edgeprune.runtimes import llamacpp
 from edgeprune.stages import Stage, StageRunner
 from edgeprune.versions import _tool_versions
 
-REFERENCE = Reference(model=None, tokenizer=None, tokenizer_spec=None, source=None, sha256="ab" * 32)
+REFERENCE = Reference(weights=None, tokenizer=None, tokenizer_spec=None, source=None, sha256="ab" * 32)
 SPLITS = TextSplits(calib=torch.zeros(1, 4, dtype=torch.long), heldout=torch.zeros(1, 4, dtype=torch.long),
                     source="test", sha256="cd" * 32)
 

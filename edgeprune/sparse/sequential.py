@@ -113,14 +113,26 @@ def linear_weights(index: int, layer: nn.Module) -> dict[str, torch.Tensor]:
             for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
+def decoder_linear_weights(model: Any) -> dict[str, torch.Tensor]:
+    """Every decoder layer's linear weights of a model in memory, by name."""
+    out: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(model.model.layers):
+        out |= linear_weights(i, layer)
+    return out
+
+
+@torch.no_grad()
+def load_weights(model: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Copy `tensors` into the model's parameters of the same names (in place)."""
+    params = dict(model.named_parameters())
+    for name, tensor in tensors.items():
+        params[name].copy_(tensor)
+    return model
+
+
 @torch.no_grad()
 def sparsify(model: Any, windows: torch.Tensor | None, method_name: str, settings: SparseSettings,
              batch_size: int = 4) -> SparsifyReport:
     """`sparsify_stream` on an (unpruned) model in memory, its weights replaced in place."""
-    params = dict(model.named_parameters())
-
-    def store_back(i: int, layer: nn.Module) -> None:
-        for name, weight in linear_weights(i, layer).items():
-            params[name].copy_(weight)
-
-    return sparsify_stream(as_stream(model), windows, method_name, settings, store_back, batch_size)
+    return sparsify_stream(as_stream(model), windows, method_name, settings,
+                           lambda i, layer: load_weights(model, linear_weights(i, layer)), batch_size)
