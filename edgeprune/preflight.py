@@ -55,19 +55,14 @@ QUANTIZE_WORK_BYTES = 4
 # Self-generated calibration through llama.cpp: sequences decoded at once, tokens of a chat prompt.
 GENERATION_BATCH = 8
 PROMPT_TOKENS = 64
-# The quick quantized copy of the reference that generates calibration text (Q8_0 assumed: the
-# largest plausible choice).
-QUICK_QUANT = "Q8_0"
-# llama.cpp's CPU backend copies the weights of the types it has faster kernels for out of the
-# mapping into anonymous "CPU_REPACK" buffers (ggml-cpu/repack.cpp; seen here: an 8x8 repack of
-# every Q4_K tensor): x86 with AVX2 repacks Q4_0, Q4_K and IQ4_NL, ARM with dotprod also Q5_K, Q6_K
-# and Q8_0. Share of a type's matrix bytes (the embedding, which only gathers rows, stays mapped)
-# that ends up repacked, by machine: on x86, Q4_K_M keeps ~20% in Q6_K (attn_v, ffn_down of half
-# the layers) and its output matrix in Q6_K.
-REPACKED_SHARE: dict[str, dict[str, float]] = {
-    "x86_64": {"Q4_K_M": 0.75, "Q4_K_S": 1.0, "Q3_K_M": 0.3},
-    "aarch64": {q: 1.0 for q in ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q3_K_M")},
-}
+# The quick quantized copy of an HF reference that generates calibration text: Q4_0 quantizes
+# fastest after Q8_0 and is half its size, so an 8B copy (4.3 GB) stays resident in 8 GiB.
+QUICK_QUANT = "Q4_0"
+# A model llama.cpp decodes must stay resident: the weights it repacks for faster kernels
+# (ggml-cpu/repack.cpp: Q4_0, Q4_K, IQ4_NL on x86 with AVX2; most types on ARM) are anonymous
+# memory, and the ones it reads through the mapping are page cache a memory cgroup charges too —
+# measured: an 8B Q8_0 copy (8.5 GB) decoded inside an 8 GiB cgroup re-read ~500 MB/s from disk at
+# every token. So every llama.cpp phase counts the whole quantized file.
 # llama.cpp's logical batch: prompt tokens evaluated per graph when logits of every token are not needed.
 RUNTIME_BATCH = 512
 BINARIES = 64 * MiB  # the bundle's cross-compiled llama.cpp binaries
@@ -76,7 +71,7 @@ BINARIES = 64 * MiB  # the bundle's cross-compiled llama.cpp binaries
 # width is not a multiple of 256, which K-quants cannot pack and llama.cpp gives a 32-block type:
 # Q4_K -> Q5_0, Q6_K -> Q8_0, ...). Measured SmolLM2-135M Q4_K_M: ~6 bits (README).
 QUANT_BITS: dict[str, tuple[float, float]] = {
-    "F32": (32, 32), "F16": (16, 16), "BF16": (16, 16), "Q8_0": (8.5, 8.5), "Q6_K": (6.5625, 8.5),
+    "F32": (32, 32), "F16": (16, 16), "BF16": (16, 16), "Q8_0": (8.5, 8.5), "Q4_0": (4.5, 4.5), "Q6_K": (6.5625, 8.5),
     "Q5_K_M": (5.69, 6.5), "Q4_K_M": (4.89, 6.0), "Q4_K_S": (4.58, 5.5), "Q3_K_M": (3.91, 4.5),
 }
 K_BLOCK = 256
@@ -109,8 +104,8 @@ TENSOR_FP32 = "largest tensor fp32 chunk"
 QUANTIZE_CHILD = "llama.cpp quantizer process"
 QUANTIZE_BUFFERS = "quantizer buffers of the largest tensor"
 RUNTIME_CHILD = "llama.cpp process"
-RUNTIME_WEIGHTS = "model weights repacked by llama.cpp"
-QUICK_WEIGHTS = "quick copy's weights repacked by llama.cpp"
+RUNTIME_WEIGHTS = "model weights resident in llama.cpp"
+QUICK_WEIGHTS = "quick copy's weights resident in llama.cpp"
 KV_CACHE = "KV cache"
 RUNTIME_LOGITS = "llama.cpp logits and compute buffers"
 RECEIVED_LOGITS = "logits received from llama.cpp"
@@ -380,7 +375,6 @@ def estimate(store: WeightStore, calibration: CalibrationSettings, work: Work,
     from shapes and settings alone: no weight is read. `machine`: where llama.cpp runs (platform.machine())."""
     s = _shapes(store)
     machine = {"arm64": "aarch64", "AMD64": "x86_64"}.get(machine or platform.machine(), machine or platform.machine())
-    shares = REPACKED_SHARE.get(machine, REPACKED_SHARE["aarch64"])  # unknown: the most llama.cpp repacks
     seq = calibration.seq_len
     needs = work.needs()
     whole = needs & {"loss", "gradients"}
@@ -400,21 +394,15 @@ def estimate(store: WeightStore, calibration: CalibrationSettings, work: Work,
     statistics = batch_tokens * max(s.linear_inputs, default=s.hidden) * 8 + sum(s.linear_inputs) * 8 * 2
     sliced = {LAYER_SLICED: s.layer_fp32} if work.slices else {}
 
-    embedding_shape = ((s.vocab, s.hidden), 2)  # only gathers rows: never repacked
 
-    def repacked(quant: str) -> int:
-        # On x86 only K blocks repack: a tensor whose width falls back to a 32-block type stays mapped.
-        tensors = s.tensors if machine != "x86_64" else tuple(t for t in s.tensors if t[0][-1] % K_BLOCK == 0)
-        matrices = quantized_bytes(tuple(t for t in tensors if len(t[0]) >= 2), quant)
-        if s.embedding_packs or machine != "x86_64":
-            matrices -= quantized_bytes((embedding_shape,), quant)
-        return int(matrices * shares.get(quant, 0.0))
+    def resident(quant: str) -> int:
+        return quantized_bytes(s.tensors, quant)
 
     phases: list[Phase] = []
     if work.self_generated:
         n_ctx = GENERATION_BATCH * (PROMPT_TOKENS + seq)
         phases.append(Phase("self-generated calibration text in llama.cpp", base | {
-            RUNTIME_CHILD: RUNTIME_CHILD_BASELINE, QUICK_WEIGHTS: repacked(work.quick_quant),
+            RUNTIME_CHILD: RUNTIME_CHILD_BASELINE, QUICK_WEIGHTS: resident(work.quick_quant),
             KV_CACHE: _kv_bytes(s, n_ctx),
             RUNTIME_LOGITS: _runtime_bytes(s, min(n_ctx, RUNTIME_BATCH), n_ctx, GENERATION_BATCH)}))
     embedding = (calibration.samples * seq * s.hidden * s.embedding[1] * 2 if s.reads_rows
@@ -450,12 +438,12 @@ def estimate(store: WeightStore, calibration: CalibrationSettings, work: Work,
     window = seq * s.vocab * 4
     phases.append(Phase("candidate quality in llama.cpp", base | {
         RECEIVED_LOGITS: window * (2 + LOGIT_COPIES), RUNTIME_CHILD: RUNTIME_CHILD_BASELINE,
-        RUNTIME_WEIGHTS: repacked(work.quant),
+        RUNTIME_WEIGHTS: resident(work.quant),
         # llama-cpp-python's `scores` copy and the pickled copy streamed to the parent
         KV_CACHE: _kv_bytes(s, seq), RUNTIME_LOGITS: window * 2 + _runtime_bytes(s, seq, seq, seq)}))
     if work.bench_tokens:
         phases.append(Phase("benchmark in llama.cpp", base | {
-            RUNTIME_CHILD: RUNTIME_CHILD_BASELINE, RUNTIME_WEIGHTS: repacked(work.quant),
+            RUNTIME_CHILD: RUNTIME_CHILD_BASELINE, RUNTIME_WEIGHTS: resident(work.quant),
             KV_CACHE: _kv_bytes(s, work.bench_tokens),
             RUNTIME_LOGITS: _runtime_bytes(s, min(work.bench_tokens, RUNTIME_BATCH), work.bench_tokens, 1)}))
 
