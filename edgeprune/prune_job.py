@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -120,8 +121,10 @@ def prune(config: PruneConfig) -> PruneResult:
 
 def _prune(config: PruneConfig, source: ModelSource, weights: WeightStore, spec: PlanSpec, hf_note: str | None,
            memory: Estimate, measured: TreeSampler) -> PruneResult:
+    t_start = time.perf_counter()
     runner = StageRunner(config.cache_dir / "stages")
     reference = load_reference(source, config.cache_dir, config.trust_remote_code, weights)
+    runner.timings["reference"] = time.perf_counter() - t_start
     shape = ModelShape.from_config(reference.config)
     splits = calibration_splits(reference, config.profile.calibration, config.calib, runner, config.threads)
     structured = None
@@ -170,6 +173,7 @@ def _prune(config: PruneConfig, source: ModelSource, weights: WeightStore, spec:
         if sparsity is not None:
             (tmp / SPARSITY_FILE).write_text(json.dumps(sparsity, indent=1))
         report = _report(result, config, reference, splits.to_dict())
+        report["timings_s"] = runner.timings | {"total": time.perf_counter() - t_start}  # stages computed now
         report["memory"] = compared(memory, measured.peak_rss_bytes, measured.peak_anon_bytes) | {
             "estimate": memory.to_dict()}
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
