@@ -88,9 +88,9 @@ def weight_files(directory: Path) -> list[Path]:
                 f"{directory} lists weight shards it does not contain ({', '.join(missing[:3])}); "
                 "download the model's remaining .safetensors files."
             )
-        return [directory / s for s in shards]
+        return _readable([directory / s for s in shards])
     if (directory / "model.safetensors").is_file():
-        return [directory / "model.safetensors"]
+        return _readable([directory / "model.safetensors"])
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
         raise EdgepruneError(
             f"{directory} has only pickled weights (.bin/.pt), which edgeprune never loads: "
@@ -100,6 +100,15 @@ def weight_files(directory: Path) -> list[Path]:
         f"{directory} has no model weights (model.safetensors or model.safetensors.index.json); "
         "pass a directory that holds the model's safetensors files."
     )
+
+
+def _readable(files: list[Path]) -> list[Path]:
+    """Open each file once: an unreadable one raises the OSError cli.main names in one sentence
+    (safetensors would report a permission problem as a missing file)."""
+    for path in files:
+        with open(path, "rb"):
+            pass
+    return files
 
 
 def _checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
