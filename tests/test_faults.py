@@ -315,10 +315,17 @@ def tiny_model(tmp_path_factory) -> tuple[Path, Path, Path]:
     return case_study_model(root / "llama-1024"), calib, plan
 
 
-def _prune(model: tuple[Path, Path, Path], out: Path, cache: Path) -> subprocess.CompletedProcess:
+def _prune(model: tuple[Path, Path, Path], out: Path, cache: Path, preflight: str | None = "warn"
+           ) -> subprocess.CompletedProcess:
+    """`preflight`: EDGEPRUNE_PREFLIGHT; "warn" lets a job the estimate refuses run into the real fault."""
     model_dir, calib, plan = model
-    return edgeprune_cli("prune", "--plan", str(plan), "--model", str(model_dir), "--calib", str(calib), "-p", "quick",
-                     "--no-imatrix", "-q", "-o", str(out), "--cache-dir", str(cache))
+    proc = edgeprune_cli("prune", "--plan", str(plan), "--model", str(model_dir), "--calib", str(calib), "-p", "quick",
+                         "--no-imatrix", "-q", "-o", str(out), "--cache-dir", str(cache),
+                         env={"EDGEPRUNE_PREFLIGHT": preflight} if preflight else None)
+    # The preflight's overruled refusal is a warning line of its own; the fault's sentence follows.
+    warned = [line for line in proc.stderr.splitlines(True) if "EDGEPRUNE_PREFLIGHT=warn: going on" in line]
+    proc.stderr = "".join(line for line in proc.stderr.splitlines(True) if line not in warned)
+    return proc
 
 
 def _leftovers(root: Path) -> list[str]:
@@ -333,6 +340,11 @@ def test_output_on_a_full_disk(tmp_path, tiny_model):
     is saved: one sentence naming the output, nothing left on the disk."""
     cache = tmp_path / "cache"
     with tmpfs(tmp_path / "disk", 4 * MIB) as disk:
+        # The memory preflight sees it first: refused before any work, in one sentence.
+        proc = _prune(tiny_model, disk / "out", cache, preflight=None)
+        assert_clean_error(proc, f"of disk in {disk / 'out'}", "--output-dir at a larger disk")
+        assert proc.returncode == 2 and os.listdir(disk) == [] and not cache.exists()
+        # Told to go on, the copy itself hits the full disk.
         proc = _prune(tiny_model, disk / "out", cache)
         assert_clean_error(proc, f"No space left on device while writing {disk / 'out'}", "--output-dir")
         assert proc.returncode == 2 and os.listdir(disk) == []
@@ -348,6 +360,9 @@ def test_output_on_a_full_disk(tmp_path, tiny_model):
 @pytest.mark.slow
 def test_cache_on_a_full_disk(tmp_path, tiny_model):
     with tmpfs(tmp_path / "disk", 4 * MIB) as disk:
+        proc = _prune(tiny_model, tmp_path / "out", disk, preflight=None)
+        assert_clean_error(proc, f"of disk in {disk}", "--cache-dir at a larger disk")
+        assert proc.returncode == 2 and os.listdir(disk) == []
         proc = _prune(tiny_model, tmp_path / "out", disk)
         assert_clean_error(proc, f"No space left on device while writing {disk}", "--cache-dir")
         assert proc.returncode == 2 and not (tmp_path / "out").exists()
