@@ -598,8 +598,9 @@ def _calibration_file(path: Path) -> Path:
 
 @pytest.mark.slow
 def test_two_prunes_sharing_an_empty_cache_both_succeed_with_the_same_model(tmp_path, embedded_tokenizer_spec):
-    """A GGUF source, so both first convert it into the torch reference (the step that used to end in
-    "Directory not empty"), then build the same stages: one builds each, the other waits and reuses it."""
+    """A GGUF source, so both first convert its tokenizer into a cached directory (as the torch reference
+    was once, the step that used to end in "Directory not empty"), then build the same stages: one builds
+    each, the other waits and reuses it."""
     source = tmp_path / "tiny.gguf"
     export_gguf(tiny_llama(tied=True), embedded_tokenizer_spec, source, "F32",
                 Provenance("org/tiny", "ab" * 32, {}), "tiny")
@@ -618,7 +619,7 @@ def test_two_prunes_sharing_an_empty_cache_both_succeed_with_the_same_model(tmp_
         assert "Traceback" not in err
     digests = {sha256_file(next((tmp_path / f"out{i}").glob("*.gguf"))) for i in range(2)}
     assert len(digests) == 1
-    assert len([p for p in (cache / "reference").iterdir() if p.is_dir()]) == 1
+    assert len([p for p in (cache / "tokenizer").iterdir() if p.is_dir()]) == 1
     for stage in ("candidate-model", "quality"):
         assert len([p for p in (cache / "stages" / stage).iterdir() if p.is_dir()]) == 1, stage
     assert _tmp_dirs(cache) == []
