@@ -16,7 +16,7 @@ from conftest import tiny_llama
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import Provenance, export_gguf, write_gguf, write_hf_checkpoint
 from edgeprune.export.hf_checkpoint import INDEX_FILE, SINGLE_FILE
-from edgeprune.models.weights import GGUFStore, ModuleStore
+from edgeprune.models.weights import ModuleStore
 from edgeprune.prune import ModelShape, Plan, PlanError, apply_plan, pruned_state_dict
 from edgeprune.prune.apply import pruned_name, slice_tensor, sliced_shape
 from edgeprune.quantize import collect_imatrix, quantize
@@ -260,18 +260,16 @@ EMBEDDED_PLAN = Plan(drop_layers=(5, 20), heads=((1, (0, 1, 2, 6, 7, 8)), (3, ()
 def test_embedded_gguf_store_plus_plan_is_todays_f32_export_bit_for_bit(tmp_path, embedded_reference):
     """Today's path dequantizes the embedded GGUF with transformers into an fp32 model, applies the
     plan and exports; the streamed one reads the GGUF a tensor at a time. Same bytes, tensor by tensor."""
-    from transformers import AutoConfig
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    from edgeprune.models.embedded import embedded_gguf
-
-    path = embedded_gguf()
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    store = GGUFStore(path, config)
-    assert config.tie_word_embeddings and store.tied
     ref = embedded_reference
+    path, store = ref.source.path, ref.weights
+    assert store.tied
+    old = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     provenance = Provenance("embedded", ref.sha256, EMBEDDED_PLAN.to_dict())
     streamed, today = tmp_path / "streamed.gguf", tmp_path / "today.gguf"
     write_gguf(store, EMBEDDED_PLAN, ref.tokenizer_spec, streamed, "F32", provenance, "e")
-    export_gguf(apply_plan(ref.model, EMBEDDED_PLAN), ref.tokenizer_spec, today, "F32", provenance, "e")
+    export_gguf(apply_plan(old, EMBEDDED_PLAN), ref.tokenizer_spec, today, "F32", provenance, "e")
     assert gguf.GGUFReader(str(streamed)).get_field("general.architecture").contents() == "deci"
     assert_same_gguf(streamed, today)
