@@ -75,14 +75,6 @@ class WeightStore(ABC):
         """Parameter count, a tied embedding counted once (as transformers' num_parameters does)."""
         return sum(int(np.prod(self.shape(n))) for n in self.names())
 
-    def stored_bytes(self) -> int:
-        return sum(int(np.prod(self.shape(n))) * self.stored_dtype(n).itemsize for n in self.names())
-
-    def layer_bytes(self, index: int = 0, dtype: torch.dtype | None = None) -> int:
-        prefix = f"model.layers.{index}."
-        return sum(int(np.prod(self.shape(n))) * (dtype or self.stored_dtype(n)).itemsize
-                   for n in self.names() if n.startswith(prefix))
-
 
 class SafetensorsStore(WeightStore):
     """An HF checkpoint directory (sharded or not): each read opens the shard, maps it, copies one tensor out."""
@@ -156,7 +148,7 @@ class GGUFStore(WeightStore):
         from edgeprune.gguf_file import read_gguf
 
         self.config, self.path = config, path
-        self.reader = self._reader = reader if reader is not None else read_gguf(path)
+        self.reader = reader if reader is not None else read_gguf(path)
         hf_names = [EMBEDDING, FINAL_NORM, LM_HEAD] + [
             f"model.layers.{i}.{rest}" for i in range(config.num_hidden_layers)
             for rest in ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
@@ -164,7 +156,7 @@ class GGUFStore(WeightStore):
                          "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
         by_gguf = {gguf_tensor_name(n): n for n in hf_names}
         self._tensor: dict[str, Any] = {}
-        for t in self._reader.tensors:
+        for t in self.reader.tensors:
             if t.name in by_gguf:
                 self._tensor[by_gguf[t.name]] = t
             elif t.name != "rope_freqs.weight":  # recomputed from the config's rope scaling
