@@ -58,7 +58,7 @@ def test_every_type_quantizes_and_loads(tmp_path, f32_file, torch_logits, qtype)
     out = tmp_path / f"{qtype}.gguf"
     quantize(f32_file, out, qtype, threads=2)
     types = _types(out)
-    expected_attn_q = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q6_K": "Q6_K"}
+    expected_attn_q = {"F32": "F32", "F16": "F16", "BF16": "BF16", "Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q4_0": "Q4_0"}
     if qtype in expected_attn_q:
         assert types["blk.0.attn_q.weight"] == expected_attn_q[qtype]
     else:  # K-quant mixtures: K types only, since every width here is a multiple of 256
