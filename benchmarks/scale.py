@@ -13,7 +13,10 @@ Random weights make every quality figure (KLD, perplexity, agreement) meaningles
 memory and time only.
 
     .venv/bin/python benchmarks/scale.py [--models llama-3.2-1b,llama-3.2-3b,llama-3.1-8b] [--skip-build]
-        [--limit-gib 8] [--dir DIR] [--cache-dir DIR] [--out benchmarks/results/scale.json]
+        [--limit-gib 8] [--dir DIR] [--cache-dir DIR] [--out benchmarks/results/scale.json] [--append]
+
+The JSON is rewritten after every command, so an interrupted run keeps what it measured; with --append,
+rows of an earlier run in --out are kept and this run's commands replace theirs, model by model.
 """
 
 from __future__ import annotations
@@ -163,6 +166,21 @@ def print_table(results: dict[str, Any]) -> None:
           "billion parameters.")
 
 
+def save(results: dict[str, Any], out: Path) -> None:
+    """Write the results with the 70B extrapolation refitted, atomically: a killed run keeps the last table."""
+    results["models"].sort(key=lambda r: r.get("parameters", 0))
+    results["extrapolation_70b"] = {
+        command: {"points": sum(1 for r in results["models"] if r.get(command, {}).get("ok")),
+                  **{key: extrapolate(results["models"], command, key)
+                     for key in ("peak_anon_bytes", "peak_rss_bytes", "wall_s")}}
+        for command in ("prune", "build")
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
@@ -181,6 +199,8 @@ def main() -> None:
     parser.add_argument("--speedup", type=float, default=1.3,
                         help="`build --speedup`: a budget over the unpruned Q4_K_M that requantizing alone misses")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scale.json")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the models and commands already in --out; this run's replace theirs")
     args = parser.parse_args()
 
     names = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -190,6 +210,12 @@ def main() -> None:
     limit = int(args.limit_gib * GIB) if args.limit_gib > 0 else None
     results: dict[str, Any] = {"limit_bytes": limit, "note": NOTE, "cpu_count": os.cpu_count(),
                                "calib": str(args.calib) if args.calib else "self-generated", "models": []}
+    if args.append and args.out.is_file():
+        earlier = json.loads(args.out.read_text())
+        if earlier.get("limit_bytes") != limit or earlier.get("calib") != results["calib"]:
+            sys.exit(f"error: {args.out} was measured with another --limit-gib or --calib; "
+                     "append only to a run with the same settings, or write to another --out.")
+        results["models"] = earlier["models"]
     for name in names:
         preset = PRESETS[name]
         print(f"{name}: {preset.parameters() / 1e9:.2f}B parameters, {preset.bf16_bytes() / 1e9:.2f} GB bf16",
@@ -201,30 +227,28 @@ def main() -> None:
         plan.write_text(json.dumps(seed_plan(preset.layers, preset.heads, preset.kv_heads)))
         work = args.cache_dir / name
         work.mkdir(parents=True, exist_ok=True)
-        row: dict[str, Any] = {"model": name, "parameters": preset.parameters(), "bf16_bytes": preset.bf16_bytes(),
-                               "checkpoint": str(model_dir), "checkpoint_write_s": round(written, 1),
-                               "plan": json.loads(plan.read_text())}
+        row = next((r for r in results["models"] if r["model"] == name), None)
+        if row is None:
+            row = {"model": name}
+            results["models"].append(row)
+        row.update({"parameters": preset.parameters(), "bf16_bytes": preset.bf16_bytes(),
+                    "checkpoint": str(model_dir), "checkpoint_write_s": round(written, 1),
+                    "plan": json.loads(plan.read_text())})
         calib = ["--calib", str(args.calib.resolve())] if args.calib else []
         try:
             if not args.skip_prune:
                 row["prune"] = run_command("prune", ["prune", "--model", str(model_dir), "--plan", str(plan),
                                                      "-p", args.prune_profile, *calib],
                                            model_dir, work, limit, args.keep_caches)
+                save(results, args.out)
             if not args.skip_build:
                 row["build"] = run_command("build", ["build", "--model", str(model_dir), "--profile", "quick",
                                                      "--target", "demo", "--speedup", str(args.speedup), *calib],
                                            model_dir, work, limit, args.keep_caches)
+                save(results, args.out)
         except CgroupUnavailable as e:
             sys.exit(f"error: {e} Run with --limit-gib 0 to measure without a limit.")
-        results["models"].append(row)
-    results["extrapolation_70b"] = {
-        command: {"points": sum(1 for r in results["models"] if r.get(command, {}).get("ok")),
-                  **{key: extrapolate(results["models"], command, key)
-                     for key in ("peak_anon_bytes", "peak_rss_bytes", "wall_s")}}
-        for command in ("prune", "build")
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
+    save(results, args.out)
     print_table(results)
     print(f"\nwritten to {args.out}")
 

@@ -11,6 +11,7 @@ a cache compute it once, and a repeated build reuses every finished one.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -22,6 +23,7 @@ from typing import Any, ClassVar
 from edgeprune.atomic import build_once, sweep
 from edgeprune.errors import naming_refusals
 from edgeprune.hashing import code_hash, sha256_json
+from edgeprune.memory import return_freed_memory
 from edgeprune.versions import tool_versions
 
 log = logging.getLogger(__name__)
@@ -93,4 +95,8 @@ def _result(entry: Path) -> dict[str, Any]:
 
 
 def _fill(stage: Stage, tmp: Path) -> None:
+    # What earlier stages freed goes back to the OS first: a stage's peak is its own work, not the
+    # heap the previous one fragmented (parsed metadata, tokenizer files).
+    gc.collect()
+    return_freed_memory()
     (tmp / RESULT).write_text(json.dumps(stage.run(tmp), indent=1, sort_keys=True))

@@ -29,6 +29,7 @@ from edgeprune.analysis.unit_scores import (
     magnitude_salience,
     taylor_first_order,
     taylor_second_order,
+    wanda_salience,
 )
 from edgeprune.analysis.whole_model import analyse_model, gradients, layer_inputs, loss_scores
 from edgeprune.models.reference import weight_files
@@ -182,6 +183,28 @@ def test_magnitude_sums_the_whole_dependency_group():
     assert_close(scores.kv_groups[0], k[:16].sum() + v[:16].sum() + q[:32].sum() + o[:, :32].sum())
     gate, up, down = (weights[f"mlp.{p}_proj.weight"].abs().double() for p in ("gate", "up", "down"))
     assert_close(scores.channels[5], gate[5].sum() + up[5].sum() + down[:, 5].sum())
+
+
+def test_salience_maps_are_computed_when_read_and_leave_float64_weights_untouched():
+    torch.manual_seed(0)
+    weights = {"self_attn.o_proj.weight": -torch.rand(4, 6, dtype=torch.float64),
+               "mlp.down_proj.weight": -torch.rand(3, 6, dtype=torch.float64),
+               "input_layernorm.weight": torch.ones(6, dtype=torch.float64)}  # not a projection: no map
+    before = {n: w.clone() for n, w in weights.items()}
+    stats = ColumnStats(6)
+    stats.add(torch.randn(10, 6))
+    for maps in (magnitude_salience(weights), wanda_salience(weights, {"o_in": stats, "down_in": stats}),
+                 fluctuation_salience(weights, {"o_in": stats, "down_in": stats})):
+        assert sorted(maps) == ["mlp.down_proj.weight", "self_attn.o_proj.weight"] and len(maps) == 2
+        assert "input_layernorm.weight" not in maps
+        first = maps["mlp.down_proj.weight"]
+        assert first is not maps["mlp.down_proj.weight"]  # recomputed on each read, never held
+        assert_close(first, maps["mlp.down_proj.weight"])
+        assert bool((first >= 0).all())
+    for name, w in weights.items():  # maps are built in place on a copy, even of float64 weights
+        assert torch.equal(w, before[name]), name
+    assert_close(wanda_salience(weights, {"o_in": stats, "down_in": stats})["self_attn.o_proj.weight"],
+                 weights["self_attn.o_proj.weight"].abs() * stats.norm)
 
 
 def test_taylor_second_order_is_llm_pruners_param_mix():

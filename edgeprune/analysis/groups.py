@@ -15,6 +15,7 @@ kind is described once (`GroupSet`) and reductions over all its groups are vecto
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,7 @@ class GroupSet:
             raise IndexError(f"{self.kind} {index} of {self.count}")
         return [(prefix + p.param, p.dim, slice(index * p.block, (index + 1) * p.block)) for p in self.parts]
 
-    def reduce(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def reduce(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Sum of each group's entries of `tensors` (per-parameter maps shaped like the weights), [count].
 
         Parameters absent from `tensors` contribute nothing (e.g. FLAP scores o_proj columns only).

@@ -8,6 +8,7 @@ Parameter names are those inside a decoder layer ("self_attn.q_proj.weight", ...
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -71,7 +72,7 @@ class UnitScores:
                 "channels": self.channels.tolist()}
 
 
-def group_scores(groups: LayerGroups, salience: dict[str, torch.Tensor], absolute: bool = False) -> UnitScores:
+def group_scores(groups: LayerGroups, salience: Mapping[str, torch.Tensor], absolute: bool = False) -> UnitScores:
     """Sum each group's salience; `absolute`: take |sum| (signed first-order terms cancel within a group)."""
     post = torch.abs if absolute else (lambda t: t)
     return UnitScores(post(groups.heads.reduce(salience)), post(groups.kv_groups.reduce(salience)),
@@ -80,22 +81,46 @@ def group_scores(groups: LayerGroups, salience: dict[str, torch.Tensor], absolut
 
 # -- salience maps ------------------------------------------------------------------------------
 
-def magnitude_salience(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+class SalienceMaps(Mapping[str, torch.Tensor]):
+    """Per-parameter salience maps, each computed in float64 when it is read and not kept: a layer's
+    maps held together are 8 bytes per weight (1.75 GB for a Llama-3.1-8B layer), one at a time the
+    largest matrix's."""
+
+    def __init__(self, names: Iterable[str], compute: Callable[[str], torch.Tensor]) -> None:
+        self._names, self._compute = list(names), compute
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._compute(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _float64(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float64, copy=True)  # a copy even when `t` is float64: the maps are built in place
+
+
+def magnitude_salience(weights: Mapping[str, torch.Tensor]) -> SalienceMaps:
     """|W|: a group's score is the L1 norm of its weights."""
-    return {name: w.double().abs() for name, w in weights.items() if name in INPUT_OF}
+    return SalienceMaps([n for n in weights if n in INPUT_OF], lambda n: _float64(weights[n]).abs_())
 
 
-def wanda_salience(weights: dict[str, torch.Tensor], stats: dict[str, ColumnStats]) -> dict[str, torch.Tensor]:
+def wanda_salience(weights: Mapping[str, torch.Tensor], stats: Mapping[str, ColumnStats]) -> SalienceMaps:
     """|W_ij| * ||X_j|| (Wanda, arXiv 2306.11695) on every projection of the group (Wanda-sp)."""
-    return {name: w.double().abs() * stats[INPUT_OF[name]].norm.unsqueeze(0)
-            for name, w in weights.items() if name in INPUT_OF}
+    return SalienceMaps([n for n in weights if n in INPUT_OF],
+                        lambda n: _float64(weights[n]).abs_().mul_(stats[INPUT_OF[n]].norm.unsqueeze(0)))
 
 
-def fluctuation_salience(weights: dict[str, torch.Tensor], stats: dict[str, ColumnStats]) -> dict[str, torch.Tensor]:
+def fluctuation_salience(weights: Mapping[str, torch.Tensor], stats: Mapping[str, ColumnStats]) -> SalienceMaps:
     """FLAP (An et al., arXiv 2312.11983), WIFV: Var(x_j) * W_ij^2 on o_proj / down_proj, so a column's
     sum is Var(x_j) * ||W[:, j]||^2 - how much the output moves when column j is replaced by its mean."""
-    return {name: weights[name].double().square() * stats[INPUT_OF[name]].variance.unsqueeze(0)
-            for name in OUTPUT_PROJECTIONS if name in weights}
+    return SalienceMaps([n for n in OUTPUT_PROJECTIONS if n in weights],
+                        lambda n: _float64(weights[n]).square_().mul_(stats[INPUT_OF[n]].variance.unsqueeze(0)))
 
 
 def taylor_first_order(weights: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

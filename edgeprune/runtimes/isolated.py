@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from edgeprune.errors import EdgepruneError, RuntimeCrash
+from edgeprune.memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ def crash(returncode: int, doing: str, path: Path, stderr: str = "") -> RuntimeC
 
 def _run(doing: str, path: Path, fn: Callable[..., Any], args: tuple, kwargs: dict, iterate: bool) -> Iterator[Any]:
     request = pickle.dumps((fn, args, kwargs, iterate, _log_level()), protocol=pickle.HIGHEST_PROTOCOL)
+    return_freed_memory()  # the child's memory adds to ours: hand back what we freed first
     with tempfile.TemporaryFile() as stderr:
         proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=stderr)
