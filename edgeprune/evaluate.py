@@ -78,12 +78,19 @@ def reference_log_probs(source: Any, windows: torch.Tensor, out: np.ndarray | No
     # One window per batch, as the model would be run on each alone.
     passes = SequentialPass(stream, windows, batch_size=1, label="reference log-probs")
     hidden = passes.run()
-    norm, head = stream.final_norm(), stream.head_weight()
-    if out is None:
-        out = np.empty((*windows.shape, head.shape[0]), dtype=np.float32)
-    for i in range(len(windows)):
-        out[i] = log_probs(stream.logits(norm(hidden[i])[0], head)).numpy()
+    norm = stream.final_norm()
+    normed = [norm(hidden[i])[0] for i in range(len(windows))]
     passes.close()
+    vocab = stream.store.shape(stream.store.head_name())[0]
+    if out is None:
+        out = np.empty((*windows.shape, vocab), dtype=np.float32)
+    # Logits a block of the head at a time for every window, then each window normalized in place.
+    for start, block in stream.head_blocks():
+        for i, h in enumerate(normed):
+            out[i, :, start : start + len(block)] = (h @ block.T).numpy()
+        del block
+    for i in range(len(windows)):
+        out[i] = log_probs(torch.from_numpy(np.asarray(out[i]))).numpy()
     return out
 
 

@@ -6,10 +6,11 @@ The memory model is the bounded-memory pipeline's. Weights stay memory-mapped wh
 stored (page cache: reclaimable, not counted); every torch pass holds one decoder layer (stored
 dtype + fp32 copy, + a sliced copy when a plan cuts widths) and the calibration activations
 entering and leaving it (capped by the activation budget, the rest spilled to disk); the output
-head is converted to fp32 in chunks; llama.cpp works in child processes. The peak is the largest
-phase (each phase summing what its processes hold at once), not the sum of everything. What is
-only an order of magnitude is said where its constant is defined; `estimate` is pure arithmetic
-over shapes, so the lead's measured peak RSS can correct the constants without touching callers.
+head is read and converted to fp32 a block of rows at a time; llama.cpp works in child processes.
+The peak is the largest phase (each phase summing what its processes hold at once), not the sum of
+everything. What is only an order of magnitude is said where its constant is defined; `estimate` is
+pure arithmetic over shapes, so the lead's measured peak RSS can correct the constants without
+touching callers.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ HELDOUT_ACTIVATIONS = "held-out activations"
 FORWARD = "one batch through a layer"
 STATISTICS = "column statistics"
 EMBEDDING_READ = "embedding read for the first layer's inputs"
-HEAD = "output head as stored"
+HEAD = "output head block as stored"
 HEAD_FP32 = "output head fp32 chunk"
 WINDOW_LOGITS = "one window's logits"
 WHOLE_MODEL = "whole model in fp32"
@@ -420,8 +421,10 @@ def estimate(store: WeightStore, calibration: CalibrationSettings, work: Work,
     phases.append(Phase("reference log-probs, layer by layer", base | layer | {
         HELDOUT_ACTIVATIONS: min(heldout_acts, activation_budget), FORWARD: heldout_forward}))
     head_elements, head_itemsize = s.head
+    # The head is read a block of rows at a time (HEAD_CHUNK bytes once in fp32), against the final
+    # hidden states of every held-out window.
     phases.append(Phase("reference log-probs, output head", base | {
-        HELDOUT_ACTIVATIONS: min(heldout_acts // 2, activation_budget), HEAD: head_elements * head_itemsize,
+        HELDOUT_ACTIVATIONS: heldout_acts, HEAD: min(head_elements * head_itemsize, HEAD_CHUNK // 4 * head_itemsize),
         HEAD_FP32: 0 if head_itemsize == 4 else min(head_elements * 4, HEAD_CHUNK),
         WINDOW_LOGITS: seq * s.vocab * 4 * LOGIT_COPIES}))
     if work.sparse is not None:

@@ -207,11 +207,13 @@ def test_summary_is_one_line():
 
 
 def test_a_store_without_row_reads_reads_the_whole_embedding():
-    """A quantized GGUF is dequantized tensor by tensor: stored as fp32 (no fp32 copy of a layer), and
-    the first layer's inputs read the whole embedding (GGUFStore has no row reader)."""
-    from edgeprune.models.weights import GGUFStore
+    """A store stored as fp32 (as a quantized GGUF dequantizes) has no fp32 copy of a layer, and one
+    without a row reader reads the whole embedding for the first layer's inputs (GGUFStore and
+    SafetensorsStore read rows)."""
+    from edgeprune.models.weights import GGUFStore, SafetensorsStore
 
-    assert GGUFStore.rows is WeightStore.rows and ShapeStore.rows is WeightStore.rows
+    assert ShapeStore.rows is WeightStore.rows
+    assert GGUFStore.rows is not WeightStore.rows and SafetensorsStore.rows is not WeightStore.rows
     smollm = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True)
     work = Work.for_build(QUICK.search, self_generated=True)

@@ -116,6 +116,20 @@ def test_safetensors_store_reads_stored_dtype_and_rows(tmp_path):
         assert torch.equal(store.read(name), state[name])
     index = torch.tensor([5, 1, 5, 300, 0])
     assert torch.equal(store.rows("model.embed_tokens.weight", index), state["model.embed_tokens.weight"][index])
+    assert torch.equal(store.row_block("model.embed_tokens.weight", 7, 300), state["model.embed_tokens.weight"][7:300])
+
+
+def test_the_head_in_blocks_gives_the_same_log_probs(monkeypatch):
+    """The output head is read a block of rows at a time for every window: the log-probabilities are
+    those of the whole head (to fp32 rounding: a block's matmul may sum in another order)."""
+    import edgeprune.models.streamed as streamed
+
+    model, windows = _model(), torch.randint(0, VOCAB, (3, 12))
+    whole = reference_log_probs(ModuleStore(model), windows)
+    monkeypatch.setattr(streamed, "HEAD_CHUNK_BYTES", 37 * 64 * 4)  # 37 rows: blocks of uneven size
+    stream = DecoderStream(ModuleStore(model))
+    assert [start for start, _ in stream.head_blocks()] == list(range(0, VOCAB, 37))
+    np.testing.assert_allclose(reference_log_probs(stream, windows), whole, rtol=0, atol=1e-5)
 
 
 def test_module_store_reads_are_copies():
@@ -139,6 +153,10 @@ def test_gguf_store_reads_exactly_what_transformers_dequantizes(embedded_referen
     assert store.tied and store.parameters == old.num_parameters()
     for name in store.names():
         assert torch.equal(store.read(name), state[name]), name
+    embedding = state["model.embed_tokens.weight"]
+    index = torch.tensor([5, 1, 5, 49151, 0])
+    assert torch.equal(store.rows("model.embed_tokens.weight", index), embedding[index])
+    assert torch.equal(store.row_block("model.embed_tokens.weight", 100, 4000), embedding[100:4000])
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                 "intermediate_size", "rms_norm_eps", "vocab_size", "tie_word_embeddings"):
         assert getattr(store.config, key) == getattr(old.config, key), key

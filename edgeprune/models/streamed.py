@@ -198,16 +198,14 @@ class DecoderStream:
         norm.weight.data = self.store.read(FINAL_NORM).to(self.dtype)
         return norm
 
-    def head_weight(self) -> torch.Tensor:
-        """The output projection in its stored dtype (converted chunk by chunk in `logits`)."""
-        return self.store.read(self.store.head_name())
-
-    def logits(self, normed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The output projection of final-normed hidden states, in fp32 row chunks when it is big."""
-        rows = max(1, HEAD_CHUNK_BYTES // (weight.shape[1] * 4))
-        if weight.shape[0] <= rows and weight.dtype == self.dtype:
-            return normed @ weight.T
-        return torch.cat([normed @ w.to(self.dtype).T for w in weight.split(rows)], dim=-1)
+    def head_blocks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """The output projection in row blocks of at most HEAD_CHUNK_BYTES in `dtype`, each with its
+        first row: the head (2 GiB of fp32 for Llama-3's vocabulary at 4096) is never whole in RAM."""
+        name = self.store.head_name()
+        vocab, hidden = self.store.shape(name)
+        rows = max(1, HEAD_CHUNK_BYTES // (hidden * torch.finfo(self.dtype).bits // 8))
+        for start in range(0, vocab, rows):
+            yield start, self.store.row_block(name, start, min(start + rows, vocab)).to(self.dtype)
 
 
 def as_stream(source: Any) -> DecoderStream:

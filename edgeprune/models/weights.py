@@ -62,6 +62,11 @@ class WeightStore(ABC):
         """Rows `index` of a 2-D tensor (the embedding lookup); stores that can read rows override it."""
         return self.read(name).index_select(0, index)
 
+    def row_block(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of a 2-D tensor in the stored dtype (the output head, a block at a time);
+        stores that can read part of a tensor override it."""
+        return self.read(name)[start:stop].clone()
+
     def head_name(self) -> str:
         """The output projection's tensor: the embedding when tied."""
         return EMBEDDING if self.tied else LM_HEAD
@@ -130,6 +135,12 @@ class SafetensorsStore(WeightStore):
             rows = torch.stack([piece[int(r) : int(r) + 1][0] for r in unique])
         return rows[inverse]
 
+    def row_block(self, name: str, start: int, stop: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._file_of[name]), framework="pt") as f:
+            return f.get_slice(name)[start:stop]
+
 
 def reverse_rope_interleave(w: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp's Q/K row order (adjacent RoPE pairs) back to HF's rotate-half order, per head."""
@@ -187,9 +198,34 @@ class GGUFStore(WeightStore):
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = self.config.num_attention_heads if "q_proj" in name else self.config.num_key_value_heads
             data = reverse_rope_interleave(data, heads)
-        data = np.ascontiguousarray(data)
-        # An F32 tensor is a view of the read-only mapping: the caller owns what it gets.
-        return torch.from_numpy(data if data.flags.writeable else data.copy())
+        return _owned(data)
+
+    def _row_data(self, name: str, rows: Any) -> torch.Tensor:
+        """Rows of a tensor whose rows are stored in HF order (not Q/K), dequantized alone: gguf-py
+        maps a 2-D tensor as [rows, bytes per row], so a row's blocks never span two rows."""
+        from gguf.quants import dequantize
+
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            raise ValueError(f"{name}: its rows are permuted in the GGUF; read it whole")
+        t = self._tensor[name]
+        part = t.data[rows]
+        if t.tensor_type == self._quant.F16:
+            return _owned(np.array(part, dtype=np.float16))
+        return _owned(dequantize(part, t.tensor_type).reshape(-1, self.shape(name)[1]))
+
+    def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        # An 8B model's embedding dequantizes to 2 GiB of fp32; a batch needs a few thousand rows.
+        unique, inverse = torch.unique(index, return_inverse=True)
+        return self._row_data(name, unique.numpy())[inverse]
+
+    def row_block(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._row_data(name, slice(start, stop))
+
+
+def _owned(data: np.ndarray) -> torch.Tensor:
+    """A tensor the caller owns: an F32 GGUF tensor is a view of the read-only mapping."""
+    data = np.ascontiguousarray(data)
+    return torch.from_numpy(data if data.flags.writeable else data.copy())
 
 
 class ModuleStore(WeightStore):
