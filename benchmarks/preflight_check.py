@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 from edgeprune.config import load_profile
+from edgeprune.footprint import Work, estimate
 from edgeprune.limits import fmt, machine_limits
 from edgeprune.models.embedded import embedded_gguf
 from edgeprune.models.weights import GGUFStore
-from edgeprune.preflight import Work, estimate, summary
+from edgeprune.preflight import summary
 from edgeprune.prune.spec import load_plan_spec
 
 

@@ -23,6 +23,7 @@ from edgeprune.devices import Device, get_device
 from edgeprune.devices.local import LocalDevice
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate import Quality
+from edgeprune.footprint import Estimate, Work, compared
 from edgeprune.latency import ModelTraffic, Prediction, host_profile
 from edgeprune.measure import BenchmarkRecord, Workload
 from edgeprune.memory import TreeSampler
@@ -38,7 +39,7 @@ from edgeprune.pipeline import (
     importance_of,
     reference_logprobs,
 )
-from edgeprune.preflight import Estimate, Work, compared, preflight
+from edgeprune.preflight import preflight
 from edgeprune.prune import ModelShape, Plan
 from edgeprune.quantize import QuantSpec
 from edgeprune.report import outcome_to_dict

@@ -17,10 +17,10 @@ from edgeprune.config import CalibrationSettings, SearchSettings, SparsitySpec
 from edgeprune.data import HFDataset, TextSplits, from_file, from_hf, self_generated
 from edgeprune.evaluate import QualityTally, reference_log_probs, reference_perplexity
 from edgeprune.export import Provenance, write_gguf
+from edgeprune.footprint import QUICK_QUANT
 from edgeprune.hashing import sha256_file
 from edgeprune.models import Reference
 from edgeprune.models.streamed import DecoderStream, Overrides
-from edgeprune.preflight import QUICK_QUANT
 from edgeprune.progress import progress
 from edgeprune.prune import Plan
 from edgeprune.prune.apply import pruned_tensors

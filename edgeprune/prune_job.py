@@ -23,6 +23,7 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate import Quality
 from edgeprune.export import write_hf_checkpoint
 from edgeprune.export.gguf_llama import architecture
+from edgeprune.footprint import Estimate, Work, compared
 from edgeprune.gguf_file import decoder_zero_share, read_gguf
 from edgeprune.memory import TreeSampler
 from edgeprune.models import ModelSource, load_reference, resolve_source
@@ -38,7 +39,7 @@ from edgeprune.pipeline import (
     reference_logprobs,
     sparse_overrides,
 )
-from edgeprune.preflight import Estimate, Work, compared, preflight
+from edgeprune.preflight import preflight
 from edgeprune.prune import LayerShape, ModelShape, Plan, pruned_config
 from edgeprune.prune.spec import PlanSpec, check, load_plan_spec, resolve
 from edgeprune.quantize import QUANT_FTYPES, RECIPES, QuantSpec

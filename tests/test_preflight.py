@@ -11,6 +11,17 @@ from transformers import LlamaConfig
 
 from edgeprune.config import CalibrationSettings, load_profile
 from edgeprune.errors import EdgepruneError
+from edgeprune.footprint import (
+    CANDIDATES,
+    EMBEDDING_READ,
+    LAYER,
+    LAYER_FP32,
+    QUICK_WEIGHTS,
+    RUNTIME_WEIGHTS,
+    WHOLE_MODEL,
+    Work,
+    estimate,
+)
 from edgeprune.limits import (
     MEMORY_LIMIT_ENV,
     Disk,
@@ -24,19 +35,7 @@ from edgeprune.limits import (
     parse_size,
 )
 from edgeprune.models.weights import WeightStore
-from edgeprune.preflight import (
-    CANDIDATES,
-    EMBEDDING_READ,
-    LAYER,
-    LAYER_FP32,
-    QUICK_WEIGHTS,
-    RUNTIME_WEIGHTS,
-    WHOLE_MODEL,
-    Work,
-    check,
-    estimate,
-    summary,
-)
+from edgeprune.preflight import check, summary
 
 
 class ShapeStore(WeightStore):
