@@ -4,9 +4,10 @@ For each model: writes the checkpoint (bf16 safetensors sharded as the hub ships
 present), then runs `edgeprune prune --plan` with the case study's seed recipe (middle 25% of
 layers, one query head per KV group) and `edgeprune build --profile quick --target demo` with a
 speed-up budget that needs pruning, each in a fresh process inside a memory cgroup (default 8 GiB)
-with a fresh cache. Records the peak anonymous memory (RssAnon + RssShmem) and peak RSS of the whole
-process tree, the cgroup's own peak charge, whether the kernel OOM-killed it, wall time (and per stage
-where the command records it), and the cache's disk use. Prints a table with per-billion-parameter
+with a fresh cache (sharing the default cache's compiled llama.cpp binaries). Records the peak
+anonymous memory (RssAnon + RssShmem) and peak RSS of the whole process tree, the cgroup's own
+peak charge, whether the kernel OOM-killed it, wall time (and per stage where the command records
+it), and the cache's disk use. Prints a table with per-billion-parameter
 figures and a 70B extrapolation (least-squares line through the models measured), and writes JSON.
 
 Random weights make every quality figure (KLD, perplexity, agreement) meaningless: this measures
@@ -81,6 +82,12 @@ def run_command(name: str, argv: list[str], model_dir: Path, work: Path, limit: 
     cache, out, log = work / f"{name}-cache", work / f"{name}-out", work / f"{name}.log"
     shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
+    toolchains = default_cache_root() / "toolchain"
+    if name == "build" and toolchains.is_dir():
+        # The bundle's llama.cpp binaries are compiled once per machine (~10 min), not per model:
+        # a fresh cache shares them, and its disk use leaves them out.
+        cache.mkdir(parents=True)
+        (cache / "toolchain").symlink_to(toolchains.resolve(), target_is_directory=True)
     cmd = [sys.executable, "-m", "edgeprune", *argv, "-o", str(out), "--cache-dir", str(cache), "--force"]
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     print(f"  {name}: {' '.join(cmd[2:])}", flush=True)
