@@ -102,6 +102,7 @@ def run_command(name: str, argv: list[str], model_dir: Path, work: Path, limit: 
         "argv": cmd[1:],
         "ok": run.returncode == 0 and not run.oom_killed,
         "timings_s": report.get("timings_s"),
+        "memory": report.get("memory"),  # the preflight's estimate beside the command's own measured peaks
         "stages": stage_timeline(cache, started),
         "cache_disk_bytes": disk_use(cache),
         "output_disk_bytes": disk_use(out),
