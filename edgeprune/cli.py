@@ -293,9 +293,6 @@ for _command in (targets, toolchain, doctor):
 
 
 def main() -> None:
-    from edgeprune.memory import map_large_blocks
-
-    map_large_blocks()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

@@ -44,23 +44,6 @@ def reset_peak_rss() -> bool:
         return False
 
 
-# glibc serves blocks below its mmap threshold from the heap, and raises that threshold (up to 32 MiB)
-# each time a large block is freed: a layer's tensors then land in the heap, where the holes left by
-# one layer's free do not fit the next layer's tensors and the heap grows layer after layer. A fixed
-# threshold keeps every block from this size up in its own mapping, returned to the OS when freed.
-LARGE_BLOCK_BYTES = 4 << 20
-_M_MMAP_THRESHOLD = -3
-
-
-def map_large_blocks(threshold: int = LARGE_BLOCK_BYTES) -> None:
-    """Serve allocations of `threshold` bytes and more by mmap, so that freeing them returns them
-    (glibc `mallopt`; a no-op elsewhere). Called once, when a command starts."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold)
-    except (OSError, AttributeError):
-        pass
-
-
 def return_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc `malloc_trim`; a no-op elsewhere).
 
