@@ -7,6 +7,8 @@ arithmetic is the same, and check the stores against what transformers loads.
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -57,6 +59,20 @@ def test_activations_spilled_to_disk_give_the_same_pass(monkeypatch):
     passes.close()
     assert not spilled_dir.exists()  # spill files go with the pass
     np.testing.assert_array_equal(reference_log_probs(ModuleStore(model), windows), in_ram)
+
+    # Nobody closes it, or the caller stops mid-pass: the files still go.
+    passes = SequentialPass(DecoderStream(ModuleStore(model)), windows, batch_size=2)
+    spilled_dir = passes.run()._dir
+    del passes
+    gc.collect()
+    assert not spilled_dir.exists()
+    passes = SequentialPass(DecoderStream(ModuleStore(model)), windows, batch_size=2)
+    steps = iter(passes)
+    first = next(steps)
+    spilled_dir = first.inputs._dir
+    assert spilled_dir.exists()
+    steps.close()  # GeneratorExit inside the pass
+    assert not spilled_dir.exists()
 
 
 def test_activations_budget_splits_ram_and_disk():

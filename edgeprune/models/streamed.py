@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,9 @@ class Activations:
             return
         if self._dir is None:
             self._dir = Path(tempfile.mkdtemp(prefix="edgeprune-activations-"))
+            # Gone with this object (or at exit) even when no caller closes it: an error mid-pass,
+            # or a pass whose last outputs nobody reads.
+            self._remove = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
         path = self._dir / f"{len(self._held)}.npy"
         np.save(path, hidden.numpy(), allow_pickle=False)
         self._held.append(path)
@@ -78,7 +82,7 @@ class Activations:
     def close(self) -> None:
         self._held.clear()
         if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._remove()
             self._dir = None
 
 
@@ -261,21 +265,25 @@ class SequentialPass:
         from edgeprune.progress import progress
 
         hidden = Activations(self.budget)
-        for start in range(0, len(self.windows), self.batch_size):
-            h, kw = self.stream.first_inputs(self.windows[start : start + self.batch_size])
-            hidden.append(h)
-            self.kwargs.append(kw)
-        layers = range(self.stream.n_layers)
-        for i in progress(layers, self.label, total=len(layers)) if self.label else layers:
-            step = LayerStep(i, self.stream.load(i), hidden, self.kwargs)
-            yield step
-            if step.outputs is None:
-                step.advance()
-            self.spilled = max(self.spilled, hidden.spilled)
+        try:
+            for start in range(0, len(self.windows), self.batch_size):
+                h, kw = self.stream.first_inputs(self.windows[start : start + self.batch_size])
+                hidden.append(h)
+                self.kwargs.append(kw)
+            layers = range(self.stream.n_layers)
+            for i in progress(layers, self.label, total=len(layers)) if self.label else layers:
+                step = LayerStep(i, self.stream.load(i), hidden, self.kwargs)
+                yield step
+                if step.outputs is None:
+                    step.advance()
+                self.spilled = max(self.spilled, hidden.spilled)
+                hidden.close()
+                hidden = step.outputs
+                del step  # the layer's weights go now, before the next is read
+                return_freed_memory()
+        except BaseException:  # an error, or a caller that stopped early: the spill files go now
             hidden.close()
-            hidden = step.outputs
-            del step  # the layer's weights go now, before the next is read
-            return_freed_memory()
+            raise
         self.hidden = hidden
 
     def run(self) -> Activations:
