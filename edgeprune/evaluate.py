@@ -90,7 +90,7 @@ def reference_log_probs(source: Any, windows: torch.Tensor, out: np.ndarray | No
             out[i, :, start : start + len(block)] = (h @ block.T).numpy()
         del block
     for i in range(len(windows)):
-        out[i] = log_probs(torch.from_numpy(np.asarray(out[i]))).numpy()
+        out[i] = log_probs(out[i]).numpy()
     return out
 
 
