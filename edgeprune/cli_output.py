@@ -51,8 +51,9 @@ def print_bench(r) -> None:
                    f"{s['latency_p99_s']:.3f} s (spread {s['latency_spread'] * 100:.0f}%)")
         click.echo(f"Peak RSS:   {rec.peak_rss_bytes / MIB:.0f} MiB")
         if rec.baseline_runs:
+            apart = "; one model per process, alternating" if rec.one_model_per_process else ""
             click.echo(f"Speed-up:   {rec.speedup:.2f}x over the baseline timed alongside "
-                       f"({s['paired_speedup_min']:.2f}-{s['paired_speedup_max']:.2f})")
+                       f"({s['paired_speedup_min']:.2f}-{s['paired_speedup_max']:.2f}{apart})")
     if r.roofline:
         f = r.roofline
         click.echo(f"Roofline:   decode at {f['fraction'] * 100:.0f}% of the bandwidth limit "

@@ -165,13 +165,9 @@ def _disk(path: Path) -> Disk:
     return Disk(path, shutil.disk_usage(existing).free, os.stat(existing).st_dev)
 
 
-def machine_limits(cache_dir: Path, output_dir: Path | None = None, env: Mapping[str, str] | None = None,
-                   proc: Path = Path("/proc")) -> Limits:
-    """What the machine can give: memory = the least of MemAvailable, the memory cgroup's limit minus
-    its usage, and $EDGEPRUNE_MEMORY_LIMIT (plus what this process already holds, except for the
-    override, which caps the whole job); free disk where the cache and the output go."""
-    env = os.environ if env is None else env
-    own = _own_anonymous()
+def _memory_candidates(env: Mapping[str, str], proc: Path, own: int) -> list[tuple[int, str]]:
+    """Each bound on the memory a job may use, with its source: MemAvailable and the memory
+    cgroup's headroom (plus `own`, what the asking process already holds), the override."""
     candidates: list[tuple[int, str]] = []
     try:
         available = meminfo_available((proc / "meminfo").read_text())
@@ -191,5 +187,21 @@ def machine_limits(cache_dir: Path, output_dir: Path | None = None, env: Mapping
             candidates.append((headroom[0] + own, f"memory cgroup {name}, limit {fmt(headroom[1])}"))
     if env.get(MEMORY_LIMIT_ENV):
         candidates.append((parse_size(env[MEMORY_LIMIT_ENV]), f"{MEMORY_LIMIT_ENV}={env[MEMORY_LIMIT_ENV]}"))
+    return candidates
+
+
+def machine_limits(cache_dir: Path, output_dir: Path | None = None, env: Mapping[str, str] | None = None,
+                   proc: Path = Path("/proc")) -> Limits:
+    """What the machine can give: memory = the least of MemAvailable, the memory cgroup's limit minus
+    its usage, and $EDGEPRUNE_MEMORY_LIMIT (plus what this process already holds, except for the
+    override, which caps the whole job); free disk where the cache and the output go."""
+    candidates = _memory_candidates(os.environ if env is None else env, proc, _own_anonymous())
     memory, source = min(candidates) if candidates else (_UNLIMITED, "unknown")
     return Limits(memory, source, _disk(cache_dir), _disk(output_dir) if output_dir is not None else None)
+
+
+def memory_headroom(proc: Path = Path("/proc")) -> int:
+    """Memory a new process could still take now: the least of MemAvailable and the memory cgroup's
+    headroom (the override caps a whole job, not what is left of it)."""
+    candidates = _memory_candidates({}, proc, 0)
+    return min(candidates)[0] if candidates else _UNLIMITED

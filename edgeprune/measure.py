@@ -51,6 +51,8 @@ class BenchmarkRecord:
     ram_cap_exceeded: bool = False  # killed at the RAM cap before it finished: no timings
     raw: list[dict[str, Any]] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)  # the greedy answer of one run (Python runner)
+    # Alternated with the baseline one model per process (each run loaded afresh), not both loaded at once.
+    one_model_per_process: bool = False
 
     @cached_property
     def summary(self) -> dict[str, float]:

@@ -12,6 +12,7 @@ from edgeprune.devices import get_device, host_arch
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import Provenance, export_gguf
 from edgeprune.measure import Workload
+from edgeprune.models.embedded import embedded_gguf
 from edgeprune.quantize import quantize
 from edgeprune.search.budget import EMULATED, Budget
 
@@ -43,6 +44,34 @@ def test_local_benchmark_record(tiny_gguf):
     assert "llama-cpp-python" in record.runtime and record.threads == 1
     pooled = record.pooled(record)
     assert len(pooled.runs) == 6 and pooled.summary["repetitions"] == 6
+
+
+def test_a_ram_cap_judges_the_candidate_alone_not_with_its_baseline_loaded(tiny_gguf):
+    # The embedded model (about 100 MB) as a baseline heavier than the cap; the tiny candidate under it.
+    device = get_device(DeviceConfig(ram_cap=True))
+    alone = device.benchmark(tiny_gguf, WORKLOAD)
+    heavy = device.benchmark(embedded_gguf(), WORKLOAD)
+    assert heavy.peak_rss_bytes > alone.peak_rss_bytes + (60 << 20)
+    device.ram_cap_bytes = alone.peak_rss_bytes + (30 << 20)
+    record = device.benchmark(tiny_gguf, WORKLOAD, baseline=embedded_gguf())
+    assert not record.ram_cap_exceeded and record.one_model_per_process
+    assert len(record.runs) == len(record.baseline_runs) == WORKLOAD.repetitions
+    assert record.peak_rss_bytes < device.ram_cap_bytes
+    assert record.speedup > 0 and record.tokens == alone.tokens
+
+
+def test_models_too_big_to_hold_together_alternate_one_per_process(tiny_gguf, monkeypatch):
+    import edgeprune.devices.local as local
+
+    device = get_device("local")
+    together = device.benchmark(tiny_gguf, WORKLOAD, baseline=tiny_gguf)
+    assert not together.one_model_per_process
+    # As if the machine had less free memory than the two files: 8B Q4_K_M pairs on a 16 GB laptop.
+    monkeypatch.setattr(local, "memory_headroom", lambda: 2 * tiny_gguf.stat().st_size)
+    apart = device.benchmark(tiny_gguf, WORKLOAD, baseline=tiny_gguf)
+    assert apart.one_model_per_process and apart.load_s > 0
+    assert len(apart.runs) == len(apart.baseline_runs) == WORKLOAD.repetitions
+    assert 0.3 < apart.speedup < 3.0 and apart.tokens == together.tokens
 
 
 def _target(tmp_path, ceiling_gib: float, device: str = "") -> Path:
