@@ -26,7 +26,7 @@ from edgeprune.config import load_profile, load_target
 from edgeprune.devices import get_device
 from edgeprune.measure import Workload
 from edgeprune.models import load_reference, resolve_source
-from edgeprune.pipeline import MODEL_FILE, CandidateModel, SelfCalibration, importance_of
+from edgeprune.pipeline import MODEL_FILE, CandidateModel, calibration_splits, importance_of
 from edgeprune.prune import ModelShape
 from edgeprune.quantize import QuantSpec
 from edgeprune.search import SearchSpace, State
@@ -54,8 +54,7 @@ def main() -> None:
     profile, target = load_profile("default"), load_target("demo")
     runner = StageRunner(cache / "stages")
     reference = load_reference(resolve_source(None), cache)
-    calib = runner.run(SelfCalibration(reference, profile.calibration))
-    splits = SelfCalibration.load(calib.dir, calib.result)
+    splits = calibration_splits(reference, profile.calibration, None, runner)
     importance = importance_of(reference, splits, profile.search, runner)
     device = get_device("local")
     threads = min(target.hardware.cores, device.cores)

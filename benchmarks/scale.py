@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,29 @@ def disk_use(path: Path) -> int:
             except OSError:
                 pass
     return total
+
+
+class DiskPeak:
+    """The most `path` held at once, polled every few seconds in a thread (a build removes files
+    as it goes: its cache at the end is not its peak)."""
+
+    def __init__(self, path: Path, period_s: float = 5.0) -> None:
+        self.path, self.period_s, self.peak = path, period_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.peak = max(self.peak, disk_use(self.path))
+
+    def __enter__(self) -> DiskPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, disk_use(self.path))
 
 
 def stage_timeline(cache: Path, since: float) -> list[dict[str, Any]]:
@@ -93,7 +117,7 @@ def run_command(name: str, argv: list[str], model_dir: Path, work: Path, limit: 
     print(f"  {name}: {' '.join(cmd[2:])}", flush=True)
     evict_page_cache(model_dir)  # every run starts cold, as after a download
     started, load_before = time.time(), os.getloadavg()[0]
-    with open(log, "w") as f:
+    with open(log, "w") as f, DiskPeak(cache) as disk:
         run = run_limited(cmd, limit, period_s=0.2, stdout=f, stderr=f, env=env)
     report_path = out / "report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
@@ -105,6 +129,9 @@ def run_command(name: str, argv: list[str], model_dir: Path, work: Path, limit: 
         "memory": report.get("memory"),  # the preflight's estimate beside the command's own measured peaks
         "stages": stage_timeline(cache, started),
         "cache_disk_bytes": disk_use(cache),
+        "cache_disk_peak_bytes": disk.peak,
+        "search": {k: report.get("search", {}).get(k) for k in ("selected", "stop_reason", "candidate_files")}
+        | {"candidates": len(report.get("search", {}).get("candidates", []))},
         "output_disk_bytes": disk_use(out),
         "log": str(log),
         # Wall times are only comparable on an otherwise idle machine: the 1-minute load around the run.
@@ -150,7 +177,7 @@ def print_table(results: dict[str, Any]) -> None:
     print(f"\nMemory limit: {limit / GIB:g} GiB (memory cgroup)" if limit else "\nNo memory limit")
     print(f"NOTE: {NOTE}.")
     head = (f"{'model':<16}{'params':>8} {'command':<8}{'status':<11}{'wall':>8}{'anon GiB':>9}{'RSS GiB':>8}"
-            f"{'cg GiB':>7}{'anon/B':>7}{'s/B':>7}{'cache GiB':>10}")
+            f"{'cg GiB':>7}{'anon/B':>7}{'s/B':>7}{'cache GiB':>10}{'peak':>6}")
     print(head + "\n" + "-" * len(head))
     for row in results["models"]:
         billions = row["parameters"] / 1e9
@@ -162,7 +189,8 @@ def print_table(results: dict[str, Any]) -> None:
             print(f"{row['model']:<16}{billions:>7.2f}B {command:<8}{_status(run):<11}{run['wall_s']:>7.0f}s"
                   f"{run['peak_anon_bytes'] / GIB:>9.2f}{run['peak_rss_bytes'] / GIB:>8.2f}"
                   f"{cg:>7}{run['peak_anon_bytes'] / GIB / billions:>7.2f}"
-                  f"{run['wall_s'] / billions:>7.0f}{run['cache_disk_bytes'] / GIB:>10.2f}")
+                  f"{run['wall_s'] / billions:>7.0f}{run['cache_disk_bytes'] / GIB:>10.2f}"
+                  f"{run.get('cache_disk_peak_bytes', 0) / GIB:>6.1f}")
     for command, fit in results["extrapolation_70b"].items():
         if fit["points"]:
             figures = [f"{label} {fit[key] / scale:.1f} {unit}" if fit[key] is not None else f"{label}: no rising fit"
@@ -171,7 +199,8 @@ def print_table(results: dict[str, Any]) -> None:
                                                        ("wall", "wall_s", 60, "min"))]
             print(f"70B extrapolation ({command}, line through {fit['points']} model(s)): {', '.join(figures)}")
     print("anon = RssAnon+RssShmem over the process tree (what a memory limit bounds); RSS also counts the page "
-          "cache of memory-mapped files; cg = the cgroup's peak charge (anonymous + page cache). s/B, anon/B: per "
+          "cache of memory-mapped files; cg = the cgroup's peak charge (anonymous + page cache); cache GiB: at the "
+          "end, peak: the most at once. s/B, anon/B: per "
           "billion parameters.")
 
 

@@ -121,3 +121,15 @@ def build_once(final: Path, complete: Callable[[Path], bool], fill: Callable[[Pa
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return True
+
+
+def discard(final: Path) -> None:
+    """Remove the complete directory `final`, under its lock: renamed aside first (a name `sweep`
+    removes), so a reader sees it whole or gone, never half-deleted."""
+    with locked(final):
+        if not final.exists():
+            return
+        aside = make_tmp(final)
+        aside.rmdir()
+        final.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)

@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ from edgeprune.report import outcome_to_dict
 from edgeprune.search import Candidate, SearchOutcome, SearchPredictor, SearchSpace, State, greedy_search
 from edgeprune.search.predict import device_latency_model, target_estimates
 from edgeprune.signing import check_signing_key
-from edgeprune.stages import StageRunner
+from edgeprune.stages import StageOutput, StageRunner
 from edgeprune.toolchain import BuildSpec, check_buildable, ensure_binaries, spec_for
 
 log = logging.getLogger(__name__)
@@ -99,13 +99,19 @@ class CandidateEvaluator:
     settings: SearchSettings
     threads: int
     sparsity: SparsitySpec | None = None  # the target's opt-in; applied to states marked sparse
+    evicts: bool = False  # delete released candidates' files: the disk cannot hold them all
+    _built: dict[str, tuple[CandidateModel, StageOutput]] = field(default_factory=dict)  # by candidate id
+    _held: dict[str, set[str]] = field(default_factory=dict)  # cache key -> ids of candidates using its file
 
     def build(self, state: State, plan: Plan, cid: str) -> Candidate:
         quant = QuantSpec(self.settings.quant, state.recipe, self.settings.imatrix)
         sparse = None
         if state.sparse is not None:
             sparse = self.runner.run(SparseWeights(self.reference, plan, self.sparsity, self.splits))
-        model = self.runner.run(CandidateModel(self.reference, plan, quant, self.splits, self.threads, sparse))
+        stage = CandidateModel(self.reference, plan, quant, self.splits, self.threads, sparse)
+        model = self.runner.run(stage)
+        self._built[cid] = (stage, model)
+        self._held.setdefault(model.key, set()).add(cid)
         gguf = model.dir / MODEL_FILE
         quality = self.runner.run(CandidateQuality(gguf, model.key, self.splits, self.ref_logps, self.threads))
         return Candidate(
@@ -123,6 +129,19 @@ class CandidateEvaluator:
         bench = self.device.benchmark(candidate.model, self.workload, baseline.model if baseline else None)
         self.runner.timings["benchmark"] = self.runner.timings.get("benchmark", 0.0) + time.perf_counter() - t0
         return bench
+
+    def release(self, candidate: Candidate) -> None:
+        _, model = self._built[candidate.id]
+        holders = self._held[model.key]
+        holders.discard(candidate.id)
+        if self.evicts and not holders:  # two steps can make the same file (the same plan and recipe)
+            self.runner.discard(model)
+            log.info("%s: model file removed from the cache (rebuilt if needed again)", candidate.id)
+
+    def restore(self, candidate: Candidate) -> None:
+        stage, model = self._built[candidate.id]
+        self.runner.run(stage)  # rebuilt if removed; the same key, so the same path
+        self._held[model.key].add(candidate.id)
 
 
 def _workload(target: Target, profile: Profile, splits: TextSplits, threads: int) -> Workload:
@@ -226,14 +245,15 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
     runner.timings["reference"] = time.perf_counter() - t0
     shape = ModelShape.from_config(reference.config)
 
-    splits = calibration_splits(reference, profile.calibration, config.calib, runner, threads)
+    splits = calibration_splits(reference, profile.calibration, config.calib, runner, threads,
+                                keep_quick_copy=not memory.evicts)
     importance = importance_of(reference, splits, profile.search, runner)
     ref_logps, ref_perplexity = reference_logprobs(reference, splits, runner)
 
     workload = _workload(target, profile, splits, threads)
     sparsity = target.sparsity.spec() if target.sparsity else None
     evaluate = CandidateEvaluator(
-        reference, runner, device, workload, splits, ref_logps, profile.search, threads, sparsity
+        reference, runner, device, workload, splits, ref_logps, profile.search, threads, sparsity, memory.evicts
     )
     space = SearchSpace(shape, importance, profile.search, sparsity)
     local = isinstance(device, LocalDevice)
@@ -278,7 +298,9 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
             "warmup": workload.warmup,
             "repetitions": workload.repetitions,
         },
-        "search": outcome_to_dict(outcome, estimates),
+        "search": outcome_to_dict(outcome, estimates) | {
+            "candidate_files": "removed once judged: the cache could not hold them all" if memory.evicts
+            else "kept in the cache"},
         "latency_model": _latency_model_summary(predictor, host, estimates),
         "notes": _notes(target, device),
     }

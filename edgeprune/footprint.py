@@ -15,6 +15,7 @@ touching callers.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import re
 from dataclasses import dataclass
@@ -104,6 +105,8 @@ RUNTIME_LOGITS = "llama.cpp logits and compute buffers"
 RECEIVED_LOGITS = "logits received from llama.cpp"
 # disk
 CANDIDATES = "quantized candidates"
+# A build short of disk keeps three candidates' files: the baseline, the best, the one being measured.
+KEPT_WHEN_EVICTING = 3
 INTERMEDIATE = "intermediate F16/BF16 GGUF"
 QUICK_COPY = "quick quantized copy for calibration text"
 REFERENCE_LOGPROBS = "reference log-probs of held-out windows"
@@ -128,7 +131,8 @@ class Work:
     """What a command will do, in the terms the memory model needs; `for_build` / `for_prune` fill it.
 
     Method names: `layer_methods` from LAYER_IMPORTANCE, `unit_methods` from UNIT_IMPORTANCE,
-    `sparse` from SPARSE_METHODS. `candidates`: quantized candidates kept in the stage cache.
+    `sparse` from SPARSE_METHODS. `candidates`: quantized candidates kept in the stage cache at once;
+    `evict`: a build removes each judged candidate's file (`bounded`).
     `slices`: candidates cut widths (a sliced copy of each layer in the candidate passes).
     `bench_tokens`: prompt + answer tokens of a benchmark run on this machine (0: none, or on an
     ssh device). `quick_quant`: the type of the reference's copy that generates calibration text.
@@ -146,6 +150,7 @@ class Work:
     bench_tokens: int = 0
     hf_checkpoint: bool = False
     quick_quant: str = QUICK_QUANT
+    evict: bool = False
 
     @classmethod
     def for_build(cls, search: SearchSettings, *, self_generated: bool, sparse: str | None = None,
@@ -177,6 +182,11 @@ class Work:
             layer, unit = search_methods(plan_search)
             layers, units = (layer,), (unit,)
         return cls("prune", layers, units, quant, imatrix, 1, sparse, slices, self_generated, 0, hf_checkpoint)
+
+    def bounded(self) -> Work:
+        """The same build keeping only the files it still needs: the baseline, the best candidate
+        and the one being measured (search/greedy.py), and no quick copy once calibration is sampled."""
+        return dataclasses.replace(self, candidates=min(self.candidates, KEPT_WHEN_EVICTING), evict=True)
 
     def needs(self) -> set[str]:
         """What the importance analysis captures: states, loss, weights, activations, gradients."""
@@ -212,6 +222,7 @@ class Estimate:
     cache_disk: dict[str, int]  # in the cache directory, the most it holds at once
     output_disk: dict[str, int]  # in the output directory
     parameters: int = 0
+    evicts: bool = False  # the build removes judged candidates' files (Work.bounded)
 
     @property
     def peak(self) -> Phase:
@@ -241,6 +252,7 @@ class Estimate:
             "output_disk_bytes": sum(self.output_disk.values()),
             "cache_disk": dict(self.cache_disk),
             "output_disk": dict(self.output_disk),
+            "evicts_candidates": self.evicts,
         }
 
 
@@ -445,7 +457,8 @@ def estimate(store: WeightStore, calibration: CalibrationSettings, work: Work,
     cache = {
         CANDIDATES: work.candidates * quantized_bytes(s.tensors, work.quant),
         INTERMEDIATE: sum(_numel(shape) * (2 if len(shape) >= 2 else 4) for shape, _ in s.tensors),
-        QUICK_COPY: quantized_bytes(s.tensors, work.quick_quant) if work.self_generated else 0,
+        # Evicted after sampling, before any candidate: never beside the candidates and their intermediate.
+        QUICK_COPY: quantized_bytes(s.tensors, work.quick_quant) if work.self_generated and not work.evict else 0,
         REFERENCE_LOGPROBS: calibration.heldout_samples * seq * s.vocab * 4,
         SPILL: max(0, max(calib_acts, heldout_acts) - activation_budget),
         SPARSE_WEIGHTS: s.decoder_linear_params * 4 if work.sparse is not None else 0,
@@ -455,7 +468,8 @@ def estimate(store: WeightStore, calibration: CalibrationSettings, work: Work,
         output[HF_CHECKPOINT] = sum(_numel(shape) * itemsize for shape, itemsize in s.tensors)
     if work.command == "build":
         output[BUNDLE_BINARIES] = BINARIES
-    return Estimate(work.command, tuple(phases), {k: v for k, v in cache.items() if v}, output, s.parameters)
+    return Estimate(work.command, tuple(phases), {k: v for k, v in cache.items() if v}, output, s.parameters,
+                    work.evict)
 
 
 def _forward_bytes(s: _Shapes, tokens: int, windows: int, seq: int) -> int:

@@ -18,7 +18,6 @@ from edgeprune.data import HFDataset, TextSplits, from_file, from_hf, self_gener
 from edgeprune.evaluate import QualityTally, reference_log_probs, reference_perplexity
 from edgeprune.export import Provenance, write_gguf
 from edgeprune.footprint import QUICK_QUANT
-from edgeprune.hashing import sha256_file
 from edgeprune.models import Reference
 from edgeprune.models.streamed import DecoderStream, Overrides
 from edgeprune.progress import progress
@@ -39,20 +38,26 @@ LOGPROBS_FILE = "logprobs.npy"
 
 
 class SelfCalibration(Stage):
-    """Calibration and held-out windows sampled through llama.cpp from a GGUF of the reference
-    (`generation_model`)."""
+    """Calibration and held-out windows sampled through llama.cpp from a GGUF of the reference: the
+    source GGUF itself when the model is one, else a quick copy (`quick_copy`), built only when the
+    windows are not cached already. Set `model` to the GGUF before running."""
 
     name = "self-calibration"
 
-    def __init__(self, reference: Reference, settings: CalibrationSettings, model: Path, threads: int) -> None:
-        self.reference, self.settings, self.model, self.threads = reference, settings, model, threads
+    def __init__(self, reference: Reference, settings: CalibrationSettings, threads: int) -> None:
+        self.reference, self.settings, self.threads = reference, settings, threads
+        self.generator = quick_copy(reference, threads)  # None: the source GGUF
+        self.model: Path | None = None if self.generator is not None else reference.source.path
 
     def identity(self) -> dict[str, Any]:
         # Not the thread count: 1 and 2 threads sampled the same windows (tests/test_self_generation.py).
-        return {"reference": self.reference.sha256, "settings": self.settings.model_dump(),
-                "generator": _generator_identity(self.reference, self.model)}
+        # A quick copy by its stage key, which fixes its bytes: no need to build it to know them.
+        generator = "reference source" if self.generator is None else self.generator.key()
+        return {"reference": self.reference.sha256, "settings": self.settings.model_dump(), "generator": generator}
 
     def run(self, out_dir: Path) -> dict[str, Any]:
+        if self.model is None:
+            raise ValueError("SelfCalibration runs with its `model` set (calibration_splits sets it)")
         splits = self_generated(self.model, self.reference.tokenizer, self.settings, self.threads)
         np.save(out_dir / "calib.npy", splits.calib.numpy(), allow_pickle=False)
         np.save(out_dir / "heldout.npy", splits.heldout.numpy(), allow_pickle=False)
@@ -69,27 +74,26 @@ class SelfCalibration(Stage):
         )
 
 
-def _generator_identity(reference: Reference, model: Path) -> str:
-    """The reference's own GGUF is covered by the reference's hash; another file by its own."""
-    source = reference.source
-    if source is not None and source.kind in ("embedded", "gguf") and model == source.path:
-        return "reference source"
-    return sha256_file(model)
+def quick_copy(reference: Reference, threads: int) -> CandidateModel | None:
+    """The stage that makes the GGUF self-calibration samples from, or None when the source is a
+    GGUF itself: a quick copy of the reference (exported tensor by tensor, QUICK_QUANT without an
+    imatrix: fast to quantize, and close enough for writing text)."""
+    if reference.source.kind in ("embedded", "gguf"):
+        return None
+    return CandidateModel(reference, Plan(), QuantSpec(QUICK_QUANT, imatrix=False), None, threads)
 
 
 def generation_model(reference: Reference, runner: StageRunner, threads: int) -> Path:
-    """The GGUF self-calibration samples from: the source GGUF itself when the model is one, else a
-    quick copy of the reference (exported tensor by tensor, Q8_0 without an imatrix: the fastest
-    type to quantize, and near-lossless for writing text)."""
-    if reference.source.kind in ("embedded", "gguf"):
-        return reference.source.path
-    quick = runner.run(CandidateModel(reference, Plan(), QuantSpec(QUICK_QUANT, imatrix=False), None, threads))
-    return quick.dir / MODEL_FILE
+    """The GGUF self-calibration samples from (built and cached when it is a quick copy)."""
+    stage = quick_copy(reference, threads)
+    return reference.source.path if stage is None else runner.run(stage).dir / MODEL_FILE
 
 
 def calibration_splits(reference: Reference, settings: CalibrationSettings, calib: Path | HFDataset | None,
-                       runner: StageRunner, threads: int | None = None) -> TextSplits:
-    """Calibration + held-out windows: from the user's file or dataset, or self-generated (cached)."""
+                       runner: StageRunner, threads: int | None = None, keep_quick_copy: bool = True) -> TextSplits:
+    """Calibration + held-out windows: from the user's file or dataset, or self-generated (cached).
+    `keep_quick_copy`: False removes the quick copy from the cache once the windows are sampled
+    (a build short of disk; a later build with other calibration settings makes it again)."""
     if isinstance(calib, HFDataset):
         splits = from_hf(calib, reference.tokenizer, settings)
         log.info("calibration text: %s", splits.source)
@@ -98,7 +102,15 @@ def calibration_splits(reference: Reference, settings: CalibrationSettings, cali
         return from_file(calib, reference.tokenizer, settings)
     threads = threads or max(1, os.cpu_count() or 1)
     log.info("calibration text: self-generated through llama.cpp (cached after the first run)")
-    out = runner.run(SelfCalibration(reference, settings, generation_model(reference, runner, threads), threads))
+    stage = SelfCalibration(reference, settings, threads)
+    out = runner.cached(stage)
+    if out is None:
+        quick = runner.run(stage.generator) if stage.generator is not None else None
+        if quick is not None:
+            stage.model = quick.dir / MODEL_FILE
+        out = runner.run(stage)
+        if quick is not None and not keep_quick_copy:
+            runner.discard(quick)
     return SelfCalibration.load(out.dir, out.result)
 
 

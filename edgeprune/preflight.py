@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.footprint import CANDIDATES, KNOBS, Estimate, KnobKind, Phase, Work, estimate
+from edgeprune.footprint import ACTIVATION_BUDGET, CANDIDATES, KNOBS, Estimate, KnobKind, Phase, Work, estimate
 from edgeprune.limits import MEMORY_LIMIT_ENV, Limits, fmt, machine_limits
 
 if TYPE_CHECKING:
@@ -76,8 +76,8 @@ def preflight(store: WeightStore, calibration: CalibrationSettings, work: Work, 
     """Estimate, log, and refuse what does not fit: before any work."""
     from edgeprune.models.streamed import activation_budget
 
-    result = estimate(store, calibration, work, activation_budget())
     limits = machine_limits(cache_dir, output_dir)
+    result = fitting_estimate(store, calibration, work, limits, activation_budget())
     log.info("%s", summary(result, limits))
     try:
         check(result, limits)
@@ -88,6 +88,28 @@ def preflight(store: WeightStore, calibration: CalibrationSettings, work: Work, 
         # ends in the one-sentence out-of-memory or disk-full error of the step that hits it.
         log.warning("%s (%s=warn: going on)", e, PREFLIGHT_ENV)
     return result
+
+
+def fitting_estimate(store: WeightStore, calibration: CalibrationSettings, work: Work, limits: Limits,
+                     activation_budget: int = ACTIVATION_BUDGET) -> Estimate:
+    """The estimate of `work`, or of `work.bounded()` when the disk cannot hold `work`'s: a build
+    whose cache cannot keep every candidate removes each one's file once judged (and if even that
+    does not fit, the refusal names the smaller need)."""
+    result = estimate(store, calibration, work, activation_budget)
+    bounded = work.bounded()
+    if work.command != "build" or bounded == work or _fits_disk(result, limits):
+        return result
+    log.info("the cache cannot hold all %d candidates (%s of disk): each candidate's file is removed once judged "
+             "(a later build rebuilds those it needs)", work.candidates, fmt(sum(result.cache_disk.values())))
+    return estimate(store, calibration, bounded, activation_budget)
+
+
+def _fits_disk(estimate: Estimate, limits: Limits) -> bool:
+    try:
+        _check_disk(estimate, limits)
+    except EdgepruneError:
+        return False
+    return True
 
 
 def check(estimate: Estimate, limits: Limits) -> None:
@@ -114,6 +136,11 @@ def check(estimate: Estimate, limits: Limits) -> None:
             f"{who} would need about {fmt(peak.total)} of memory at its peak ({peak.name}: {_top(peak.ram)}) but "
             f"{fmt(limits.memory)} is available ({limits.memory_source}): {advice}.")
 
+    _check_disk(estimate, limits)
+
+
+def _check_disk(estimate: Estimate, limits: Limits) -> None:
+    who = f"edgeprune {estimate.command}"
     cache, output = sum(estimate.cache_disk.values()), sum(estimate.output_disk.values())
     same = limits.output is not None and limits.output.device == limits.cache.device
     on_cache = dict(estimate.cache_disk) | (estimate.output_disk if same else {})
@@ -127,7 +154,8 @@ def check(estimate: Estimate, limits: Limits) -> None:
         where = "--cache-dir" if is_cache else "--output-dir"
         advice = f"free space there or point {where} at a larger disk"
         top = max(parts, key=parts.get)
-        if top in KNOBS and is_cache and not (top == CANDIDATES and estimate.command == "prune"):
+        # max_candidates does not lower the candidates of a prune (one) or of a build that evicts (three).
+        if top in KNOBS and is_cache and not (top == CANDIDATES and (estimate.command == "prune" or estimate.evicts)):
             advice += f", or {_advice(KNOBS[top], estimate.command)}"
         raise EdgepruneError(
             f"{who} would need about {fmt(need)} of disk in {disk.path} ({_top(parts)}) but only {fmt(disk.free)} "

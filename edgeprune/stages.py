@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from edgeprune.atomic import build_once, sweep
+from edgeprune.atomic import build_once, discard, sweep
 from edgeprune.errors import naming_refusals
 from edgeprune.hashing import code_hash, sha256_json
 from edgeprune.memory import return_freed_memory
@@ -70,6 +70,12 @@ class StageRunner:
             for stage_dir in cache_root.iterdir():
                 sweep(stage_dir)
 
+    def cached(self, stage: Stage) -> StageOutput | None:
+        """The stage's outputs if the cache holds them complete, else None (nothing is built)."""
+        key = stage.key()
+        final = self.cache_root / stage.name / key
+        return StageOutput(final, _result(final), key, True, 0.0) if _complete(final) else None
+
     def run(self, stage: Stage) -> StageOutput:
         key = stage.key()
         final = self.cache_root / stage.name / key
@@ -84,6 +90,13 @@ class StageRunner:
             log.info("%s %s: built by another build meanwhile; reused", stage.name, key)
         log.debug("%s %s: cached", stage.name, key)
         return StageOutput(final, _result(final), key, True, 0.0)
+
+
+    def discard(self, output: StageOutput) -> None:
+        """Remove a stage's outputs from the cache (a later run builds them again): for big files
+        that the rest of the build no longer needs."""
+        discard(output.dir)
+        log.debug("%s: removed from the cache", output.dir)
 
 
 def _complete(entry: Path) -> bool:

@@ -16,6 +16,7 @@ from edgeprune.footprint import (
     EMBEDDING_READ,
     LAYER,
     LAYER_FP32,
+    QUICK_COPY,
     QUICK_WEIGHTS,
     RUNTIME_WEIGHTS,
     WHOLE_MODEL,
@@ -35,7 +36,7 @@ from edgeprune.limits import (
     parse_size,
 )
 from edgeprune.models.weights import WeightStore
-from edgeprune.preflight import check, summary
+from edgeprune.preflight import check, fitting_estimate, summary
 
 
 class ShapeStore(WeightStore):
@@ -121,6 +122,27 @@ def test_8b_quick_profile_fits_in_8_gib():
     assert e.peak.name in ("candidate quality in llama.cpp", "quantization in llama.cpp")
     # 10 Q4_K_M candidates of 8B are ~4.9 GB each on disk.
     assert 40e9 < e.cache_disk[CANDIDATES] < 55e9
+
+
+def test_a_build_short_of_disk_removes_judged_candidates_instead_of_refusing():
+    store, work = ShapeStore(llama_31_8b()), Work.for_build(QUICK.search, self_generated=True)
+    roomy = fitting_estimate(store, QUICK.calibration, work, limits(8 * GiB, free=100 * GiB))
+    assert not roomy.evicts and roomy.cache_disk[CANDIDATES] > 40e9 and QUICK_COPY in roomy.cache_disk
+    # This machine's case: about 39 GiB free.
+    tight = fitting_estimate(store, QUICK.calibration, work, limits(8 * GiB, free=39 * GiB))
+    assert tight.evicts and tight.to_dict()["evicts_candidates"]
+    assert tight.cache_disk[CANDIDATES] == 3 * roomy.cache_disk[CANDIDATES] // 10
+    assert QUICK_COPY not in tight.cache_disk  # removed once the calibration text is sampled
+    check(tight, limits(8 * GiB, free=39 * GiB))
+    assert tight.phases == roomy.phases  # memory is the same either way
+    # Short even then: refused, naming the disk, and not pointing at max_candidates (it would not help).
+    with pytest.raises(EdgepruneError, match="of disk") as e:
+        check(fitting_estimate(store, QUICK.calibration, work, limits(8 * GiB, free=20 * GiB)),
+              limits(8 * GiB, free=20 * GiB))
+    assert "max_candidates" not in str(e.value) and "--cache-dir" in str(e.value)
+    # A prune keeps one candidate: nothing to remove.
+    prune = Work.for_prune(quant="Q4_K_M", imatrix=True, self_generated=True)
+    assert not fitting_estimate(store, QUICK.calibration, prune, limits(8 * GiB, free=GiB)).evicts
 
 
 @pytest.mark.parametrize("machine", ["x86_64", "aarch64"])

@@ -32,8 +32,12 @@ class Synthetic:
     """Latency proportional to kept layers (+ a fixed cost), heads cheaper; KLD grows with pruning.
     A fifth of each run is prefill, the rest decoding: what a roofline model can fit exactly."""
 
-    def __init__(self):
+    def __init__(self, evicts: bool = False):
         self.timed = []
+        self.evicts = evicts
+        self.held: set[str] = set()  # ids whose model file exists
+        self.most_held = 0
+        self.restored: list[str] = []
 
     def cost(self, state: State) -> float:
         heads = state.heads.heads / SHAPE.n_head if state.heads else 1.0
@@ -54,11 +58,26 @@ class Synthetic:
         kld = 0.1 * state.layers_dropped ** 1.5 + (0.8 if state.heads else 0.0)
         quality = Quality(perplexity=10.0, mean_kld=kld, top1_agreement=0.5, positions=10)
         size = int(self.cost(state) * 1e6)
+        self._hold(cid)
         return Candidate(cid, state, plan, state, size, 1, quality)  # the "model" is the state itself
 
     def benchmark(self, candidate, baseline):
+        assert candidate.id in self.held and (baseline is None or baseline.id in self.held), "timing a removed file"
         self.timed.append(candidate.id)
         return self.record(candidate.state, baseline is not None)
+
+    def _hold(self, cid: str) -> None:
+        self.held.add(cid)
+        self.most_held = max(self.most_held, len(self.held))
+
+    def release(self, candidate):
+        if self.evicts:
+            self.held.remove(candidate.id)
+
+    def restore(self, candidate):
+        if candidate.id not in self.held:
+            self.restored.append(candidate.id)
+            self._hold(candidate.id)
 
     def traffic(self, state: State) -> ModelTraffic:
         """Bytes and FLOPs proportional to the cost: the roofline model predicts it exactly."""
@@ -119,6 +138,50 @@ def test_selects_the_best_quality_candidate_within_the_speedup():
     depth_only = {c.state.layers_dropped: c for c in out.candidates if c.state.heads is None}
     shallowest = min(d for d, c in depth_only.items() if c.meets)
     assert depth_only[shallowest - 1].bench.speedup < 1.3
+
+
+@pytest.mark.parametrize("slo", [SLO(prompt_tokens=8, answer_tokens=8, speedup=1.3),
+                                 SLO(prompt_tokens=8, answer_tokens=ANSWER, latency_budget_s=0.8)])
+def test_a_search_short_of_disk_holds_three_files_and_chooses_the_same(slo):
+    keeping, evicting = Synthetic(), Synthetic(evicts=True)
+    kept = greedy_search(space(), keeping, slo, 16)
+    out = greedy_search(space(), evicting, slo, 16)
+    assert out.selected.state == kept.selected.state and out.selected.confirmed
+    assert [c.state for c in out.candidates] == [c.state for c in kept.candidates]
+    assert keeping.most_held == len(kept.candidates) > 3
+    assert evicting.most_held <= 3 and evicting.held == {"c00", out.selected.id}
+    # With a predictor too: traffic is read before a file goes, and skipping still works.
+    ev = Synthetic(evicts=True)
+    predicted = greedy_search(space(), ev, slo, 16, SearchPredictor(LatencyModel(10.0, 30.0), WORKLOAD, ev.traffic))
+    assert predicted.selected.state == kept.selected.state and ev.most_held <= 3
+
+
+class SpoiledConfirmation(Synthetic):
+    """The confirmations of some states run four times as slow: those candidates fail to confirm."""
+
+    def __init__(self, spoil: set[State], evicts: bool = False):
+        super().__init__(evicts)
+        self.spoil = spoil
+
+    def benchmark(self, candidate, baseline):
+        record = super().benchmark(candidate, baseline)
+        if candidate.state in self.spoil and self.timed.count(candidate.id) == 2:
+            record.runs = [r | {"latency_s": r["latency_s"] * 4} for r in record.runs]
+        return record
+
+
+def test_a_removed_candidate_is_rebuilt_when_the_best_fails_to_confirm():
+    slo = SLO(prompt_tokens=8, answer_tokens=8, speedup=1.3)
+    # Spoil the first choice, then the next: by then the runner-up was judged and its file removed.
+    spoiled: set[State] = set()
+    for _ in range(2):
+        spoiled.add(greedy_search(space(), SpoiledConfirmation(spoiled), slo, 16).selected.state)
+    kept = greedy_search(space(), SpoiledConfirmation(spoiled), slo, 16)
+    ev = SpoiledConfirmation(spoiled, evicts=True)
+    out = greedy_search(space(), ev, slo, 16)
+    assert out.selected.state == kept.selected.state not in spoiled and out.selected.confirmed
+    # The runner-up's file went when `best` looked best; it came back for its own confirmation.
+    assert ev.restored == [out.selected.id] and ev.held == {"c00", out.selected.id}
 
 
 def test_unreachable_budget_reports_the_closest():

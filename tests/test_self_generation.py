@@ -12,7 +12,7 @@ from edgeprune.data import self_generated, self_prompt
 from edgeprune.errors import EdgepruneError
 from edgeprune.models import load_reference, resolve_source
 from edgeprune.models.embedded import embedded_gguf
-from edgeprune.pipeline import calibration_splits, generation_model
+from edgeprune.pipeline import CandidateModel, calibration_splits, generation_model
 from edgeprune.runtimes import generate, llamacpp
 from edgeprune.runtimes.generate import _nucleus, next_token
 from edgeprune.stages import StageRunner
@@ -178,6 +178,18 @@ def test_a_hugging_face_reference_self_generates_from_a_gguf_of_itself(tmp_path)
         assert len(prompt) < 128 and row[: len(prompt)] == prompt and len(row) == 128
         lengths.append(len(prompt))
     assert splits.generation["tokens"] == sum(128 - n for n in lengths)
+
+
+def test_a_build_short_of_disk_removes_the_quick_copy_and_reuses_the_windows_without_it(tmp_path):
+    reference = load_reference(resolve_source(str(save_tiny_hf(tmp_path / "tiny"))), tmp_path / "cache")
+    runner = StageRunner(tmp_path / "cache")
+    settings = CalibrationSettings(samples=2, heldout_samples=1, seq_len=64)
+    splits = calibration_splits(reference, settings, None, runner, threads=2, keep_quick_copy=False)
+    copies = tmp_path / "cache" / CandidateModel.name
+    assert [p for p in copies.iterdir() if p.is_dir()] == []  # sampled from, then removed
+    again = calibration_splits(reference, settings, None, runner, threads=2)
+    assert again.sha256 == splits.sha256
+    assert [p for p in copies.iterdir() if p.is_dir()] == []  # the cached windows needed no copy
 
 
 def test_an_unloadable_model_or_a_foreign_vocabulary_is_one_sentence(tmp_path):

@@ -18,6 +18,7 @@ from edgeprune.config import CalibrationSettings
 from edgeprune.data import TextSplits
 from edgeprune.hashing import PACKAGE_ROOT, code_hash, code_modules
 from edgeprune.models import Reference
+from edgeprune.models.source import ModelSource
 from edgeprune.pipeline import CandidateModel, SelfCalibration
 from edgeprune.prune import Plan
 from edgeprune.quantize import RECIPES, QuantSpec, Recipe
@@ -25,7 +26,8 @@ from edgeprune.runtimes import llamacpp
 from edgeprune.stages import Stage, StageRunner
 from edgeprune.versions import _tool_versions
 
-REFERENCE = Reference(weights=None, tokenizer=None, tokenizer_spec=None, source=None, sha256="ab" * 32)
+HF_SOURCE = ModelSource("hf_dir", "/models/tiny", "tiny")
+REFERENCE = Reference(weights=None, tokenizer=None, tokenizer_spec=None, source=HF_SOURCE, sha256="ab" * 32)
 SPLITS = TextSplits(calib=torch.zeros(1, 4, dtype=torch.long), heldout=torch.zeros(1, 4, dtype=torch.long),
                     source="test", sha256="cd" * 32)
 
@@ -88,14 +90,10 @@ def test_code_hash_follows_the_modules_a_stage_can_run(tmp_path):
 def test_editing_a_stages_code_changes_its_key(tmp_path):
     """Without a version to bump: the same stage, keyed by two copies of the package that differ in a
     module it runs (each in its own interpreter, as two edgeprune versions would be)."""
-    generator = tmp_path / "generator.gguf"
-    generator.write_bytes(b"a GGUF to sample from")
-    script = ("from pathlib import Path; "
-              "from edgeprune.config import CalibrationSettings; from edgeprune.models import Reference; "
-              "from edgeprune.pipeline import SelfCalibration; "
-              f"r = Reference(None, None, None, None, {'ab' * 32!r}); "
-              f"print(SelfCalibration(r, CalibrationSettings(**{CALIBRATION.model_dump()!r}), "
-              f"Path({str(generator)!r}), 2).key())")
+    script = ("from edgeprune.config import CalibrationSettings; from edgeprune.models import Reference; "
+              "from edgeprune.models.source import ModelSource; from edgeprune.pipeline import SelfCalibration; "
+              f"r = Reference(None, None, None, ModelSource('hf_dir', '/models/tiny', 'tiny'), {'ab' * 32!r}); "
+              f"print(SelfCalibration(r, CalibrationSettings(**{CALIBRATION.model_dump()!r}), 2).key())")
 
     def key(root: Path) -> str:
         env = os.environ | {"PYTHONPATH": str(root)}
@@ -107,17 +105,35 @@ def test_editing_a_stages_code_changes_its_key(tmp_path):
     edited = _copy_package(tmp_path / "b")
     with open(edited / "edgeprune" / "data.py", "a") as f:
         f.write("\n# the calibration sampler changed\n")
-    assert key(original) == SelfCalibration(REFERENCE, CALIBRATION, generator, 2).key()
+    assert key(original) == SelfCalibration(REFERENCE, CALIBRATION, 2).key()
     assert key(edited) != key(original)
 
 
-def test_self_calibration_is_keyed_by_the_gguf_it_samples_from_not_the_thread_count(tmp_path):
-    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
-    a.write_bytes(b"one quantized copy")
-    b.write_bytes(b"another quantized copy")
-    key = SelfCalibration(REFERENCE, CALIBRATION, a, threads=2).key()
-    assert SelfCalibration(REFERENCE, CALIBRATION, a, threads=1).key() == key
-    assert SelfCalibration(REFERENCE, CALIBRATION, b, threads=2).key() != key
+def test_self_calibration_is_keyed_by_the_quick_copy_it_samples_from_not_the_thread_count(monkeypatch):
+    """By the quick copy's stage key, which fixes its bytes, so a cached sample needs no copy built."""
+    import edgeprune.pipeline as pipeline
+
+    key = SelfCalibration(REFERENCE, CALIBRATION, threads=2).key()
+    assert SelfCalibration(REFERENCE, CALIBRATION, threads=1).key() == key
+    monkeypatch.setattr(pipeline, "QUICK_QUANT", "Q8_0")  # another quick copy
+    assert SelfCalibration(REFERENCE, CALIBRATION, threads=2).key() != key
+    # A GGUF source samples from itself, covered by the reference's hash.
+    gguf = Reference(None, None, None, ModelSource("gguf", "/models/m.gguf", "m"), "ab" * 32)
+    assert SelfCalibration(gguf, CALIBRATION, 2).generator is None
+
+
+def test_a_discarded_entry_is_gone_whole_and_rebuilt_by_the_next_run(tmp_path):
+    Counted.runs = 0
+    runner = StageRunner(tmp_path)
+    first = runner.run(Counted())
+    assert runner.cached(Counted()).dir == first.dir
+    runner.discard(first)
+    assert not first.dir.exists() and runner.cached(Counted()) is None
+    assert list((tmp_path / Counted.name).iterdir()) == [first.dir.with_name(first.dir.name + ".lock")]
+    again = runner.run(Counted())
+    assert again.dir == first.dir and not again.cached and again.result == {"n": 2}
+    runner.discard(again)
+    runner.discard(again)  # already gone: nothing to do
 
 
 class Counted(Stage):

@@ -16,6 +16,12 @@ confirmed by a second such measurement, pooled with the first: one noisy run nev
 With a predictor (search/predict.py), a built candidate whose predicted latency clearly misses the
 budget is not timed, the candidates of a round are timed fastest-predicted first, and the depths a
 refinement would try are predicted from their neighbours before anything is built.
+
+A candidate's model file is released once judged, unless it is the baseline (timed beside every
+candidate) or the best within budget (confirmed, then shipped). An evaluator short of disk (`evicts`)
+deletes released files, restores one if it is needed again, and gets each candidate timed as soon
+as it is built, so that it holds three files at once (baseline, best, the one being measured), not
+a whole round's.
 """
 
 from __future__ import annotations
@@ -62,11 +68,19 @@ class Candidate:
 
 
 class Evaluator(Protocol):
+    evicts: bool  # deletes released model files (and so wants each candidate timed as soon as built)
+
     def build(self, state: State, plan: Plan, cid: str) -> Candidate:
         """Build a candidate and measure its quality (not its speed)."""
 
     def benchmark(self, candidate: Candidate, baseline: Candidate | None) -> BenchmarkRecord:
         """Time a built candidate (alongside `baseline`, if given)."""
+
+    def release(self, candidate: Candidate) -> None:
+        """The search no longer needs the candidate's model file (its figures stay)."""
+
+    def restore(self, candidate: Candidate) -> None:
+        """The search needs a released candidate's model file again."""
 
 
 @dataclass
@@ -92,10 +106,13 @@ class _Search:
         self.space, self.evaluate, self.max_candidates = space, evaluate, max_candidates
         self.predictor = predictor
         self.seen: dict[State, Candidate] = {}
+        self.released: set[str] = set()
         self.skipped: list[dict[str, str]] = []
         self.budget = Budget.from_slo(slo)
-        self.baseline: Candidate | None = None
-        self.baseline = self.measure(State(0))
+        self.baseline: Candidate | None = None  # timed alone, then beside every other candidate
+        baseline = self.build(State(0))
+        self.time(baseline)
+        self.baseline = baseline
 
     def build(self, state: State) -> Candidate:
         if state not in self.seen:
@@ -125,19 +142,35 @@ class _Search:
                  cand.bench.latency_p50, cand.bench.latency_p90, cand.bench.speedup, cand.quality.mean_kld,
                  cand.verdict)
 
+    def release_unneeded(self) -> None:
+        """Release every judged candidate's file but the baseline's and the best's."""
+        keep = (self.baseline, self.best_within())
+        for cand in self.seen.values():
+            if not cand.verdict or cand.id in self.released or any(cand is k for k in keep):
+                continue
+            if self.predictor is not None:
+                self.predictor.traffic_of(cand.model)  # read (and memoised) while the file is there
+            self.evaluate.release(cand)
+            self.released.add(cand.id)
+
     def measure(self, state: State) -> Candidate:
         cand = self.build(state)
         self.time(cand)
+        self.release_unneeded()
         return cand
 
     def measure_round(self, states: list[State]) -> list[Candidate]:
-        """Build every state, then time them fastest-predicted first (built order without a predictor)."""
+        """Build every state, then time them fastest-predicted first (built order without a predictor,
+        or for an evaluator that keeps few files: each timed as soon as it is built)."""
+        if self.evaluate.evicts:
+            return [self.measure(s) for s in states]
         cands = [self.build(s) for s in states]
         order = cands
         if self.predictor is not None and len(self.predictor.observations) > 0:
             order = sorted(cands, key=lambda c: self.predictor.predict(self.predictor.traffic_of(c.model)).latency_s)
         for cand in order:
             self.time(cand)
+        self.release_unneeded()
         return cands
 
     def best_within(self) -> Candidate | None:
@@ -146,12 +179,16 @@ class _Search:
 
     def confirm(self, cand: Candidate) -> None:
         """Measure the candidate (alongside the baseline) once more, pool both runs, judge again."""
+        if cand.id in self.released:  # it was the best before another, which its confirmation then failed
+            self.evaluate.restore(cand)
+            self.released.discard(cand.id)
         pair = None if cand is self.baseline else self.baseline
         cand.bench = cand.bench.pooled(self.evaluate.benchmark(cand, pair))
         cand.confirmed = True
         cand.verdict = self.budget.verdict(cand.bench)
         log.info("confirming %s: p90 %.3f s, %.2fx: %s", cand.id, cand.bench.latency_p90, cand.bench.speedup,
                  cand.verdict)
+        self.release_unneeded()
 
     def refine_depth(self, base: Candidate, measured: list[Candidate]) -> None:
         """A depth step of several layers may overshoot: try the skipped depths, shallowest first."""
