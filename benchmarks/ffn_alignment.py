@@ -36,6 +36,7 @@ from edgeprune.pipeline import (
 )
 from edgeprune.prune import Plan
 from edgeprune.quantize import QuantSpec
+from edgeprune.runtimes.registry import get_runtime
 from edgeprune.stages import StageRunner
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,7 +66,7 @@ def main() -> None:
     target = load_target("demo")
     prompt = tuple(splits.heldout.flatten().tolist()[: target.slo.prompt_tokens])
     workload = Workload(prompt, target.slo.answer_tokens, args.threads, 1, args.repetitions)
-    device = get_device("local")
+    device = get_runtime().runner(get_device("local"))
     quant = QuantSpec("Q4_K_M", "default", imatrix=True)
 
     models = {}

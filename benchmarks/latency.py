@@ -37,6 +37,7 @@ from edgeprune.pipeline import MODEL_FILE, CandidateModel
 from edgeprune.prune import Plan
 from edgeprune.quantize import QuantSpec
 from edgeprune.runtimes import llamacpp
+from edgeprune.runtimes.registry import get_runtime
 from edgeprune.stages import StageRunner
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,7 +95,7 @@ def main() -> None:
     prompt = tuple((tokens * (args.prompt_tokens // len(tokens) + 1))[: args.prompt_tokens])
     p, a = len(prompt), args.answer_tokens
     workload = Workload(prompt, a, args.threads, warmup=1, repetitions=args.repetitions)
-    device = get_device("local")
+    device = get_runtime().runner(get_device("local"))
     base = LatencyModel.for_host(host)
     traffic = {label: ModelTraffic.from_gguf(path) for label, path in files.items()}
 

@@ -29,6 +29,7 @@ from edgeprune.models import load_reference, resolve_source
 from edgeprune.pipeline import MODEL_FILE, CandidateModel, calibration_splits, importance_of
 from edgeprune.prune import ModelShape
 from edgeprune.quantize import QuantSpec
+from edgeprune.runtimes.registry import get_runtime
 from edgeprune.search import SearchSpace, State
 from edgeprune.stages import StageRunner
 
@@ -56,8 +57,8 @@ def main() -> None:
     reference = load_reference(resolve_source(None), cache)
     splits = calibration_splits(reference, profile.calibration, None, runner)
     importance = importance_of(reference, splits, profile.search, runner)
-    device = get_device("local")
-    threads = min(target.hardware.cores, device.cores)
+    device = get_runtime().runner(get_device("local"))
+    threads = min(target.hardware.cores, device.device.cores)
     space = SearchSpace(ModelShape.from_config(reference.config), importance, profile.search)
     models = {}
     for name, state in (("baseline", State(0, None)), ("candidate", State(args.drop_layers, None))):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from edgeprune.config import CalibrationSettings
-from edgeprune.devices import Device, get_device
+from edgeprune.devices import get_device
 from edgeprune.evaluate import QualityTally, kl_divergence, log_probs, reference_log_probs, reference_perplexity
 from edgeprune.export import Provenance, export_gguf
 from edgeprune.gguf_file import read_gguf
@@ -33,6 +33,8 @@ from edgeprune.pipeline import calibration_splits
 from edgeprune.prune.modules import materialize
 from edgeprune.quantize import RECIPES, collect_imatrix, effective_bits, quantize, tensor_shapes
 from edgeprune.runtimes import llamacpp
+from edgeprune.runtimes.base import Runner
+from edgeprune.runtimes.registry import get_runtime
 from edgeprune.stages import StageRunner
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,7 +96,7 @@ def quality(path: Path, windows: torch.Tensor, ref_logps: list[torch.Tensor], th
     return tally.result().to_dict() | {"kld_per_window": per_window}
 
 
-def speed(device: Device, path: Path, baseline: Path, workload: Workload) -> dict:
+def speed(device: Runner, path: Path, baseline: Path, workload: Workload) -> dict:
     record = device.benchmark(path, workload, None if path == baseline else baseline)
     decode = [r["decode_tok_s"] for r in record.runs]
     pairs = zip(record.runs, record.baseline_runs, strict=True) if record.baseline_runs else []
@@ -127,7 +129,7 @@ def main() -> None:
     no_output = {k: v for k, v in imatrix.items() if k != "token_embd.weight"}
     prompt = tuple(splits.heldout[0, :64].tolist())
     workload = Workload(prompt, 100, args.threads, warmup=1, repetitions=args.repetitions)
-    device = get_device("local")
+    device = get_runtime().runner(get_device("local"))
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

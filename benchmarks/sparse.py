@@ -34,6 +34,7 @@ from edgeprune.models import load_reference, resolve_source
 from edgeprune.pipeline import calibration_splits
 from edgeprune.prune.modules import materialize
 from edgeprune.quantize import quantize
+from edgeprune.runtimes.registry import get_runtime
 from edgeprune.sparse import sparsify
 from edgeprune.sparse.sequential import decoder_linear_weights, load_weights
 from edgeprune.stages import StageRunner
@@ -122,7 +123,7 @@ def main() -> None:
 
         prompt = tuple(splits.heldout[0, :64].tolist())
         workload = Workload(prompt, 100, args.threads, warmup=1, repetitions=args.repetitions)
-        device, speed, files = get_device("local"), [], {}
+        device, speed, files = get_runtime().runner(get_device("local")), [], {}
         for label, model in (("dense", dense), ("wanda", wanda50)):
             f32 = Path(tmp) / f"{label}-f32.gguf"
             export_gguf(model, reference.tokenizer_spec, f32, "F32", Provenance("embedded", reference.sha256, {}), "e")

@@ -50,6 +50,7 @@ from edgeprune.pipeline import (
 )
 from edgeprune.prune import ModelShape, Plan
 from edgeprune.quantize import QuantSpec
+from edgeprune.runtimes.registry import get_runtime
 from edgeprune.stages import StageRunner
 from edgeprune.structured import STRUCTURED_METHODS, StructuredSettings, structured_importance
 
@@ -79,7 +80,7 @@ class Bench:
         self.splits = calibration_splits(self.reference, profile.calibration, None, self.runner)
         self.ref_logps, self.ref_ppl = reference_logprobs(self.reference, self.splits, self.runner)
         target = load_target("demo")
-        self.device = get_device("local")
+        self.device = get_runtime().runner(get_device("local"))
         prompt = tuple(self.splits.heldout.flatten().tolist()[: target.slo.prompt_tokens])
         self.workload = Workload(prompt, target.slo.answer_tokens, args.threads, 1, args.repetitions)
         self.quant = QuantSpec("Q4_K_M", "default", imatrix=True)

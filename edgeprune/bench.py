@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeprune.build import open_device
+from edgeprune.build import measuring
 from edgeprune.config import Target
 from edgeprune.gguf_file import read_gguf
-from edgeprune.latency import LatencyModel, ModelTraffic, Observation, host_profile, roofline_fraction
+from edgeprune.latency import LatencyModel, Observation, host_profile, roofline_fraction
 from edgeprune.measure import BenchmarkRecord, Workload
 from edgeprune.runtimes import llamacpp
+from edgeprune.runtimes.registry import get_runtime
 from edgeprune.search.budget import Budget
 
 log = logging.getLogger(__name__)
@@ -56,12 +57,13 @@ def bench(model: Path, target: Target, cache_dir: Path, baseline: Path | None = 
         if path is not None:
             read_gguf(path)  # a missing or broken file is one sentence here, not a runner's traceback
     slo = target.slo
-    with open_device(target, cache_dir, judging=False) as device:
+    with measuring(target, cache_dir, judging=False) as timer:
+        device = timer.device
         threads = min(target.hardware.cores, device.cores)
         workload = Workload(prompt_tokens(model, slo.prompt_tokens), slo.answer_tokens, threads, warmup, repetitions)
         log.info("timing %s on %s: %d-token prompt + %d-token answer, %d threads, %d runs", model.name, device.url,
                  slo.prompt_tokens, slo.answer_tokens, threads, repetitions)
-        record = device.benchmark(model, workload, baseline)
+        record = timer.benchmark(model, workload, baseline)
         arch = device.arch
         local = device.url == "local"
     # A speed-up needs the unpruned model timed alongside: judged only when one is given.
@@ -89,7 +91,7 @@ def bench(model: Path, target: Target, cache_dir: Path, baseline: Path | None = 
 def _physical_limits(result: BenchResult, workload: Workload, cache_dir: Path, local: bool, target: Target) -> None:
     """The roofline line, and for a stand-in the target's latency estimated from this measurement.
     Here the bandwidth is measured (a streaming read, cached); elsewhere it is the target file's."""
-    traffic = ModelTraffic.from_gguf(result.model)
+    traffic = get_runtime().traffic(result.model)
     decode = result.record.summary["decode_tok_s_p50"]
     context = len(workload.prompt) + workload.answer_tokens // 2  # the mean K/V length while decoding
     if local:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +26,7 @@ from edgeprune.devices.local import LocalDevice
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate import Quality
 from edgeprune.footprint import Estimate, Work, compared
-from edgeprune.latency import ModelTraffic, Prediction, host_profile
+from edgeprune.latency import Prediction, host_profile
 from edgeprune.measure import BenchmarkRecord, Workload
 from edgeprune.memory import TreeSampler
 from edgeprune.models import ModelSource, Reference, load_reference, resolve_source
@@ -43,6 +45,8 @@ from edgeprune.preflight import preflight
 from edgeprune.prune import ModelShape, Plan
 from edgeprune.quantize import QuantSpec
 from edgeprune.report import outcome_to_dict
+from edgeprune.runtimes.base import Binaries, Runner
+from edgeprune.runtimes.registry import get_runtime
 from edgeprune.search import Candidate, SearchOutcome, SearchPredictor, SearchSpace, State, greedy_search
 from edgeprune.search.predict import device_latency_model, target_estimates
 from edgeprune.signing import check_signing_key
@@ -92,7 +96,7 @@ class CandidateEvaluator:
 
     reference: Reference
     runner: StageRunner
-    device: Device
+    timer: Runner  # times candidates on the target's device
     workload: Workload
     splits: TextSplits
     ref_logps: np.ndarray  # memory-mapped from the stage cache
@@ -126,7 +130,7 @@ class CandidateEvaluator:
 
     def benchmark(self, candidate: Candidate, baseline: Candidate | None) -> BenchmarkRecord:
         t0 = time.perf_counter()
-        bench = self.device.benchmark(candidate.model, self.workload, baseline.model if baseline else None)
+        bench = self.timer.benchmark(candidate.model, self.workload, baseline.model if baseline else None)
         self.runner.timings["benchmark"] = self.runner.timings.get("benchmark", 0.0) + time.perf_counter() - t0
         return bench
 
@@ -203,39 +207,39 @@ def build(config: BuildConfig) -> BuildResult:
     work = Work.for_build(profile.search, self_generated=config.calib is None, bench_tokens=bench_tokens,
                           sparse=target.sparsity.method if target.sparsity else None)
     memory = preflight(weights, profile.calibration, work, config.cache_dir, config.output_dir)
-    with TreeSampler() as measured, open_device(target, config.cache_dir) as device:
-        result = _build(config, source, weights, target, profile, toolchain, device, t_start, memory, measured)
+    with TreeSampler() as measured, measuring(target, config.cache_dir) as timer:
+        result = _build(config, source, weights, target, profile, toolchain, timer, t_start, memory, measured)
     return result
 
 
-def open_device(target: Target, cache_dir: Path, judging: bool = True) -> Device:
-    """The target's measuring device, ready to time candidates: llama.cpp binaries for its
-    architecture where it runs them (built once and cached), the RAM cap where asked for.
-    `judging`: the timings will decide a budget, which an emulator's cannot."""
-    device = get_device(target.device)
-    if judging and device.emulated:
-        raise EdgepruneError(
-            f"{device.url} times under emulation, which cannot judge a budget: search on local or ssh://, then "
-            "check the bundle with `edgeprune verify BUNDLE --device qemu-aarch64`.")
-    try:
-        if isinstance(device, LocalDevice) and target.device.ram_cap:
-            device.ram_cap_bytes = int(target.slo.ram_ceiling_gib * (1 << 30))
-        if device.runs_binaries:
-            spec = spec_for(target)
+@contextlib.contextmanager
+def measuring(target: Target, cache_dir: Path, judging: bool = True) -> Iterator[Runner]:
+    """How the target's device times a model: llama.cpp binaries for its architecture where it runs
+    them (built once and cached), the RAM cap where asked for. `judging`: the timings will decide a
+    budget, which an emulator's cannot."""
+    with get_device(target.device) as device:
+        if judging and device.emulated:
+            raise EdgepruneError(
+                f"{device.url} times under emulation, which cannot judge a budget: search on local or ssh://, then "
+                "check the bundle with `edgeprune verify BUNDLE --device qemu-aarch64`.")
+        runtime = get_runtime()
+        binaries = None
+        if runtime.needs_binaries(device):
             if device.arch != target.hardware.arch:
                 raise EdgepruneError(
                     f"{device.url} is {device.arch} and target {target.name} is {target.hardware.arch}: the target's "
                     "llama.cpp build cannot run there; measure on a device of the target's architecture.")
-            device.use_tools(ensure_binaries(spec, cache_dir).bin, target.hardware.arch)
-    except BaseException:
-        device.close()
-        raise
-    return device
+            binaries = Binaries(ensure_binaries(spec_for(target), cache_dir).bin, target.hardware.arch)
+        cap = None
+        if isinstance(device, LocalDevice) and target.device.ram_cap:
+            cap = int(target.slo.ram_ceiling_gib * (1 << 30))
+        yield runtime.runner(device, binaries, cap)
 
 
 def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, target: Target, profile: Profile,
-           toolchain: BuildSpec, device: Device, t_start: float, memory: Estimate,
+           toolchain: BuildSpec, timer: Runner, t_start: float, memory: Estimate,
            measured: TreeSampler) -> BuildResult:
+    device = timer.device
     threads = min(target.hardware.cores, device.cores)
     runner = StageRunner(config.cache_dir / "stages")
 
@@ -253,13 +257,13 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
     workload = _workload(target, profile, splits, threads)
     sparsity = target.sparsity.spec() if target.sparsity else None
     evaluate = CandidateEvaluator(
-        reference, runner, device, workload, splits, ref_logps, profile.search, threads, sparsity, memory.evicts
+        reference, runner, timer, workload, splits, ref_logps, profile.search, threads, sparsity, memory.evicts
     )
     space = SearchSpace(shape, importance, profile.search, sparsity)
     local = isinstance(device, LocalDevice)
     host = host_profile(config.cache_dir, threads) if local else None
     predictor = SearchPredictor(device_latency_model(local, host, target.hardware, device.url), workload,
-                                functools.lru_cache(maxsize=None)(ModelTraffic.from_gguf))
+                                functools.lru_cache(maxsize=None)(get_runtime().traffic))
     log.info("search on %s with %d threads", device.url, threads)
     outcome = greedy_search(space, evaluate, target.slo, profile.search.max_candidates, predictor)
     stand_in = device.arch != target.hardware.arch or threads < target.hardware.cores
@@ -285,7 +289,7 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
             "arch": device.arch,
             "cpu": device.cpu,
             "cores": device.cores,
-            "runner": "llama-bench" if device.runs_binaries else "llama-cpp-python",
+            "runner": timer.name,
             "is_target_arch": device.arch == target.hardware.arch,
         },
         "verified_on_target": outcome.selected is not None and device.arch == target.hardware.arch,

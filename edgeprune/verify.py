@@ -38,12 +38,14 @@ from edgeprune.atomic import remove_leftovers, write_atomic
 from edgeprune.bundle import MANIFEST, SIGNATURE, Manifest, ManifestTarget, manifest_hashes
 from edgeprune.config import DeviceConfig
 from edgeprune.devices import Device, get_device, host_arch
-from edgeprune.devices.tools import greedy_completion, tool_banner
 from edgeprune.errors import EdgepruneError, VerificationFailed
 from edgeprune.hashing import sha256_file
 from edgeprune.measure import Workload
 from edgeprune.report import render_markdown
 from edgeprune.runtimes import isolated, llamacpp
+from edgeprune.runtimes.base import Binaries, Runner
+from edgeprune.runtimes.llamacpp.tools import ToolsRunner
+from edgeprune.runtimes.registry import get_runtime
 from edgeprune.search.budget import MEETS, Budget
 from edgeprune.signing import SignatureInvalid, verify_file
 from edgeprune.toolchain import TOOLS
@@ -311,17 +313,13 @@ def _open_device(config: DeviceConfig, bundle: Path, arch: str) -> Device:
     if device.url == "local" and arch != host_arch():
         raise EdgepruneError(f"The bundle is built for {arch} and this machine is {host_arch()}: verify it with "
                              f"--device {default_device(arch)} or on an {arch} device.")
-    try:
-        device.use_tools(bundle / "bin", arch)
-    except EdgepruneError:
-        device.close()
-        raise
     return device
 
 
-def _check_answer(result: VerifyResult, device: Device, model: Path, answer_tokens: int, threads: int) -> None:
+def _check_answer(result: VerifyResult, tools: ToolsRunner, model: Path, answer_tokens: int, threads: int) -> None:
+    device = tools.device
     log.info("generating %d tokens with the bundle's llama-completion on %s", answer_tokens, device.url)
-    completion = greedy_completion(device, model, PROMPT, answer_tokens, threads)
+    completion = tools.greedy_completion(model, PROMPT, answer_tokens, threads)
     result.device_text, result.device_seconds = completion.text, completion.seconds
     result.device_decode_runs = completion.decode_runs
     result.device_decode_tok_s, result.device_prefill_tok_s = completion.decode_tok_s, completion.prefill_tok_s
@@ -338,18 +336,18 @@ def _check_answer(result: VerifyResult, device: Device, model: Path, answer_toke
              judged.positions, TOP_K, judged.top1, judged.max_gap)
 
 
-def _check_slo(device: Device, model: Path, target: ManifestTarget, repetitions: int) -> dict[str, Any]:
+def _check_slo(timer: Runner, model: Path, target: ManifestTarget, repetitions: int) -> dict[str, Any]:
     """llama-bench with the SLO's workload and the target's threads, judged against the budget.
 
     A speed-up criterion needs the unpruned model timed alongside, which a bundle does not hold:
     only the latency budget and the RAM ceiling are judged on the device."""
-    slo = target.slo
+    slo, device = target.slo, timer.device
     threads = min(target.hardware.cores, device.cores)
     prompt = tuple(range(slo.prompt_tokens))  # llama-bench draws its own prompt tokens; only the count matters
     workload = Workload(prompt, slo.answer_tokens, threads, warmup=1, repetitions=repetitions)
     log.info("timing the SLO workload (%d + %d tokens, %d threads) on %s", slo.prompt_tokens, slo.answer_tokens,
              threads, device.url)
-    record = device.benchmark(model, workload)
+    record = timer.benchmark(model, workload)
     budget = Budget(latency_s=slo.latency_budget_s, speedup=None, ram_bytes=Budget.from_slo(slo).ram_bytes)
     return {
         "device": device.url,
@@ -408,16 +406,18 @@ def verify(bundle: Path, device: DeviceConfig | None = None, answer_tokens: int 
     result = VerifyResult(bundle, config.url, toolchain.arch, files_checked=n_files, signature=signature,
                           host_llama_cpp=llamacpp.version(), bundle_llama_cpp=toolchain.llama_cpp)
     with _open_device(config, bundle, toolchain.arch) as dev:
+        binaries = Binaries(bundle / "bin", toolchain.arch)
+        tools = ToolsRunner(dev, binaries)
         for tool in TOOLS:
-            result.tools[tool] = tool_banner(dev, tool)
-        _check_answer(result, dev, model, answer_tokens, threads)
+            result.tools[tool] = tools.banner(tool)
+        _check_answer(result, tools, model, answer_tokens, threads)
         target = manifest.target
         if dev.emulated:
             result.slo_skipped = f"{dev.url} is emulated: its timings say nothing about the target's budget"
         elif target is None or target.hardware.arch != dev.arch:
             result.slo_skipped = f"{dev.url} is {dev.arch}, not the target's architecture"
         else:
-            result.slo = _check_slo(dev, model, target, repetitions)
+            result.slo = _check_slo(get_runtime().runner(dev, binaries), model, target, repetitions)
             if signature == "unsigned":
                 write_back(bundle, raw, result.slo)
                 result.written_back = True

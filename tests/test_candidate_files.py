@@ -16,6 +16,7 @@ from edgeprune.measure import Workload
 from edgeprune.models import load_reference, resolve_source
 from edgeprune.pipeline import reference_logprobs
 from edgeprune.prune import Plan
+from edgeprune.runtimes.registry import get_runtime
 from edgeprune.search import State
 from edgeprune.stages import StageRunner
 
@@ -29,8 +30,8 @@ def evaluator(tmp_path) -> CandidateEvaluator:
     splits = from_file(calib, reference.tokenizer, CalibrationSettings(samples=4, heldout_samples=2, seq_len=32))
     ref_logps, _ = reference_logprobs(reference, splits, runner)
     with get_device("local") as device:
-        yield CandidateEvaluator(reference, runner, device, Workload((1, 2), 2, 1, 0, 3), splits, ref_logps,
-                                 load_profile("quick").search, threads=2, evicts=True)
+        yield CandidateEvaluator(reference, runner, get_runtime().runner(device), Workload((1, 2), 2, 1, 0, 3),
+                                 splits, ref_logps, load_profile("quick").search, threads=2, evicts=True)
 
 
 def test_a_released_file_goes_once_no_candidate_holds_it_and_comes_back_the_same(evaluator):

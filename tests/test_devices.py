@@ -14,6 +14,9 @@ from edgeprune.export import Provenance, export_gguf
 from edgeprune.measure import Workload
 from edgeprune.models.embedded import embedded_gguf
 from edgeprune.quantize import quantize
+from edgeprune.runtimes.base import Binaries
+from edgeprune.runtimes.llamacpp.tools import ToolsRunner
+from edgeprune.runtimes.registry import get_runtime
 from edgeprune.search.budget import EMULATED, Budget
 
 
@@ -29,11 +32,15 @@ def tiny_gguf(tmp_path_factory, embedded_tokenizer_spec) -> Path:
     return q
 
 
+def timer(device: str | DeviceConfig = "local", ram_cap: int | None = None):
+    return get_runtime().runner(get_device(device), ram_cap=ram_cap)
+
+
 def test_local_benchmark_record(tiny_gguf):
     device = get_device("local")
     assert device.arch == host_arch() and device.cores >= 1
     workload = Workload(prompt=tuple(range(100, 132)), answer_tokens=16, threads=1, warmup=1, repetitions=3)
-    record = device.benchmark(tiny_gguf, workload, baseline=tiny_gguf)
+    record = get_runtime().runner(device).benchmark(tiny_gguf, workload, baseline=tiny_gguf)
     s = record.summary
     assert s["repetitions"] == 3 and len(record.runs) == len(record.baseline_runs) == 3
     assert s["latency_p50_s"] <= s["latency_p90_s"] <= s["latency_p99_s"] <= s["latency_max_s"]
@@ -48,27 +55,25 @@ def test_local_benchmark_record(tiny_gguf):
 
 def test_a_ram_cap_judges_the_candidate_alone_not_with_its_baseline_loaded(tiny_gguf):
     # The embedded model (about 100 MB) as a baseline heavier than the cap; the tiny candidate under it.
-    device = get_device(DeviceConfig(ram_cap=True))
-    alone = device.benchmark(tiny_gguf, WORKLOAD)
-    heavy = device.benchmark(embedded_gguf(), WORKLOAD)
+    alone = timer().benchmark(tiny_gguf, WORKLOAD)
+    heavy = timer().benchmark(embedded_gguf(), WORKLOAD)
     assert heavy.peak_rss_bytes > alone.peak_rss_bytes + (60 << 20)
-    device.ram_cap_bytes = alone.peak_rss_bytes + (30 << 20)
-    record = device.benchmark(tiny_gguf, WORKLOAD, baseline=embedded_gguf())
+    cap = alone.peak_rss_bytes + (30 << 20)
+    record = timer(DeviceConfig(ram_cap=True), cap).benchmark(tiny_gguf, WORKLOAD, baseline=embedded_gguf())
     assert not record.ram_cap_exceeded and record.one_model_per_process
     assert len(record.runs) == len(record.baseline_runs) == WORKLOAD.repetitions
-    assert record.peak_rss_bytes < device.ram_cap_bytes
+    assert record.peak_rss_bytes < cap
     assert record.speedup > 0 and record.tokens == alone.tokens
 
 
 def test_models_too_big_to_hold_together_alternate_one_per_process(tiny_gguf, monkeypatch):
     import edgeprune.devices.local as local
 
-    device = get_device("local")
-    together = device.benchmark(tiny_gguf, WORKLOAD, baseline=tiny_gguf)
+    together = timer().benchmark(tiny_gguf, WORKLOAD, baseline=tiny_gguf)
     assert not together.one_model_per_process
     # As if the machine had less free memory than the two files: 8B Q4_K_M pairs on a 16 GB laptop.
     monkeypatch.setattr(local, "memory_headroom", lambda: 2 * tiny_gguf.stat().st_size)
-    apart = device.benchmark(tiny_gguf, WORKLOAD, baseline=tiny_gguf)
+    apart = timer().benchmark(tiny_gguf, WORKLOAD, baseline=tiny_gguf)
     assert apart.one_model_per_process and apart.load_s > 0
     assert len(apart.runs) == len(apart.baseline_runs) == WORKLOAD.repetitions
     assert 0.3 < apart.speedup < 3.0 and apart.tokens == together.tokens
@@ -99,16 +104,15 @@ WORKLOAD = Workload(prompt=tuple(range(100, 116)), answer_tokens=8, threads=1, w
 
 def test_ram_ceiling_below_the_models_needs_is_an_over_budget_verdict(tiny_gguf):
     slo = SLO(prompt_tokens=16, answer_tokens=8, latency_budget_s=60, ram_ceiling_gib=0.01)
-    record = get_device("local").benchmark(tiny_gguf, WORKLOAD)
+    record = timer().benchmark(tiny_gguf, WORKLOAD)
     assert record.peak_rss_bytes > 0.01 * (1 << 30)
     assert Budget.from_slo(slo).verdict(record) == "over RAM ceiling"
     assert Budget.from_slo(slo.model_copy(update={"ram_ceiling_gib": 4})).verdict(record) == "meets"
 
 
 def test_ram_cap_kills_the_run_and_gives_the_verdict_not_a_crash(tiny_gguf):
-    device = get_device(DeviceConfig(ram_cap=True))
-    device.ram_cap_bytes = 40 << 20  # below what the runner needs to load llama.cpp and the model
-    record = device.benchmark(tiny_gguf, WORKLOAD)
+    # 40 MiB: below what the runner needs to load llama.cpp and the model
+    record = timer(DeviceConfig(ram_cap=True), 40 << 20).benchmark(tiny_gguf, WORKLOAD)
     assert record.ram_cap_exceeded and record.runs == [] and record.peak_rss_bytes > 40 << 20
     budget = Budget(latency_s=60, speedup=None, ram_bytes=40 << 20)
     assert budget.verdict(record) == "over RAM ceiling"
@@ -167,10 +171,26 @@ def test_qemu_device_times_the_arm_build_marked_emulated(tiny_gguf, cache_dir):
     from edgeprune.toolchain import ensure_binaries, spec_for
 
     device = get_device("qemu-aarch64")
-    device.use_tools(ensure_binaries(spec_for(load_target("arm16g")), cache_dir).bin, "aarch64")
-    record = device.benchmark(tiny_gguf, WORKLOAD)
+    binaries = Binaries(ensure_binaries(spec_for(load_target("arm16g")), cache_dir).bin, "aarch64")
+    runner = get_runtime().runner(device, binaries)
+    assert isinstance(runner, ToolsRunner)
+    record = runner.benchmark(tiny_gguf, WORKLOAD)
     assert record.emulated and record.runner == "llama-bench" and len(record.runs) == 2
     assert Budget(latency_s=1000, speedup=None, ram_bytes=None).verdict(record) == EMULATED
+
+
+def test_a_device_without_python_needs_binaries_of_its_architecture(tmp_path):
+    device = get_device("qemu-aarch64")
+    assert get_runtime().needs_binaries(device) and not get_runtime().needs_binaries(get_device("local"))
+    with pytest.raises(EdgepruneError, match="none were given"):
+        get_runtime().runner(device)
+    with pytest.raises(EdgepruneError, match="built for x86_64, but qemu-aarch64 is aarch64"):
+        get_runtime().runner(device, Binaries(tmp_path, "x86_64"))
+
+
+def test_unknown_runtime_is_a_clear_error():
+    with pytest.raises(EdgepruneError, match="Unknown runtime 'tensorrt': edgeprune runs models with llama.cpp"):
+        get_runtime("tensorrt")
 
 
 def test_unknown_device_is_a_clear_error():

@@ -36,6 +36,7 @@ from edgeprune.latency import (
 from edgeprune.measure import Workload, summarize
 from edgeprune.prune import Plan, apply_plan
 from edgeprune.quantize import quantize
+from edgeprune.runtimes.registry import get_runtime
 
 # tiny_llama: hidden 64, FFN 128, 4 layers, 4 heads in 2 KV groups of head_dim 16, vocab 49152.
 H, FFN, LAYERS, VOCAB, KV_DIM = 64, 128, 4, 49152, 2 * 16
@@ -273,11 +274,11 @@ def _random_llama(hidden: int, layers: int):
 def _fit_and_predict(fit_on, others, cache_dir) -> tuple[dict, dict]:
     """Fit on `fit_on` timed on this machine (alongside the first of `others`); predict every file.
     Returns (measured summary of `fit_on`, {file: Prediction})."""
-    device = get_device("local")
+    timer = get_runtime().runner(get_device("local"))
     workload = Workload(tuple(range(100, 164)), 48, THREADS, warmup=1, repetitions=3)
     prompt, answer = len(workload.prompt), workload.answer_tokens
     base = LatencyModel.for_host(host_profile(cache_dir, THREADS))
-    record = device.benchmark(others[0], workload, baseline=fit_on)
+    record = timer.benchmark(others[0], workload, baseline=fit_on)
     measured = summarize(record.baseline_runs)
     model = base.fitted([Observation(ModelTraffic.from_gguf(fit_on), prompt, answer, measured)])
     return measured, {p: model.predict(ModelTraffic.from_gguf(p), prompt, answer) for p in [fit_on, *others]}

@@ -16,11 +16,13 @@ from conftest import tiny_llama
 from edgeprune.config import DeviceConfig
 from edgeprune.devices import get_device
 from edgeprune.devices.ssh import SshAddress
-from edgeprune.devices.tools import greedy_completion
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import Provenance, export_gguf
 from edgeprune.measure import Workload
 from edgeprune.quantize import quantize
+from edgeprune.runtimes.base import Binaries
+from edgeprune.runtimes.llamacpp.tools import ToolsRunner
+from edgeprune.runtimes.registry import get_runtime
 
 
 def ssh_config(sshd, **kwargs) -> DeviceConfig:
@@ -42,9 +44,9 @@ WORKLOAD = Workload(prompt=tuple(range(100, 124)), answer_tokens=12, threads=1, 
 def test_python_runner_over_ssh_gives_the_same_tokens_as_local(sshd, tiny_gguf):
     with get_device(ssh_config(sshd, python=sys.executable)) as remote:
         assert remote.arch == get_device("local").arch and remote.cores >= 1
-        record = remote.benchmark(tiny_gguf, WORKLOAD, baseline=tiny_gguf)
+        record = get_runtime().runner(remote).benchmark(tiny_gguf, WORKLOAD, baseline=tiny_gguf)
         workdir = remote._workdir
-    local = get_device("local").benchmark(tiny_gguf, WORKLOAD)
+    local = get_runtime().runner(get_device("local")).benchmark(tiny_gguf, WORKLOAD)
     assert len(record.tokens) == WORKLOAD.answer_tokens
     assert record.tokens == local.tokens
     assert record.device == sshd.url and record.runner == "llama-cpp-python" and record.peak_rss_bytes > 1 << 20
@@ -133,14 +135,14 @@ def test_device_binaries_over_ssh_answer_like_local(sshd, tiny_gguf, cache_dir):
     from edgeprune.config import load_target
     from edgeprune.toolchain import ensure_binaries, spec_for
 
-    tools = ensure_binaries(spec_for(load_target("demo")), cache_dir).bin
-    local = get_device("local")
-    local.use_tools(tools, "x86_64")
+    tools = Binaries(ensure_binaries(spec_for(load_target("demo")), cache_dir).bin, "x86_64")
+    local = ToolsRunner(get_device("local"), tools)
     with get_device(ssh_config(sshd)) as remote:
-        remote.use_tools(tools, "x86_64")
-        assert greedy_completion(remote, tiny_gguf, "Hello", 8, 1).text == greedy_completion(local, tiny_gguf,
-                                                                                               "Hello", 8, 1).text
-        record = remote.benchmark(tiny_gguf, WORKLOAD, baseline=tiny_gguf)
+        runner = get_runtime().runner(remote, tools)  # no Python there: its own llama.cpp binaries
+        assert isinstance(runner, ToolsRunner)
+        answer = runner.greedy_completion(tiny_gguf, "Hello", 8, 1).text
+        assert answer == local.greedy_completion(tiny_gguf, "Hello", 8, 1).text
+        record = runner.benchmark(tiny_gguf, WORKLOAD, baseline=tiny_gguf)
     assert record.runner == "llama-bench" and len(record.runs) == len(record.baseline_runs) == 2
     assert record.peak_rss_bytes > 1 << 20 and record.cpu
     shapes = {(r["n_prompt"], r["n_gen"]) for r in record.raw}

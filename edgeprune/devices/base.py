@@ -1,8 +1,8 @@
 """Device base class and registry (subclasses register by their URL scheme).
 
-A device runs programs (`exec`), holds files (`stage`) and measures models (`benchmark`). The
-llama.cpp tools it runs are a directory of binaries built for its architecture (`use_tools`):
-the bundle's `bin/`, or the toolchain cache's build for the target.
+A device is where a measurement happens: it runs programs (`exec`, `run_worker`), holds files
+(`stage`) and says what it is (`arch`, `cores`, `cpu`). What it runs, and how that times a model,
+is a runtime's (`edgeprune.runtimes`).
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import logging
 import platform
 import subprocess
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from edgeprune.config import DeviceConfig
 from edgeprune.errors import EdgepruneError
-from edgeprune.measure import BenchmarkRecord, Workload
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,15 @@ class DeviceError(EdgepruneError):
     """The device could not be reached or could not run what it was asked to."""
 
 
+@dataclass
+class WorkerRun:
+    returncode: int  # negative: the signal that ended it
+    stdout: bytes
+    stderr: bytes
+    peak_rss_bytes: int = 0  # measured only under a RAM cap
+    ram_cap_exceeded: bool = False  # stopped at the cap
+
+
 class Device(ABC):
     scheme: ClassVar[str]
     emulated: ClassVar[bool] = False  # timings from an emulator are never evidence for a budget
@@ -49,7 +58,6 @@ class Device(ABC):
     def __init__(self, config: DeviceConfig) -> None:
         self.config = config
         self.url = config.url
-        self.tools: Path | None = None
 
     @property
     @abstractmethod
@@ -62,9 +70,9 @@ class Device(ABC):
         """Cores available for a run."""
 
     @property
-    def runs_binaries(self) -> bool:
-        """Whether `benchmark` runs llama.cpp's own binaries (which `use_tools` must provide)."""
-        return False
+    def python(self) -> str | None:
+        """The Python interpreter with edgeprune installed that runs workers there (None: none)."""
+        return None
 
     @property
     def cpu(self) -> str:
@@ -84,21 +92,18 @@ class Device(ABC):
         """How the device runs one of its architecture's binaries (an emulator prefixes it)."""
         return argv
 
-    def use_tools(self, directory: Path, arch: str) -> None:
-        """Run llama.cpp from `directory`, binaries built for `arch`."""
-        if arch != self.arch:
-            raise EdgepruneError(f"The llama.cpp binaries in {directory} are built for {arch}, but {self.url} is "
-                                 f"{self.arch}; build them for the device's architecture.")
-        self.tools = directory
+    def run_worker(self, argv: list[str], request: bytes, what: str, ram_cap: int | None = None) -> WorkerRun:
+        """Run `python argv...` there with `request` on stdin; `ram_cap`: stop it past that many bytes."""
+        if self.python is None:
+            raise DeviceError(f"{self.url} has no Python to run {what} with.")
+        if ram_cap is not None:
+            raise EdgepruneError(f"{self.url} cannot hold a run to a RAM cap; only local runs can.")
+        proc = self.exec([self.python, *argv], what, stdin=request)
+        return WorkerRun(proc.returncode, proc.stdout, proc.stderr)
 
-    def tool_path(self, name: str) -> str:
-        if self.tools is None:
-            raise EdgepruneError(f"{self.url} runs llama.cpp's own binaries, and none were given for it.")
-        return self.stage(self.tools / name, executable=True)
-
-    @abstractmethod
-    def benchmark(self, model: Path, workload: Workload, baseline: Path | None = None) -> BenchmarkRecord:
-        """Run the workload on `model` (alternating with `baseline`, if given); raw and summarised timings."""
+    def memory_headroom(self) -> int | None:
+        """Bytes a run can still take there before memory runs out (None: the device cannot tell)."""
+        return None
 
     def close(self) -> None:  # noqa: B027 (an optional hook)
         """Release what the device holds for this session (remote files)."""

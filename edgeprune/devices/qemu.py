@@ -10,9 +10,7 @@ from pathlib import Path
 
 from edgeprune.devices.base import TIMEOUT_S, Device
 from edgeprune.devices.local import run_local
-from edgeprune.devices.tools import bench_with_tools
 from edgeprune.errors import EdgepruneError
-from edgeprune.measure import BenchmarkRecord, Workload
 
 SYSROOT = Path("/usr/aarch64-linux-gnu")  # serves a dynamically linked build; ours are static
 
@@ -24,10 +22,6 @@ class QemuAarch64Device(Device):
     @property
     def arch(self) -> str:
         return "aarch64"
-
-    @property
-    def runs_binaries(self) -> bool:
-        return True
 
     @property
     def cores(self) -> int:
@@ -46,6 +40,3 @@ class QemuAarch64Device(Device):
     def exec(self, argv: list[str], what: str, stdin: bytes | Path | None = None,
              timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
         return run_local(argv, what, stdin, timeout)
-
-    def benchmark(self, model: Path, workload: Workload, baseline: Path | None = None) -> BenchmarkRecord:
-        return bench_with_tools(self, model, workload, baseline)

@@ -22,11 +22,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from edgeprune.config import DeviceConfig
-from edgeprune.devices import python_runner
 from edgeprune.devices.base import TIMEOUT_S, Device, DeviceError, normalize_arch
-from edgeprune.devices.tools import bench_with_tools
 from edgeprune.errors import EdgepruneError
-from edgeprune.measure import BenchmarkRecord, Workload
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +162,8 @@ class SshDevice(Device):
         return self._info
 
     @property
-    def runs_binaries(self) -> bool:
-        return self.config.python is None
+    def python(self) -> str | None:
+        return self.config.python
 
     @property
     def arch(self) -> str:
@@ -207,16 +204,6 @@ class SshDevice(Device):
                 self.exec(["rm", "-rf", "--", workdir], "removing the work directory", timeout=60)
             except EdgepruneError as e:
                 log.warning("could not remove %s on %s: %s", workdir, self.url, e)
-
-    # -- measuring -----------------------------------------------------------------------------
-
-    def benchmark(self, model: Path, workload: Workload, baseline: Path | None = None) -> BenchmarkRecord:
-        if self.config.python is None:
-            return bench_with_tools(self, model, workload, baseline)
-        req = python_runner.request(workload, self.stage(model), self.stage(baseline) if baseline else None,
-                                    self.config.pin)
-        proc = self.exec([self.config.python, *python_runner.WORKER], f"the benchmark of {model.name}", stdin=req)
-        return python_runner.record(self, model, proc.stdout)
 
 
 def _looks_like_connection_failure(stderr: str) -> bool:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeprune.runtimes.bench_worker import cpu_model
+from edgeprune.cpu import cpu_model
 
 log = logging.getLogger(__name__)
 

@@ -19,21 +19,9 @@ import sys
 import time
 from pathlib import Path
 
+from edgeprune.cpu import cpu_model
 from edgeprune.memory import peak_rss_bytes
 from edgeprune.runtimes import llamacpp
-
-
-def cpu_model() -> str:
-    """The CPU's name as /proc/cpuinfo gives it (x86: model name; ARM: Hardware or CPU part)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    for key in ("model name", "Hardware", "CPU part"):
-        for line in lines:
-            if line.startswith(key) and ":" in line:
-                return line.split(":", 1)[1].strip()
-    return ""
 
 
 def main() -> None:

@@ -1,0 +1,68 @@
+"""Runtime base classes: what runs a model file, apart from where it runs (`Device`).
+
+A `Runtime` owns a model format and what follows from it: how a device times a file of that
+format (`runner`), what one token reads and computes (`traffic`, for the latency model), and
+whether a device needs binaries built for it (`needs_binaries`). Runtimes register by subclassing,
+under their `name`. A `Runner` is a runtime bound to one device: the device says how a command
+runs there (a process here, ssh, an emulator), the runner what to run.
+
+Stage keys hash the code an artifact came from, following imports; so this module imports no
+runtime, and `edgeprune.runtimes.registry` is the one place that loads them all.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from edgeprune.devices.base import Device
+    from edgeprune.latency.traffic import ModelTraffic
+    from edgeprune.measure import BenchmarkRecord, Workload
+
+
+@dataclass(frozen=True)
+class Binaries:
+    """A directory of a runtime's programs, built for one architecture."""
+
+    directory: Path
+    arch: str
+
+
+class Runner(ABC):
+    """A runtime on one device: times model files there."""
+
+    name: ClassVar[str]  # what the report calls this way of timing ("llama-bench", "llama-cpp-python")
+
+    def __init__(self, device: Device) -> None:
+        self.device = device
+
+    @abstractmethod
+    def benchmark(self, model: Path, workload: Workload, baseline: Path | None = None) -> BenchmarkRecord:
+        """Run the workload on `model` (alternating with `baseline`, if given); raw and summarised timings."""
+
+
+class Runtime(ABC):
+    name: ClassVar[str]
+    suffix: ClassVar[str]  # of its model files
+    registry: ClassVar[dict[str, type[Runtime]]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        Runtime.registry[cls.name] = cls
+
+    def needs_binaries(self, device: Device) -> bool:
+        """Whether timing on `device` runs programs built for its architecture (`runner(binaries=...)`)."""
+        return False
+
+    @abstractmethod
+    def runner(self, device: Device, binaries: Binaries | None = None, ram_cap: int | None = None) -> Runner:
+        """How `device` times this runtime's files; `binaries`: a directory of programs built for it;
+        `ram_cap`: bytes past which a candidate's run is stopped and judged over the ceiling."""
+
+    @abstractmethod
+    def traffic(self, model: Path) -> ModelTraffic:
+        """Bytes read and FLOPs per token of one model file."""
+

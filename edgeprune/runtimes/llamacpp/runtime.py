@@ -1,0 +1,44 @@
+"""llama.cpp as a runtime: GGUF files, timed by the Python worker (llama-cpp-python) where the
+device has edgeprune's Python, else by the device's own llama-bench."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeprune.devices.base import Device
+from edgeprune.errors import EdgepruneError
+from edgeprune.latency.traffic import ModelTraffic
+from edgeprune.runtimes import isolated
+from edgeprune.runtimes.base import Binaries, Runner, Runtime
+from edgeprune.runtimes.llamacpp.tools import ToolsRunner
+from edgeprune.runtimes.worker import WorkerRunner
+
+
+class PythonRunner(WorkerRunner):
+    """The Python worker: llama-cpp-python, pinned to as many cores as it has threads."""
+
+    name = "llama-cpp-python"
+    module = "edgeprune.runtimes.bench_worker"
+
+    def crashed(self, returncode: int, model: Path) -> EdgepruneError:
+        return isolated.crash(returncode, "benchmarking", model)
+
+
+class LlamaCpp(Runtime):
+    name = "llama.cpp"
+    suffix = ".gguf"
+
+    def needs_binaries(self, device: Device) -> bool:
+        return device.python is None
+
+    def runner(self, device: Device, binaries: Binaries | None = None, ram_cap: int | None = None) -> Runner:
+        if not self.needs_binaries(device):
+            return PythonRunner(device, ram_cap)
+        if binaries is None:
+            raise EdgepruneError(f"{device.url} runs llama.cpp's own binaries, and none were given for it.")
+        if ram_cap is not None:
+            raise EdgepruneError(f"{device.url} cannot hold a run to a RAM cap; only local runs can.")
+        return ToolsRunner(device, binaries)
+
+    def traffic(self, model: Path) -> ModelTraffic:
+        return ModelTraffic.from_gguf(model)

@@ -1,0 +1,17 @@
+"""The runtimes edgeprune can run models with, by name. Importing this loads every one of them:
+stages import only their own runtime's modules, so adding a runtime rebuilds no artifact."""
+
+from __future__ import annotations
+
+from edgeprune.errors import EdgepruneError
+from edgeprune.runtimes.base import Runtime
+from edgeprune.runtimes.llamacpp import runtime as _llamacpp  # noqa: F401  (registers "llama.cpp")
+
+DEFAULT = "llama.cpp"
+
+
+def get_runtime(name: str = DEFAULT) -> Runtime:
+    if name not in Runtime.registry:
+        raise EdgepruneError(f"Unknown runtime '{name}': edgeprune runs models with "
+                             f"{', '.join(sorted(Runtime.registry))}.")
+    return Runtime.registry[name]()
