@@ -27,7 +27,6 @@ from edgeprune.evaluate import Quality
 from edgeprune.measure import Workload
 from edgeprune.models import load_reference, resolve_source
 from edgeprune.pipeline import (
-    MODEL_FILE,
     CandidateModel,
     CandidateQuality,
     calibration_splits,
@@ -73,9 +72,10 @@ def main() -> None:
     for width in WIDTHS:
         plan = Plan() if width == WIDTHS[0] else Plan(ffn=tuple(
             (l, select_channels(torch.tensor(importance.channel_scores[l]), width)) for l in range(n_layers)))
-        out = runner.run(CandidateModel(reference, plan, quant, splits, args.threads))
-        q = runner.run(CandidateQuality(out.dir / MODEL_FILE, out.key, splits, ref_logps, args.threads))
-        models[width] = (out.dir / MODEL_FILE, out.result["size_bytes"], Quality(**q.result))
+        stage = CandidateModel(reference, plan, quant, splits, args.threads)
+        out = runner.run(stage)
+        q = runner.run(CandidateQuality(stage.file(out), out.key, splits, ref_logps, args.threads))
+        models[width] = (stage.file(out), out.result["size_bytes"], Quality(**q.result))
     baseline = models[WIDTHS[0]][0]
 
     rows = []

@@ -33,7 +33,7 @@ from edgeprune.devices import get_device
 from edgeprune.latency import LatencyModel, ModelTraffic, Observation, host_profile, roofline_fraction
 from edgeprune.measure import Workload, summarize
 from edgeprune.models import load_reference, resolve_source
-from edgeprune.pipeline import MODEL_FILE, CandidateModel
+from edgeprune.pipeline import CandidateModel
 from edgeprune.prune import Plan
 from edgeprune.quantize import QuantSpec
 from edgeprune.runtimes import llamacpp
@@ -84,8 +84,8 @@ def main() -> None:
     reference = load_reference(resolve_source(None), args.cache_dir)
     files = {}
     for label, (plan, qtype, recipe) in CANDIDATES.items():
-        out = runner.run(CandidateModel(reference, plan, QuantSpec(qtype, recipe, imatrix=False), None, 2))
-        files[label] = out.dir / MODEL_FILE
+        stage = CandidateModel(reference, plan, QuantSpec(qtype, recipe, imatrix=False), None, 2)
+        files[label] = stage.file(runner.run(stage))
     del reference
 
     t0 = time.perf_counter()

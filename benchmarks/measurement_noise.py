@@ -26,7 +26,7 @@ from edgeprune.config import load_profile, load_target
 from edgeprune.devices import get_device
 from edgeprune.measure import Workload
 from edgeprune.models import load_reference, resolve_source
-from edgeprune.pipeline import MODEL_FILE, CandidateModel, calibration_splits, importance_of
+from edgeprune.pipeline import CandidateModel, calibration_splits, importance_of
 from edgeprune.prune import ModelShape
 from edgeprune.quantize import QuantSpec
 from edgeprune.runtimes.registry import get_runtime
@@ -63,8 +63,8 @@ def main() -> None:
     models = {}
     for name, state in (("baseline", State(0, None)), ("candidate", State(args.drop_layers, None))):
         quant = QuantSpec(profile.search.quant, "default", profile.search.imatrix)
-        out = runner.run(CandidateModel(reference, space.plan(state), quant, splits, threads))
-        models[name] = out.dir / MODEL_FILE
+        stage = CandidateModel(reference, space.plan(state), quant, splits, threads)
+        models[name] = stage.file(runner.run(stage))
     prompt = tuple((splits.heldout.flatten().tolist() * 2)[: target.slo.prompt_tokens])
     workload = Workload(prompt, target.slo.answer_tokens, threads, profile.benchmark.warmup,
                         profile.benchmark.repetitions)

@@ -41,7 +41,6 @@ from edgeprune.latency import LatencyModel, ModelTraffic, Observation, host_prof
 from edgeprune.measure import Workload
 from edgeprune.models import load_reference, resolve_source
 from edgeprune.pipeline import (
-    MODEL_FILE,
     CandidateModel,
     CandidateQuality,
     calibration_splits,
@@ -90,8 +89,9 @@ class Bench:
 
     def build(self, plan: Plan, recipe: str = "default") -> Built:
         quant = QuantSpec(self.quant.quant, recipe, self.quant.imatrix)
-        out = self.runner.run(CandidateModel(self.reference, plan, quant, self.splits, self.args.threads))
-        gguf = out.dir / MODEL_FILE
+        stage = CandidateModel(self.reference, plan, quant, self.splits, self.args.threads)
+        out = self.runner.run(stage)
+        gguf = stage.file(out)
         q = self.runner.run(CandidateQuality(gguf, out.key, self.splits, self.ref_logps, self.args.threads))
         return Built(plan, gguf, out.result["size_bytes"], Quality(**q.result), ModelTraffic.from_gguf(gguf))
 

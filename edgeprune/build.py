@@ -33,7 +33,6 @@ from edgeprune.models import ModelSource, Reference, load_reference, resolve_sou
 from edgeprune.models.reference import open_weights
 from edgeprune.models.weights import WeightStore
 from edgeprune.pipeline import (
-    MODEL_FILE,
     CandidateModel,
     CandidateQuality,
     SparseWeights,
@@ -45,7 +44,7 @@ from edgeprune.preflight import preflight
 from edgeprune.prune import ModelShape, Plan
 from edgeprune.quantize import QuantSpec
 from edgeprune.report import outcome_to_dict
-from edgeprune.runtimes.base import Binaries, Runner
+from edgeprune.runtimes.base import Binaries, Runner, Runtime
 from edgeprune.runtimes.registry import get_runtime
 from edgeprune.search import Candidate, SearchOutcome, SearchPredictor, SearchSpace, State, greedy_search
 from edgeprune.search.predict import device_latency_model, target_estimates
@@ -107,17 +106,24 @@ class CandidateEvaluator:
     _built: dict[str, tuple[CandidateModel, StageOutput]] = field(default_factory=dict)  # by candidate id
     _held: dict[str, set[str]] = field(default_factory=dict)  # cache key -> ids of candidates using its file
 
+    @property
+    def runtime(self) -> Runtime:
+        if self.timer.runtime is None:
+            raise ValueError("the evaluator times with a runner made by a runtime (Runtime.runner)")
+        return self.timer.runtime
+
     def build(self, state: State, plan: Plan, cid: str) -> Candidate:
         quant = QuantSpec(self.settings.quant, state.recipe, self.settings.imatrix)
         sparse = None
         if state.sparse is not None:
             sparse = self.runner.run(SparseWeights(self.reference, plan, self.sparsity, self.splits))
-        stage = CandidateModel(self.reference, plan, quant, self.splits, self.threads, sparse)
+        fmt = self.runtime.format
+        stage = CandidateModel(self.reference, plan, quant, self.splits, self.threads, sparse, fmt)
         model = self.runner.run(stage)
         self._built[cid] = (stage, model)
         self._held.setdefault(model.key, set()).add(cid)
-        gguf = model.dir / MODEL_FILE
-        quality = self.runner.run(CandidateQuality(gguf, model.key, self.splits, self.ref_logps, self.threads))
+        gguf = stage.file(model)
+        quality = self.runner.run(CandidateQuality(gguf, model.key, self.splits, self.ref_logps, self.threads, fmt))
         return Candidate(
             id=cid,
             state=state,
@@ -284,6 +290,8 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
         },
         "target": {"name": target.name, **target.model_dump(mode="json")},
         "profile": {"name": profile.name, **profile.model_dump()},
+        "runtime": {"name": evaluate.runtime.name, "version": evaluate.runtime.version(),
+                    "format": evaluate.runtime.format.name},
         "device": {
             "url": device.url,
             "arch": device.arch,

@@ -16,15 +16,16 @@ from edgeprune.analysis.methods import LAYER_IMPORTANCE, UNIT_IMPORTANCE
 from edgeprune.config import CalibrationSettings, SearchSettings, SparsitySpec
 from edgeprune.data import HFDataset, TextSplits, from_file, from_hf, self_generated
 from edgeprune.evaluate import QualityTally, reference_log_probs, reference_perplexity
-from edgeprune.export import Provenance, write_gguf
+from edgeprune.export import Provenance
 from edgeprune.footprint import QUICK_QUANT
 from edgeprune.models import Reference
 from edgeprune.models.streamed import DecoderStream, Overrides
 from edgeprune.progress import progress
 from edgeprune.prune import Plan
 from edgeprune.prune.apply import pruned_tensors
-from edgeprune.quantize import RECIPES, QuantSpec, collect_imatrix, quantize, tensor_shapes
-from edgeprune.runtimes import llamacpp
+from edgeprune.quantize import RECIPES, QuantSpec
+from edgeprune.runtimes.artifacts import ModelFormat, Realization
+from edgeprune.runtimes.llamacpp.gguf_format import GGUF
 from edgeprune.sparse.methods import needs_calibration
 from edgeprune.sparse.sequential import linear_weights, sparsify_stream
 from edgeprune.stages import Stage, StageOutput, StageRunner
@@ -32,7 +33,6 @@ from edgeprune.structured import STRUCTURED_METHODS, structured_importance
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.gguf"
 SPARSE_DIR = "sparse-layers"
 LOGPROBS_FILE = "logprobs.npy"
 
@@ -80,13 +80,13 @@ def quick_copy(reference: Reference, threads: int) -> CandidateModel | None:
     imatrix: fast to quantize, and close enough for writing text)."""
     if reference.source.kind in ("embedded", "gguf"):
         return None
-    return CandidateModel(reference, Plan(), QuantSpec(QUICK_QUANT, imatrix=False), None, threads)
+    return CandidateModel(reference, Plan(), QuantSpec(QUICK_QUANT, imatrix=False), None, threads, fmt=GGUF)
 
 
 def generation_model(reference: Reference, runner: StageRunner, threads: int) -> Path:
     """The GGUF self-calibration samples from (built and cached when it is a quick copy)."""
     stage = quick_copy(reference, threads)
-    return reference.source.path if stage is None else runner.run(stage).dir / MODEL_FILE
+    return reference.source.path if stage is None else stage.file(runner.run(stage))
 
 
 def calibration_splits(reference: Reference, settings: CalibrationSettings, calib: Path | HFDataset | None,
@@ -107,7 +107,7 @@ def calibration_splits(reference: Reference, settings: CalibrationSettings, cali
     if out is None:
         quick = runner.run(stage.generator) if stage.generator is not None else None
         if quick is not None:
-            stage.model = quick.dir / MODEL_FILE
+            stage.model = stage.generator.file(quick)
         out = runner.run(stage)
         if quick is not None and not keep_quick_copy:
             runner.discard(quick)
@@ -208,63 +208,64 @@ def sparse_overrides(sparse: StageOutput | None) -> Overrides:
 
 
 class CandidateModel(Stage):
-    """Apply a plan to the reference, export a 16-bit GGUF tensor by tensor, quantize it; keep only
-    the quantized file.
+    """Apply a plan to the reference and write it as a runtime's model file (`fmt`), quantized.
 
-    The importance matrix is collected on the pruned model itself, one layer at a time, from
-    calibration windows only: pruning changes what later layers see. `sparse`: the output of a
-    SparseWeights stage whose weights replace the plain pruned ones.
+    For GGUF: exported in 16 bits tensor by tensor, then quantized by llama.cpp, with an importance
+    matrix collected on the pruned model itself, one layer at a time, from calibration windows only
+    (pruning changes what later layers see). `sparse`: the output of a SparseWeights stage whose
+    weights replace the plain pruned ones.
     """
 
     name = "candidate-model"
 
     def __init__(self, reference: Reference, plan: Plan, quant: QuantSpec, calib: TextSplits | None,
-                 threads: int, sparse: StageOutput | None = None) -> None:
+                 threads: int, sparse: StageOutput | None = None, fmt: ModelFormat = GGUF) -> None:
         if quant.imatrix and calib is None:
             raise ValueError("an importance matrix needs calibration windows")
         self.reference, self.plan, self.quant, self.calib, self.threads = reference, plan, quant, calib, threads
-        self.sparse = sparse
+        self.sparse, self.format = sparse, fmt
 
     def identity(self) -> dict[str, Any]:
         return {"reference": self.reference.sha256, "plan": self.plan.to_dict(), "quant": self.quant.quant,
                 "recipe": RECIPES[self.quant.recipe].rules(),  # its contents: a recipe's name can be redefined
                 "imatrix": self.calib.sha256 if self.quant.imatrix else None,
-                "sparse_weights": self.sparse.key if self.sparse is not None else None}
+                "sparse_weights": self.sparse.key if self.sparse is not None else None,
+                "format": self.format.identity()}
+
+    def file(self, out: StageOutput) -> Path:
+        """The model file in this stage's outputs."""
+        return out.dir / self.format.model_file
 
     def run(self, out_dir: Path) -> dict[str, Any]:
-        weights, overrides = self.reference.weights, sparse_overrides(self.sparse)
-        intermediate = out_dir / "model-16bit.gguf"
+        weights = self.reference.weights
         provenance = Provenance(self.reference.source.model_id, self.reference.sha256, self.plan.to_dict(),
                                 self.sparse.result["spec"] if self.sparse else None)
-        write_gguf(weights, self.plan, self.reference.tokenizer_spec, intermediate, "auto", provenance,
-                   name=self.reference.source.model_id, overrides=overrides)
-        imatrix = None
-        if self.quant.imatrix:
-            imatrix = collect_imatrix(DecoderStream(weights, self.plan, overrides), self.calib.calib)
-        recipe = RECIPES[self.quant.recipe].overrides(tensor_shapes(intermediate), self.quant.quant)
-        quantize(intermediate, out_dir / MODEL_FILE, self.quant.quant, self.threads, imatrix, recipe)
-        intermediate.unlink()
+        job = Realization(weights, self.plan, self.reference.tokenizer_spec, provenance, self.reference.source.model_id,
+                          self.quant, self.calib.calib if self.quant.imatrix else None, sparse_overrides(self.sparse),
+                          self.threads)
+        model = out_dir / self.format.model_file
+        self.format.realize(job, model)
         parameters = sum(math.prod(t.shape) for t in pruned_tensors(weights, self.plan))  # tied counted once
-        return {"size_bytes": os.path.getsize(out_dir / MODEL_FILE), "parameters": parameters}
+        return {"size_bytes": os.path.getsize(model), "parameters": parameters}
 
 
 class CandidateQuality(Stage):
-    """The candidate's llama.cpp logits on held-out windows against the reference's."""
+    """The candidate's logits in its own runtime on held-out windows against the reference's."""
 
     name = "quality"
 
     def __init__(self, model: Path, model_key: str, splits: TextSplits, ref_logps: np.ndarray,
-                 threads: int) -> None:
+                 threads: int, fmt: ModelFormat = GGUF) -> None:
         self.model, self.model_key, self.splits = model, model_key, splits
-        self.ref_logps, self.threads = ref_logps, threads
+        self.ref_logps, self.threads, self.format = ref_logps, threads, fmt
 
     def identity(self) -> dict[str, Any]:
-        return {"model": self.model_key, "heldout": self.splits.sha256}
+        return {"model": self.model_key, "heldout": self.splits.sha256, "format": self.format.identity()}
 
     def run(self, out_dir: Path) -> dict[str, Any]:
         tally = QualityTally()
         windows = self.splits.heldout
-        logits = llamacpp.sequence_logits(self.model, windows.numpy(), self.threads, doing="measuring the quality of")
+        logits = self.format.sequence_logits(self.model, windows.numpy(), self.threads)
         pairs = zip(self.ref_logps, logits, windows, strict=True)
         for ref_logp, cand, tokens in progress(pairs, "quality", total=len(windows)):
             tally.add(ref_logp, cand, tokens)

@@ -30,7 +30,6 @@ from edgeprune.models import ModelSource, load_reference, resolve_source
 from edgeprune.models.reference import open_weights
 from edgeprune.models.weights import WeightStore
 from edgeprune.pipeline import (
-    MODEL_FILE,
     CandidateModel,
     CandidateQuality,
     SparseWeights,
@@ -146,9 +145,10 @@ def _prune(config: PruneConfig, source: ModelSource, weights: WeightStore, spec:
         description = f"{description}; {config.sparse.describe()} sparse"
 
     quant = QuantSpec(config.quant, config.recipe, config.imatrix)
-    model = runner.run(CandidateModel(reference, plan, quant, splits, config.threads, sparse))
+    stage = CandidateModel(reference, plan, quant, splits, config.threads, sparse)
+    model = runner.run(stage)
     ref_logps, ref_perplexity = reference_logprobs(reference, splits, runner)
-    gguf_path = model.dir / MODEL_FILE
+    gguf_path = stage.file(model)
     quality = Quality(**runner.run(CandidateQuality(gguf_path, model.key, splits, ref_logps, config.threads)).result)
     arch = architecture(plan.layer_shapes(shape))
     artifact = model_filename(reference.source.model_id, config.quant)

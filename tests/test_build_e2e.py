@@ -44,6 +44,8 @@ def test_build_prunes_until_the_speedup_is_met(tmp_path, cache_dir, embedded_ref
     assert sel["verdict"] == "meets" and sel["confirmed"] and sel["speedup"] >= 1.15
     assert sel["step"] != "unpruned", "a pruning or quantization step must have been applied"
     assert search["budget_met"] and report["device"]["is_target_arch"]
+    assert report["runtime"]["name"] == "llama.cpp" and report["runtime"]["format"] == "gguf"
+    assert report["device"]["runner"] == "llama-cpp-python" and "llama.cpp" in report["runtime"]["version"]
     for c in (c for c in candidates if c["measured"]):
         assert c["latency_p50_s"] <= c["latency_p90_s"]
         assert c["decode_tok_s"] > 0 and c["prefill_tok_s"] > 0 and c["peak_rss_bytes"] > 0

@@ -41,10 +41,11 @@ from edgeprune.latency import ModelTraffic
 from edgeprune.measure import Workload
 from edgeprune.models import resolve_source
 from edgeprune.models.embedded import embedded_gguf
-from edgeprune.pipeline import MODEL_FILE
 from edgeprune.prune.modules import materialize
 from edgeprune.quantize import quantize
 from edgeprune.runtimes import isolated, llamacpp
+from edgeprune.runtimes.llamacpp.gguf_format import GGUF
+from edgeprune.runtimes.registry import get_runtime
 
 
 def edgeprune(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -348,7 +349,7 @@ def test_output_on_a_full_disk(tmp_path, tiny_model):
         proc = _prune(tiny_model, disk / "out", cache)
         assert_clean_error(proc, f"No space left on device while writing {disk / 'out'}", "--output-dir")
         assert proc.returncode == 2 and os.listdir(disk) == []
-    gguf_size = next(cache.rglob(MODEL_FILE)).stat().st_size
+    gguf_size = next(cache.rglob(GGUF.model_file)).stat().st_size
     assert gguf_size > 4 * MIB
     with tmpfs(tmp_path / "disk", gguf_size + MIB) as disk:
         proc = _prune(tiny_model, disk / "out", cache)
@@ -516,7 +517,7 @@ def test_a_benchmark_worker_killed_by_a_signal_is_a_runtime_crash():
     model = embedded_gguf()
     workload = Workload(prompt=tuple(range(100, 116)), answer_tokens=4, threads=1, warmup=0, repetitions=1)
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(get_device("local").benchmark, model, workload)
+        future = pool.submit(get_runtime().runner(get_device("local")).benchmark, model, workload)
         killed = _kill_child(os.getpid(), "edgeprune.runtimes.bench_worker", signal.SIGSEGV, lambda: not future.done())
         assert killed is not None
         with pytest.raises(RuntimeCrash) as e:

@@ -308,14 +308,15 @@ def test_predictions_order_random_llamas_by_size(tmp_path, embedded_tokenizer_sp
 @pytest.fixture(scope="module")
 def embedded_depths(embedded_reference, cache_dir):
     """The embedded model's Q4_K_M, unpruned and with 6 and 12 layers removed (cached stages)."""
-    from edgeprune.pipeline import MODEL_FILE, CandidateModel
+    from edgeprune.pipeline import CandidateModel
     from edgeprune.quantize import QuantSpec
     from edgeprune.stages import StageRunner
 
     runner = StageRunner(cache_dir / "stages")
     plans = {0: Plan(), 6: Plan(drop_layers=tuple(range(20, 26))), 12: Plan(drop_layers=tuple(range(14, 26)))}
-    return {k: runner.run(CandidateModel(embedded_reference, plan, QuantSpec("Q4_K_M", imatrix=False), None, 2)).dir
-            / MODEL_FILE for k, plan in plans.items()}
+    stages = {k: CandidateModel(embedded_reference, plan, QuantSpec("Q4_K_M", imatrix=False), None, 2)
+              for k, plan in plans.items()}
+    return {k: stage.file(runner.run(stage)) for k, stage in stages.items()}
 
 
 @pytest.mark.slow

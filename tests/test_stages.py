@@ -71,15 +71,19 @@ def test_code_hash_follows_the_modules_a_stage_can_run(tmp_path):
     modules = code_modules("edgeprune.pipeline", root)
     # Imported transitively, a parent package, and a worker named only in a string (`python -m ...`).
     assert {"edgeprune.prune.apply", "edgeprune.quantize", "edgeprune"} <= set(modules)
-    assert "edgeprune.runtimes.bench_worker" in code_modules("edgeprune.devices.local", root)
+    assert "edgeprune.runtimes.bench_worker" in code_modules("edgeprune.runtimes.llamacpp.runtime", root)
     assert "edgeprune.cli" not in modules and "edgeprune.bundle" not in modules
+    # Where a model is timed is no part of how it was made: no device, no runtime registry.
+    assert not [m for m in modules if m.startswith("edgeprune.devices")]
+    assert "edgeprune.runtimes.registry" not in modules
     (root / "edgeprune" / "prune" / "relative.py").write_text("from .apply import apply_plan\nfrom .. import errors\n")
     assert {"edgeprune.prune.apply", "edgeprune.errors"} <= set(code_modules("edgeprune.prune.relative", root))
 
     before = code_hash("edgeprune.pipeline", root)
     assert before == code_hash("edgeprune.pipeline")  # same sources, same hash wherever they are
-    with open(root / "edgeprune" / "cli.py", "a") as f:
-        f.write("\n# unrelated to any artifact\n")
+    for unrelated in ("cli.py", "devices/ssh.py", "runtimes/registry.py"):
+        with open(root / "edgeprune" / unrelated, "a") as f:
+            f.write("\n# unrelated to any artifact\n")
     assert code_hash.__wrapped__("edgeprune.pipeline", root) == before
     with open(root / "edgeprune" / "prune" / "apply.py", "a") as f:
         f.write("\n# the pruning code changed\n")

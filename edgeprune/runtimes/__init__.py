@@ -1,1 +1,2 @@
-"""Run a model file: llama.cpp through llama-cpp-python (timings, logits)."""
+"""Runtimes: what runs a model file (llama.cpp today). Imports nothing: stage keys hash parent
+packages, so this file stays free of any one runtime."""

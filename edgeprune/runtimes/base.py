@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from edgeprune.devices.base import Device
     from edgeprune.latency.traffic import ModelTraffic
     from edgeprune.measure import BenchmarkRecord, Workload
+    from edgeprune.runtimes.artifacts import ModelFormat
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Runner(ABC):
 
     def __init__(self, device: Device) -> None:
         self.device = device
+        self.runtime: Runtime | None = None  # set when a runtime made it (`Runtime.runner`)
 
     @abstractmethod
     def benchmark(self, model: Path, workload: Workload, baseline: Path | None = None) -> BenchmarkRecord:
@@ -46,21 +48,30 @@ class Runner(ABC):
 
 class Runtime(ABC):
     name: ClassVar[str]
-    suffix: ClassVar[str]  # of its model files
+    format: ClassVar[ModelFormat]  # how its model files are made and read
     registry: ClassVar[dict[str, type[Runtime]]] = {}
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         Runtime.registry[cls.name] = cls
 
+    @abstractmethod
+    def version(self) -> str:
+        """The runtime's own name and version as this machine has it (for reports)."""
+
     def needs_binaries(self, device: Device) -> bool:
         """Whether timing on `device` runs programs built for its architecture (`runner(binaries=...)`)."""
         return False
 
-    @abstractmethod
     def runner(self, device: Device, binaries: Binaries | None = None, ram_cap: int | None = None) -> Runner:
         """How `device` times this runtime's files; `binaries`: a directory of programs built for it;
         `ram_cap`: bytes past which a candidate's run is stopped and judged over the ceiling."""
+        runner = self._runner(device, binaries, ram_cap)
+        runner.runtime = self
+        return runner
+
+    @abstractmethod
+    def _runner(self, device: Device, binaries: Binaries | None, ram_cap: int | None) -> Runner: ...
 
     @abstractmethod
     def traffic(self, model: Path) -> ModelTraffic:

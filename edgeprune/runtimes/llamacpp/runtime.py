@@ -8,8 +8,9 @@ from pathlib import Path
 from edgeprune.devices.base import Device
 from edgeprune.errors import EdgepruneError
 from edgeprune.latency.traffic import ModelTraffic
-from edgeprune.runtimes import isolated
+from edgeprune.runtimes import isolated, llamacpp
 from edgeprune.runtimes.base import Binaries, Runner, Runtime
+from edgeprune.runtimes.llamacpp.gguf_format import GGUF
 from edgeprune.runtimes.llamacpp.tools import ToolsRunner
 from edgeprune.runtimes.worker import WorkerRunner
 
@@ -26,12 +27,15 @@ class PythonRunner(WorkerRunner):
 
 class LlamaCpp(Runtime):
     name = "llama.cpp"
-    suffix = ".gguf"
+    format = GGUF
+
+    def version(self) -> str:
+        return llamacpp.version()
 
     def needs_binaries(self, device: Device) -> bool:
         return device.python is None
 
-    def runner(self, device: Device, binaries: Binaries | None = None, ram_cap: int | None = None) -> Runner:
+    def _runner(self, device: Device, binaries: Binaries | None, ram_cap: int | None) -> Runner:
         if not self.needs_binaries(device):
             return PythonRunner(device, ram_cap)
         if binaries is None:
