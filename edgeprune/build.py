@@ -44,13 +44,12 @@ from edgeprune.preflight import preflight
 from edgeprune.prune import ModelShape, Plan
 from edgeprune.quantize import QuantSpec
 from edgeprune.report import outcome_to_dict
-from edgeprune.runtimes.base import Binaries, Runner, Runtime
+from edgeprune.runtimes.base import Runner, Runtime
 from edgeprune.runtimes.registry import get_runtime
 from edgeprune.search import Candidate, SearchOutcome, SearchPredictor, SearchSpace, State, greedy_search
 from edgeprune.search.predict import device_latency_model, target_estimates
 from edgeprune.signing import check_signing_key
 from edgeprune.stages import StageOutput, StageRunner
-from edgeprune.toolchain import BuildSpec, check_buildable, ensure_binaries, spec_for
 
 log = logging.getLogger(__name__)
 
@@ -206,22 +205,22 @@ def build(config: BuildConfig) -> BuildResult:
     if config.sign_key is not None:
         check_signing_key(config.sign_key)  # an unusable key fails now, not after the search
     target, profile = config.target, config.profile
-    toolchain = spec_for(target)
-    check_buildable(toolchain, config.cache_dir)  # a missing cross-compiler fails now, not after the search
+    runtime = get_runtime()
+    runtime.check_target_programs(target, config.cache_dir)  # a missing cross-compiler fails now, not after the search
     weights = open_weights(source, config.trust_remote_code)
     bench_tokens = target.slo.prompt_tokens + target.slo.answer_tokens if target.device.url == "local" else 0
     work = Work.for_build(profile.search, self_generated=config.calib is None, bench_tokens=bench_tokens,
                           sparse=target.sparsity.method if target.sparsity else None)
     memory = preflight(weights, profile.calibration, work, config.cache_dir, config.output_dir)
     with TreeSampler() as measured, measuring(target, config.cache_dir) as timer:
-        result = _build(config, source, weights, target, profile, toolchain, timer, t_start, memory, measured)
+        result = _build(config, source, weights, target, profile, timer, t_start, memory, measured)
     return result
 
 
 @contextlib.contextmanager
 def measuring(target: Target, cache_dir: Path, judging: bool = True) -> Iterator[Runner]:
-    """How the target's device times a model: llama.cpp binaries for its architecture where it runs
-    them (built once and cached), the RAM cap where asked for. `judging`: the timings will decide a
+    """How the target's device times a model: the runtime's programs for its architecture where it
+    runs them (built once and cached), the RAM cap where asked for. `judging`: the timings will decide a
     budget, which an emulator's cannot."""
     with get_device(target.device) as device:
         if judging and device.emulated:
@@ -229,21 +228,21 @@ def measuring(target: Target, cache_dir: Path, judging: bool = True) -> Iterator
                 f"{device.url} times under emulation, which cannot judge a budget: search on local or ssh://, then "
                 "check the bundle with `edgeprune verify BUNDLE --device qemu-aarch64`.")
         runtime = get_runtime()
-        binaries = None
+        programs = None
         if runtime.needs_binaries(device):
             if device.arch != target.hardware.arch:
                 raise EdgepruneError(
                     f"{device.url} is {device.arch} and target {target.name} is {target.hardware.arch}: the target's "
-                    "llama.cpp build cannot run there; measure on a device of the target's architecture.")
-            binaries = Binaries(ensure_binaries(spec_for(target), cache_dir).bin, target.hardware.arch)
+                    f"{runtime.name} build cannot run there; measure on a device of the target's architecture.")
+            programs = runtime.runnable(runtime.target_programs(target, cache_dir), target.hardware.arch)
         cap = None
         if isinstance(device, LocalDevice) and target.device.ram_cap:
             cap = int(target.slo.ram_ceiling_gib * (1 << 30))
-        yield runtime.runner(device, binaries, cap)
+        yield runtime.runner(device, programs, cap)
 
 
 def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, target: Target, profile: Profile,
-           toolchain: BuildSpec, timer: Runner, t_start: float, memory: Estimate,
+           timer: Runner, t_start: float, memory: Estimate,
            measured: TreeSampler) -> BuildResult:
     device = timer.device
     threads = min(target.hardware.cores, device.cores)
@@ -316,16 +315,16 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
         "latency_model": _latency_model_summary(predictor, host, estimates),
         "notes": _notes(target, device),
     }
-    # The bundle's llama.cpp binaries: cross-compiled for the target (cached after the first build).
-    binaries = None
+    # What runs the model on the target (llama.cpp's: cross-compiled, cached after the first build).
+    programs = None
     if outcome.selected is not None:
         t0 = time.perf_counter()
-        binaries = ensure_binaries(toolchain, config.cache_dir)
+        programs = evaluate.runtime.target_programs(target, config.cache_dir)
         runner.timings["toolchain"] = time.perf_counter() - t0
     report["timings_s"] = runner.timings | {"total": time.perf_counter() - t_start}
     # Both peaks over this process and its llama.cpp children; the anonymous one is what a memory limit bounds.
     report["memory"] = compared(memory, measured.peak_rss_bytes, measured.peak_anon_bytes) | {
         "estimate": memory.to_dict()}
-    write_output(config.output_dir, outcome, report, reference, target, config.force, binaries,
+    write_output(config.output_dir, outcome, report, reference, target, config.force, evaluate.runtime, programs,
                  config.sign_key)
     return BuildResult(config.output_dir, outcome, report)

@@ -1,7 +1,8 @@
 """The build's output directory, a deployable bundle — written atomically.
 
-model-<name>-<quant>.gguf, bin/ (llama.cpp built for the target), run.sh, serve.sh, README.md
-(model card), report.json, report.md and manifest.json (sha256 of every file). Everything is
+The model file (model-<name>-<quant>.gguf), what the runtime puts beside it to run it on the
+target (llama.cpp's: bin/, run.sh, serve.sh), README.md (model card), report.json, report.md
+and manifest.json (sha256 of every file). Everything is
 assembled in a temporary sibling directory and renamed into place when complete, so a failed or
 interrupted build never leaves a half-written output.
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -31,9 +31,9 @@ from edgeprune.errors import EdgepruneError, naming_refusals
 from edgeprune.hashing import sha256_file
 from edgeprune.models import Reference
 from edgeprune.report import render_markdown
+from edgeprune.runtimes.base import Runtime
 from edgeprune.search import SearchOutcome
 from edgeprune.signing import SIGNATURE_SUFFIX, sign_file
-from edgeprune.toolchain import TOOLS, Binaries
 from edgeprune.versions import tool_versions
 
 MANIFEST = "manifest.json"
@@ -102,9 +102,9 @@ def _check_writable(path: Path, parent: Path) -> None:
                              "another -o/--output-dir.") from None
 
 
-def model_filename(model_id: str, quant: str) -> str:
+def model_filename(model_id: str, quant: str, suffix: str) -> str:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", model_id.split("(")[0].strip().split("/")[-1]).strip("-")
-    return f"model-{slug or 'model'}-{quant}.gguf"
+    return f"model-{slug or 'model'}-{quant}{suffix}"
 
 
 @contextmanager
@@ -160,28 +160,28 @@ def file_hashes(directory: Path) -> dict[str, str]:
 
 
 def write_output(out: Path, outcome: SearchOutcome, report: dict[str, Any], reference: Reference,
-                 target: Target, force: bool, binaries: Binaries | None = None, sign_key: Path | None = None) -> None:
+                 target: Target, force: bool, runtime: Runtime, programs: Any = None,
+                 sign_key: Path | None = None) -> None:
+    """`programs`: what `runtime.target_programs` made for the target (None: a bundle without them)."""
     with staged_output(out, force) as tmp:
         selected = outcome.selected
         model = None
         if selected is not None:
-            model = model_filename(reference.source.model_id, report["profile"]["search"]["quant"])
+            model = model_filename(reference.source.model_id, report["profile"]["search"]["quant"],
+                                   runtime.format.suffix)
             shutil.copyfile(selected.model, tmp / model)
             report["artifact"] = model
-        if model is not None and binaries is not None:
-            (tmp / "bin").mkdir()
-            for tool in TOOLS:
-                shutil.copy2(binaries.path(tool), tmp / "bin" / tool)
-            _write_script(tmp / "run.sh", run_script(model, target))
-            _write_script(tmp / "serve.sh", serve_script(model, target))
-            report["toolchain"] = toolchain_summary(binaries)
+        if model is not None and programs is not None:
+            report["toolchain"] = runtime.package(tmp, model, target, programs)
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
         (tmp / "report.md").write_text(render_markdown(report))
         if model is not None:
-            (tmp / "README.md").write_text(model_card(report, target, binaries))
+            card = runtime.card(programs) if programs is not None else []
+            (tmp / "README.md").write_text(model_card(report, target, card))
         hashes = file_hashes(tmp)
         manifest = {
             "edgeprune_version": __version__,
+            "runtime": runtime.name,
             "model": {"id": reference.source.model_id, "sha256": reference.sha256},
             "target": report["target"],
             "plan": selected.plan.to_dict() if selected else None,
@@ -235,6 +235,7 @@ class ManifestTarget(_Open):
 class Manifest(_Open):
     """What `verify` reads of manifest.json."""
 
+    runtime: str = "llama.cpp"  # what runs the model (bundles before the field had only llama.cpp)
     files: dict[BundlePath, Sha256]
     run: ManifestRun = ManifestRun()
     toolchain: ManifestToolchain | None = None
@@ -246,59 +247,9 @@ def manifest_hashes(manifest: dict[str, Any]) -> dict[str, str]:
     return manifest.get("files", {}) | manifest.get("run", {}).get("files", {})
 
 
-def toolchain_summary(binaries: Binaries) -> dict[str, Any]:
-    """What the manifest records of the binaries: how they were built, not how long it took."""
-    keep = ("key", "triple", "arch", "cpu_flags", "llama_cpp", "llama_cpp_source_sha256", "compiler",
-            "cmake_options", "toolchain_file")
-    return {k: binaries.info[k] for k in keep}
-
-
-def _write_script(path: Path, text: str) -> None:
-    path.write_text(text)
-    path.chmod(0o755)
-
-
-_SCRIPT_HEAD = """#!/bin/sh
-# {what}
-# Built by edgeprune {version} for target {target} ({arch}, {threads} threads).
-set -eu
-here=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
-"""
-
-
-def run_script(model: str, target: Target) -> str:
-    threads = target.hardware.cores
-    # llama-completion in single-turn chat mode prints just the answer on stdout (llama-cli, the
-    # interactive chat, prints a banner there); llama.cpp's log goes to stderr.
-    head = _SCRIPT_HEAD.format(
-        what='One chat answer on stdout, then exit (the log goes to stderr). Usage: ./run.sh "your question" '
-             "[llama-completion options]",
-        version=__version__, target=target.name, arch=target.hardware.arch, threads=threads)
-    return head + f"""if [ $# -lt 1 ]; then
-  echo 'usage: ./run.sh "your question" [llama-completion options]' >&2
-  exit 2
-fi
-question=$1
-shift
-exec "$here/bin/llama-completion" -m "$here/"{shlex.quote(model)} -t {threads} -n {target.slo.answer_tokens} \\
-  --conversation --single-turn --no-display-prompt --simple-io -p "$question" "$@"
-"""
-
-
-def serve_script(model: str, target: Target) -> str:
-    threads = target.hardware.cores
-    head = _SCRIPT_HEAD.format(
-        what="llama-server (OpenAI-compatible HTTP API) on 127.0.0.1. Usage: ./serve.sh [PORT] [llama-server options]; "
-             "add --host 0.0.0.0 to listen on every interface.",
-        version=__version__, target=target.name, arch=target.hardware.arch, threads=threads)
-    return head + f"""port=${{1:-8080}}
-[ $# -gt 0 ] && shift
-exec "$here/bin/llama-server" -m "$here/"{shlex.quote(model)} -t {threads} --host 127.0.0.1 --port "$port" "$@"
-"""
-
-
-def model_card(report: dict[str, Any], target: Target, binaries: Binaries | None) -> str:
-    """README.md of the bundle: what the model is, what was measured where, how to run it."""
+def model_card(report: dict[str, Any], target: Target, programs: list[str]) -> str:
+    """README.md of the bundle: what the model is, what was measured where, how to run it;
+    `programs`: the runtime's lines about the programs it put in the bundle."""
     sel = next(c for c in report["search"]["candidates"] if c["selected"])
     model, device, slo = report["model"], report["device"], target.slo
     hw = target.hardware
@@ -358,13 +309,7 @@ def model_card(report: dict[str, Any], target: Target, binaries: Binaries | None
         "```",
         "",
     ]
-    if binaries is not None:
-        info = binaries.info
-        lines += [
-            f"`bin/` holds {', '.join(TOOLS)}: llama.cpp from {info['llama_cpp']}, built for {info['triple']} "
-            f"with -march={info['cpu_flags']} by {info['compiler']}, statically linked.",
-            "",
-        ]
+    lines += programs
     lines += [
         "Check the bundle (checksums, then the binaries generate on the device and must match the host):",
         "",

@@ -151,7 +151,7 @@ def _prune(config: PruneConfig, source: ModelSource, weights: WeightStore, spec:
     gguf_path = stage.file(model)
     quality = Quality(**runner.run(CandidateQuality(gguf_path, model.key, splits, ref_logps, config.threads)).result)
     arch = architecture(plan.layer_shapes(shape))
-    artifact = model_filename(reference.source.model_id, config.quant)
+    artifact = model_filename(reference.source.model_id, config.quant, stage.format.suffix)
     sparsity = None
     if sparse is not None:
         sparsity = sparse.result | {"gguf": {"quant": quant.describe(),

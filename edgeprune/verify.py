@@ -43,7 +43,7 @@ from edgeprune.hashing import sha256_file
 from edgeprune.measure import Workload
 from edgeprune.report import render_markdown
 from edgeprune.runtimes import isolated, llamacpp
-from edgeprune.runtimes.base import Binaries, Runner
+from edgeprune.runtimes.base import Programs, Runner, Runtime
 from edgeprune.runtimes.llamacpp.tools import ToolsRunner
 from edgeprune.runtimes.registry import get_runtime
 from edgeprune.search.budget import MEETS, Budget
@@ -394,19 +394,24 @@ def verify(bundle: Path, device: DeviceConfig | None = None, answer_tokens: int 
         log.warning("could not clean %s: %s", bundle, e)
     check_entries(bundle)
     n_files = check_files(bundle, raw)
+    if manifest.runtime not in Runtime.registry:
+        raise EdgepruneError(f"Bundle {bundle} runs its model with {manifest.runtime!r}, which this edgeprune "
+                             f"cannot run (it has {', '.join(sorted(Runtime.registry))}): verify it with the "
+                             "edgeprune that built it.")
+    runtime = get_runtime(manifest.runtime)
     toolchain = manifest.toolchain
     if toolchain is None:
         raise EdgepruneError(f"Bundle {bundle} holds no binaries (its build met no budget, or predates them); "
                              "nothing to run on a device.")
     config = device or DeviceConfig(url=default_device(toolchain.arch))
-    models = sorted(name for name in manifest.files if name.endswith(".gguf") and "/" not in name)
+    models = sorted(name for name in manifest.files if name.endswith(runtime.format.suffix) and "/" not in name)
     if len(models) != 1:
         raise VerificationFailed(f"Bundle {bundle} should hold one model at its top level, found {len(models)}.")
     model = bundle / models[0]
     result = VerifyResult(bundle, config.url, toolchain.arch, files_checked=n_files, signature=signature,
                           host_llama_cpp=llamacpp.version(), bundle_llama_cpp=toolchain.llama_cpp)
     with _open_device(config, bundle, toolchain.arch) as dev:
-        binaries = Binaries(bundle / "bin", toolchain.arch)
+        binaries = Programs(bundle / "bin", toolchain.arch)
         tools = ToolsRunner(dev, binaries)
         for tool in TOOLS:
             result.tools[tool] = tools.banner(tool)
@@ -417,7 +422,7 @@ def verify(bundle: Path, device: DeviceConfig | None = None, answer_tokens: int 
         elif target is None or target.hardware.arch != dev.arch:
             result.slo_skipped = f"{dev.url} is {dev.arch}, not the target's architecture"
         else:
-            result.slo = _check_slo(get_runtime().runner(dev, binaries), model, target, repetitions)
+            result.slo = _check_slo(runtime.runner(dev, binaries), model, target, repetitions)
             if signature == "unsigned":
                 write_back(bundle, raw, result.slo)
                 result.written_back = True

@@ -60,6 +60,7 @@ def test_bundle_holds_model_binaries_scripts_card_and_manifest(bundle):
     for name, digest in manifest_hashes(manifest).items():
         assert sha256_file(bundle / name) == digest
     assert set(manifest["run"]["files"]) == set(MEASURED_FILES)
+    assert manifest["runtime"] == "llama.cpp"
     assert manifest["toolchain"]["triple"] == "aarch64-linux-gnu"
     assert manifest["toolchain"]["cpu_flags"] == "armv8.2-a+dotprod"
     assert "llama-cpp-python 0.3.36" in manifest["toolchain"]["llama_cpp"]

@@ -14,7 +14,7 @@ from edgeprune.export import Provenance, export_gguf
 from edgeprune.measure import Workload
 from edgeprune.models.embedded import embedded_gguf
 from edgeprune.quantize import quantize
-from edgeprune.runtimes.base import Binaries
+from edgeprune.runtimes.base import Programs
 from edgeprune.runtimes.llamacpp.tools import ToolsRunner
 from edgeprune.runtimes.registry import get_runtime
 from edgeprune.search.budget import EMULATED, Budget
@@ -171,7 +171,7 @@ def test_qemu_device_times_the_arm_build_marked_emulated(tiny_gguf, cache_dir):
     from edgeprune.toolchain import ensure_binaries, spec_for
 
     device = get_device("qemu-aarch64")
-    binaries = Binaries(ensure_binaries(spec_for(load_target("arm16g")), cache_dir).bin, "aarch64")
+    binaries = Programs(ensure_binaries(spec_for(load_target("arm16g")), cache_dir).bin, "aarch64")
     runner = get_runtime().runner(device, binaries)
     assert isinstance(runner, ToolsRunner)
     record = runner.benchmark(tiny_gguf, WORKLOAD)
@@ -185,7 +185,7 @@ def test_a_device_without_python_needs_binaries_of_its_architecture(tmp_path):
     with pytest.raises(EdgepruneError, match="none were given"):
         get_runtime().runner(device)
     with pytest.raises(EdgepruneError, match="built for x86_64, but qemu-aarch64 is aarch64"):
-        get_runtime().runner(device, Binaries(tmp_path, "x86_64"))
+        get_runtime().runner(device, Programs(tmp_path, "x86_64"))
 
 
 def test_unknown_runtime_is_a_clear_error():

@@ -20,7 +20,7 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.export import Provenance, export_gguf
 from edgeprune.measure import Workload
 from edgeprune.quantize import quantize
-from edgeprune.runtimes.base import Binaries
+from edgeprune.runtimes.base import Programs
 from edgeprune.runtimes.llamacpp.tools import ToolsRunner
 from edgeprune.runtimes.registry import get_runtime
 
@@ -135,7 +135,7 @@ def test_device_binaries_over_ssh_answer_like_local(sshd, tiny_gguf, cache_dir):
     from edgeprune.config import load_target
     from edgeprune.toolchain import ensure_binaries, spec_for
 
-    tools = Binaries(ensure_binaries(spec_for(load_target("demo")), cache_dir).bin, "x86_64")
+    tools = Programs(ensure_binaries(spec_for(load_target("demo")), cache_dir).bin, "x86_64")
     local = ToolsRunner(get_device("local"), tools)
     with get_device(ssh_config(sshd)) as remote:
         runner = get_runtime().runner(remote, tools)  # no Python there: its own llama.cpp binaries

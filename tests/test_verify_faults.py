@@ -143,6 +143,15 @@ def test_a_manifest_keeps_its_free_form_fields(tmp_path):
     bundle = make_bundle(tmp_path / "b")
     raw, manifest = read_manifest(manifest_path(bundle))
     assert raw["plan"] == {"free": "form"} and manifest.toolchain is None and len(manifest.files) == 2
+    assert manifest.runtime == "llama.cpp"  # bundles from before the field ran llama.cpp
+
+
+def test_a_bundle_for_a_runtime_this_edgeprune_lacks_is_refused_in_one_sentence(tmp_path):
+    bundle = make_bundle(tmp_path / "b", runtime="tensorrt")
+    with pytest.raises(EdgepruneError) as e:
+        verify(bundle)
+    assert str(e.value) == (f"Bundle {bundle} runs its model with 'tensorrt', which this edgeprune cannot run (it "
+                            "has llama.cpp): verify it with the edgeprune that built it.")
 
 
 # -- signatures --------------------------------------------------------------------------------------

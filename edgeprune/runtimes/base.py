@@ -15,9 +15,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
+    from edgeprune.config import Target
     from edgeprune.devices.base import Device
     from edgeprune.latency.traffic import ModelTraffic
     from edgeprune.measure import BenchmarkRecord, Workload
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class Binaries:
+class Programs:
     """A directory of a runtime's programs, built for one architecture."""
 
     directory: Path
@@ -63,7 +64,7 @@ class Runtime(ABC):
         """Whether timing on `device` runs programs built for its architecture (`runner(binaries=...)`)."""
         return False
 
-    def runner(self, device: Device, binaries: Binaries | None = None, ram_cap: int | None = None) -> Runner:
+    def runner(self, device: Device, binaries: Programs | None = None, ram_cap: int | None = None) -> Runner:
         """How `device` times this runtime's files; `binaries`: a directory of programs built for it;
         `ram_cap`: bytes past which a candidate's run is stopped and judged over the ceiling."""
         runner = self._runner(device, binaries, ram_cap)
@@ -71,9 +72,32 @@ class Runtime(ABC):
         return runner
 
     @abstractmethod
-    def _runner(self, device: Device, binaries: Binaries | None, ram_cap: int | None) -> Runner: ...
+    def _runner(self, device: Device, binaries: Programs | None, ram_cap: int | None) -> Runner: ...
 
     @abstractmethod
     def traffic(self, model: Path) -> ModelTraffic:
         """Bytes read and FLOPs per token of one model file."""
+
+    # -- the bundle: what runs the model on the target --------------------------------------
+
+    @abstractmethod
+    def check_target_programs(self, target: Target, cache_dir: Path) -> None:
+        """Refuse now, before any work, if the target's programs can be neither found nor made here."""
+
+    @abstractmethod
+    def target_programs(self, target: Target, cache_dir: Path) -> Any:
+        """The programs that run this runtime's files on the target (made once and cached)."""
+
+    @abstractmethod
+    def runnable(self, programs: Any, arch: str) -> Programs:
+        """`target_programs`' output as a device of `arch` runs it (`runner(binaries=...)`)."""
+
+    @abstractmethod
+    def package(self, out: Path, model: str, target: Target, programs: Any) -> dict[str, Any]:
+        """Put `programs` and the scripts that run `model` into the bundle directory `out`; return the
+        manifest's record of how the programs were made."""
+
+    @abstractmethod
+    def card(self, programs: Any) -> list[str]:
+        """The model card's lines about the bundle's programs."""
 

@@ -4,15 +4,19 @@ device has edgeprune's Python, else by the device's own llama-bench."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from edgeprune.config import Target
 from edgeprune.devices.base import Device
 from edgeprune.errors import EdgepruneError
 from edgeprune.latency.traffic import ModelTraffic
 from edgeprune.runtimes import isolated, llamacpp
-from edgeprune.runtimes.base import Binaries, Runner, Runtime
+from edgeprune.runtimes.base import Programs, Runner, Runtime
+from edgeprune.runtimes.llamacpp import package
 from edgeprune.runtimes.llamacpp.gguf_format import GGUF
 from edgeprune.runtimes.llamacpp.tools import ToolsRunner
 from edgeprune.runtimes.worker import WorkerRunner
+from edgeprune.toolchain import Binaries, check_buildable, ensure_binaries, spec_for
 
 
 class PythonRunner(WorkerRunner):
@@ -35,7 +39,7 @@ class LlamaCpp(Runtime):
     def needs_binaries(self, device: Device) -> bool:
         return device.python is None
 
-    def _runner(self, device: Device, binaries: Binaries | None, ram_cap: int | None) -> Runner:
+    def _runner(self, device: Device, binaries: Programs | None, ram_cap: int | None) -> Runner:
         if not self.needs_binaries(device):
             return PythonRunner(device, ram_cap)
         if binaries is None:
@@ -46,3 +50,19 @@ class LlamaCpp(Runtime):
 
     def traffic(self, model: Path) -> ModelTraffic:
         return ModelTraffic.from_gguf(model)
+
+    # llama.cpp's programs for the target are cross-compiled from its source (toolchain/), once.
+    def check_target_programs(self, target: Target, cache_dir: Path) -> None:
+        check_buildable(spec_for(target), cache_dir)
+
+    def target_programs(self, target: Target, cache_dir: Path) -> Binaries:
+        return ensure_binaries(spec_for(target), cache_dir)
+
+    def runnable(self, programs: Binaries, arch: str) -> Programs:
+        return Programs(programs.bin, arch)
+
+    def package(self, out: Path, model: str, target: Target, programs: Binaries) -> dict[str, Any]:
+        return package.package(out, model, target, programs)
+
+    def card(self, programs: Binaries) -> list[str]:
+        return package.card(programs)

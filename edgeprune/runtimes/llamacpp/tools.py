@@ -13,7 +13,7 @@ from typing import Any
 from edgeprune.devices.base import Device, DeviceError
 from edgeprune.errors import EdgepruneError
 from edgeprune.measure import BenchmarkRecord, Workload
-from edgeprune.runtimes.base import Binaries, Runner
+from edgeprune.runtimes.base import Programs, Runner
 
 # POSIX sh, so it runs on a bare controller: start the program, poll its VmHWM (peak RSS) until it
 # exits, report it on stderr. Polling misses nothing: VmHWM only grows while the process lives.
@@ -79,7 +79,7 @@ class ToolsRunner(Runner):
 
     name = "llama-bench"
 
-    def __init__(self, device: Device, binaries: Binaries) -> None:
+    def __init__(self, device: Device, binaries: Programs) -> None:
         super().__init__(device)
         if binaries.arch != device.arch:
             raise EdgepruneError(f"The llama.cpp binaries in {binaries.directory} are built for {binaries.arch}, but "
