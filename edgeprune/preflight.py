@@ -139,6 +139,13 @@ def check(estimate: Estimate, limits: Limits) -> None:
     _check_disk(estimate, limits)
 
 
+def _finished_stage_bytes(cache_dir: Path) -> int:
+    stages = cache_dir / "stages"
+    if not stages.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in stages.rglob("*") if p.is_file() and not p.is_symlink())
+
+
 def _check_disk(estimate: Estimate, limits: Limits) -> None:
     who = f"edgeprune {estimate.command}"
     cache, output = sum(estimate.cache_disk.values()), sum(estimate.output_disk.values())
@@ -157,6 +164,11 @@ def _check_disk(estimate: Estimate, limits: Limits) -> None:
         # max_candidates does not lower the candidates of a prune (one) or of a build that evicts (three).
         if top in KNOBS and is_cache and not (top == CANDIDATES and (estimate.command == "prune" or estimate.evicts)):
             advice += f", or {_advice(KNOBS[top], estimate.command)}"
+        # The estimate is of all the build will write; a resumed build has written part of it already.
+        done = _finished_stage_bytes(disk.path) if is_cache else 0
+        if done:
+            advice += (f"; the cache already holds {fmt(done)} of finished stages, and if they are this job's "
+                       f"(a resumed run), {PREFLIGHT_ENV}=warn goes on")
         raise EdgepruneError(
             f"{who} would need about {fmt(need)} of disk in {disk.path} ({_top(parts)}) but only {fmt(disk.free)} "
             f"is free there: {advice}.")

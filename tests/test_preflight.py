@@ -209,6 +209,15 @@ def test_disk_refusal_names_the_cache_dir(tmp_path):
     message = str(err.value)
     assert f"of disk in {tmp_path / 'cache'}" in message and "--cache-dir" in message
     assert "max_candidates" in message  # the candidates are the largest part
+    assert "already holds" not in message
+    # A resumed build: the cache holds finished stages, perhaps part of what the estimate counts.
+    entry = tmp_path / "cache" / "stages" / "candidate-model" / "0123"
+    entry.mkdir(parents=True)
+    (entry / "model.gguf").write_bytes(b"\0" * (3 << 20))
+    with pytest.raises(EdgepruneError) as err:
+        check(e, limits(64 * GiB, free=10 * GiB, path=tmp_path / "cache"))
+    assert str(err.value).endswith("; the cache already holds 3 MiB of finished stages, and if they are this "
+                                   "job's (a resumed run), EDGEPRUNE_PREFLIGHT=warn goes on.")
 
 
 def test_output_on_another_disk_is_checked_there(tmp_path):
