@@ -1,8 +1,9 @@
 """Runtime base classes: what runs a model file, apart from where it runs (`Device`).
 
 A `Runtime` owns a model format and what follows from it: how a device times a file of that
-format (`runner`), what one token reads and computes (`traffic`, for the latency model), and
-whether a device needs binaries built for it (`needs_binaries`). Runtimes register by subclassing,
+format (`runner`), what one token reads and computes (`traffic`, for the latency model), whether
+a device needs binaries built for it (`needs_binaries`), and what a bundle holds to run the model
+on the target (`target_programs`, `package`, `card`). Runtimes register by subclassing,
 under their `name`. A `Runner` is a runtime bound to one device: the device says how a command
 runs there (a process here, ssh, an emulator), the runner what to run.
 
