@@ -10,7 +10,7 @@ from typing import Any
 from edgeprune.build import measuring
 from edgeprune.config import Target
 from edgeprune.gguf_file import read_gguf
-from edgeprune.latency import LatencyModel, Observation, host_profile, roofline_fraction
+from edgeprune.latency import LatencyModel, ModelTraffic, Observation, host_profile, roofline_fraction
 from edgeprune.measure import BenchmarkRecord, Workload
 from edgeprune.runtimes import llamacpp
 from edgeprune.runtimes.registry import get_runtime
@@ -57,7 +57,8 @@ def bench(model: Path, target: Target, cache_dir: Path, baseline: Path | None = 
         if path is not None:
             read_gguf(path)  # a missing or broken file is one sentence here, not a runner's traceback
     slo = target.slo
-    with measuring(target, cache_dir, judging=False) as timer:
+    runtime = get_runtime()
+    with measuring(target, cache_dir, runtime, judging=False) as timer:
         device = timer.device
         threads = min(target.hardware.cores, device.cores)
         workload = Workload(prompt_tokens(model, slo.prompt_tokens), slo.answer_tokens, threads, warmup, repetitions)
@@ -84,14 +85,14 @@ def bench(model: Path, target: Target, cache_dir: Path, baseline: Path | None = 
                      "device's, not the target's.")
     result = BenchResult(model, target.name, target.device.url, arch, record, budget, verdict, notes)
     if not record.emulated and record.runs:
-        _physical_limits(result, workload, cache_dir, local, target)
+        _physical_limits(result, runtime.traffic(model), workload, cache_dir, local, target)
     return result
 
 
-def _physical_limits(result: BenchResult, workload: Workload, cache_dir: Path, local: bool, target: Target) -> None:
+def _physical_limits(result: BenchResult, traffic: ModelTraffic, workload: Workload, cache_dir: Path, local: bool,
+                     target: Target) -> None:
     """The roofline line, and for a stand-in the target's latency estimated from this measurement.
     Here the bandwidth is measured (a streaming read, cached); elsewhere it is the target file's."""
-    traffic = get_runtime().traffic(result.model)
     decode = result.record.summary["decode_tok_s_p50"]
     context = len(workload.prompt) + workload.answer_tokens // 2  # the mean K/V length while decoding
     if local:

@@ -212,22 +212,21 @@ def build(config: BuildConfig) -> BuildResult:
     work = Work.for_build(profile.search, self_generated=config.calib is None, bench_tokens=bench_tokens,
                           sparse=target.sparsity.method if target.sparsity else None)
     memory = preflight(weights, profile.calibration, work, config.cache_dir, config.output_dir)
-    with TreeSampler() as measured, measuring(target, config.cache_dir) as timer:
+    with TreeSampler() as measured, measuring(target, config.cache_dir, runtime) as timer:
         result = _build(config, source, weights, target, profile, timer, t_start, memory, measured)
     return result
 
 
 @contextlib.contextmanager
-def measuring(target: Target, cache_dir: Path, judging: bool = True) -> Iterator[Runner]:
-    """How the target's device times a model: the runtime's programs for its architecture where it
-    runs them (built once and cached), the RAM cap where asked for. `judging`: the timings will decide a
+def measuring(target: Target, cache_dir: Path, runtime: Runtime, judging: bool = True) -> Iterator[Runner]:
+    """How the target's device times `runtime`'s models: its programs for the device's architecture
+    where it runs them (built once and cached), the RAM cap where asked for. `judging`: the timings will decide a
     budget, which an emulator's cannot."""
     with get_device(target.device) as device:
         if judging and device.emulated:
             raise EdgepruneError(
                 f"{device.url} times under emulation, which cannot judge a budget: search on local or ssh://, then "
                 "check the bundle with `edgeprune verify BUNDLE --device qemu-aarch64`.")
-        runtime = get_runtime()
         programs = None
         if runtime.needs_binaries(device):
             if device.arch != target.hardware.arch:
@@ -268,7 +267,7 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
     local = isinstance(device, LocalDevice)
     host = host_profile(config.cache_dir, threads) if local else None
     predictor = SearchPredictor(device_latency_model(local, host, target.hardware, device.url), workload,
-                                functools.lru_cache(maxsize=None)(get_runtime().traffic))
+                                functools.lru_cache(maxsize=None)(evaluate.runtime.traffic))
     log.info("search on %s with %d threads", device.url, threads)
     outcome = greedy_search(space, evaluate, target.slo, profile.search.max_candidates, predictor)
     stand_in = device.arch != target.hardware.arch or threads < target.hardware.cores
