@@ -231,17 +231,18 @@ def verify(bundle: Path, answer_tokens: int, repetitions: int, trusted_key: Path
     if as_json:
         click.echo(json.dumps(r.to_dict(), indent=1))
         return
-    speed = f", {r.device_decode_tok_s:.1f} tok/s decode" if r.device_decode_tok_s else ""
+    ans = r.answer
+    speed = f", {ans.device_decode_tok_s:.1f} tok/s decode" if ans.device_decode_tok_s else ""
     click.echo(f"Signature:  {r.signature}")
     click.echo(f"Files:      {r.files_checked} match manifest.json")
-    click.echo(f"Binaries:   {', '.join(r.tools)} run on {r.device} ({r.arch})")
-    a = r.agreement
+    click.echo(f"Programs:   {', '.join(ans.programs)} run on {r.device} ({r.arch})")
+    a = ans.agreement
     agree = f"{a['positions']} greedy tokens, {a['top1']} of them the host's first choice"
     if a["top1"] < a["positions"]:
         w = a["worst"]
         agree += (f", the rest within its top {a['top_k']} and {a['gap_allowed']:g} logit (largest gap "
                   f"{a['max_gap']:.3f} at token {w['token']}: {w['device']!r} where the host prefers {w['host']!r})")
-    click.echo(f"Answer:     {agree}, in {r.device_seconds:.1f} s{speed}: {r.prompt!r} -> {r.device_text!r}")
+    click.echo(f"Answer:     {agree}, in {ans.device_seconds:.1f} s{speed}: {ans.prompt!r} -> {ans.device_text!r}")
     if r.slo is None:
         click.echo(f"Budget:     not judged: {r.slo_skipped}")
     else:

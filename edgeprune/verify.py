@@ -6,12 +6,11 @@ does it meet its budget there?
 1. manifest.json must be a valid manifest (its file names plain paths inside the bundle), every
    entry a regular file (no symlinks, pipes or devices), every file's sha256 as listed, and no
    file the manifest does not know. A bundle that fails here is not executed.
-2. The bundle's own binaries run on the device: every tool starts, and llama-completion loads
-   the model and answers a fixed prompt greedily. The host (llama-cpp-python, the same llama.cpp
-   source) then reads the device's answer token by token on the same GGUF: each token must be
-   within the host's top TOP_K and within MAX_LOGIT_GAP of the host's best logit in that context.
+2. The bundle's own programs run on the device: each one starts, and the model answers a fixed
+   prompt greedily there as the host's runtime would (the runtime says how it is judged: for
+   llama.cpp, runtimes/llamacpp/answers.py).
 3. On a device that is not emulated and has the target's architecture (an ssh:// controller, or
-   this machine for a native target), llama-bench runs the SLO's workload with the target's
+   this machine for a native target), the runtime times the SLO's workload with the target's
    threads: PASS or FAIL against the latency budget and RAM ceiling, and the figures are written
    back into the bundle's report (report.json, report.md and their hashes in the manifest).
 
@@ -21,7 +20,6 @@ times nothing) and `ssh://[user@]host[:port]`.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -42,46 +40,19 @@ from edgeprune.errors import EdgepruneError, VerificationFailed
 from edgeprune.hashing import sha256_file
 from edgeprune.measure import Workload
 from edgeprune.report import render_markdown
-from edgeprune.runtimes import isolated, llamacpp
-from edgeprune.runtimes.base import Programs, Runner, Runtime
-from edgeprune.runtimes.llamacpp.tools import ToolsRunner
+from edgeprune.runtimes.base import AnswerCheck, Programs, Runner, Runtime
 from edgeprune.runtimes.registry import get_runtime
 from edgeprune.search.budget import MEETS, Budget
 from edgeprune.signing import SignatureInvalid, verify_file
-from edgeprune.toolchain import TOOLS
 
 log = logging.getLogger(__name__)
 
 PROMPT = "The three primary colours of light are"
 ANSWER_TOKENS = 16
 SLO_REPETITIONS = 3
-# The tolerance of a device's greedy answer, read by the host token by token. Kernels of other
-# instruction sets round differently: the tokens where answers parted were 0.00-0.14 logits below
-# the host's best (x86-64-v3 and aarch64 builds against the host's AVX-512 llama-cpp-python,
-# Q4_K_M), and a context parted that way keeps the device's tokens at the host's top 1-2 (see
-# README). A damaged or different model's tokens sit many logits down or outside the top 5.
-TOP_K = 5
-MAX_LOGIT_GAP = 1.0
 EMULATORS = {"qemu-aarch64": "aarch64"}
 # Temporary files earlier versions of verify wrote into the bundle (a killed verify left them).
 LEGACY_TMP = tuple(f".{name}.tmp" for name in ("report.json", "report.md", MANIFEST))
-
-
-@dataclass
-class Agreement:
-    """The device's greedy answer as the host reads it: per token, the host's rank and logit gap."""
-
-    positions: int = 0  # device tokens judged, plus its end of text if it stopped early
-    top1: int = 0  # of them, exactly the host's first choice
-    max_gap: float = 0.0  # host's best logit minus the device token's, the largest over positions
-    worst: dict[str, Any] | None = None  # the position of max_gap: token index, device and host pieces
-    failure: str = ""  # why the answer is out of tolerance; empty if within it
-    top_k: int = TOP_K
-    gap_allowed: float = MAX_LOGIT_GAP
-
-    @property
-    def passed(self) -> bool:
-        return not self.failure
 
 
 @dataclass
@@ -91,18 +62,9 @@ class VerifyResult:
     arch: str
     files_checked: int = 0
     signature: str = "unsigned"  # "unsigned", "signed, not checked" or "signed by <principal>, verified"
-    tools: dict[str, str] = field(default_factory=dict)  # tool -> first line of its --version/--help
-    prompt: str = PROMPT
-    host_tokens: list[int] = field(default_factory=list)  # the host's own greedy answer
-    host_text: str = ""
-    device_text: str = ""
-    agreement: dict[str, Any] = field(default_factory=dict)  # Agreement of device_text with the host
-    device_decode_runs: int | None = None  # llama.cpp's eval count after the prompt
-    device_decode_tok_s: float | None = None
-    device_prefill_tok_s: float | None = None
-    device_seconds: float = 0.0
-    host_llama_cpp: str = ""
-    bundle_llama_cpp: str = ""
+    runtime: str = ""
+    bundle_runtime: str = ""  # the runtime's version the bundle's programs were built from
+    answer: AnswerCheck = field(default_factory=AnswerCheck)
     # The SLO check: None where the device cannot judge it (emulated, or another architecture).
     slo: dict[str, Any] | None = None
     slo_skipped: str = ""
@@ -114,7 +76,8 @@ class VerifyResult:
         return self.slo is None or self.slo["verdict"] == MEETS
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"bundle": str(self.bundle), "passed": self.passed}
+        d = asdict(self)
+        return d | d.pop("answer") | {"bundle": str(self.bundle), "passed": self.passed}
 
 
 def default_device(arch: str) -> str:
@@ -211,129 +174,12 @@ def check_files(bundle: Path, manifest: dict[str, Any]) -> int:
     return len(expected)
 
 
-def host_answer(model: Path, prompt: str, answer_tokens: int, threads: int) -> tuple[list[int], str]:
-    """Greedy tokens and their text as llama-completion prints them, from llama-cpp-python."""
-    # llama-completion tokenizes with special tokens added and parsed; so does this.
-    tokens = llamacpp.greedy_answer(model, llamacpp.tokenize(model, prompt), answer_tokens, threads)
-    return tokens, token_text(model, tokens).decode("utf-8", errors="replace")
-
-
-def token_text(model: Path, tokens: list[int]) -> bytes:
-    """What llama-completion prints for `tokens` of `model`."""
-    import llama_cpp
-
-    llamacpp.route_logs_to_python()
-    vocab_model = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
-    try:
-        vocab = llama_cpp.llama_model_get_vocab(vocab_model.model)
-        return b"".join(_piece(vocab, t) for t in tokens)
-    finally:
-        vocab_model.close()
-
-
-def _piece(vocab: Any, token: int) -> bytes:
-    """A token's text exactly as llama-completion prints it (common_token_to_piece: no space
-    stripping, special tokens unrendered); a character may span two tokens, hence bytes."""
-    import llama_cpp
-
-    size = 64
-    while True:
-        buf = ctypes.create_string_buffer(size)
-        n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, False)
-        if n >= 0:
-            return buf.raw[:n]
-        size = -n
-
-
-def agreement(model: Path, prompt: str, device_output: bytes, answer_tokens: int, threads: int) -> Agreement:
-    """The device's answer judged by the host's llama.cpp, in a child process (see _agreement)."""
-    return isolated.call("comparing answers with", model, _agreement, model, prompt, device_output, answer_tokens,
-                         threads)
-
-
-def _agreement(model: Path, prompt: str, device_output: bytes, answer_tokens: int, threads: int) -> Agreement:
-    """Read the device's greedy answer with the host's logits, teacher-forced on the device's own tokens.
-
-    llama-completion prints text, not token ids: at each position the device's token is the host's
-    highest-ranked top-TOP_K token whose text starts what is left of the device's answer. It must
-    be within MAX_LOGIT_GAP of the host's best. An answer shorter than `answer_tokens` ended on an
-    end-of-generation token, which must meet the same rule where the text ends."""
-    import llama_cpp
-    import numpy as np
-
-    # Already in llama.cpp's child process: tokenize with the loaded model, not in another child.
-    # A prompt has at most one token per byte, plus BOS.
-    llm = llamacpp.load(model, n_ctx=len(prompt.encode()) + 1 + len(device_output) + 8, threads=threads)
-    result = Agreement()
-    try:
-        prompt_tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        llm.eval(prompt_tokens)
-        rest = device_output
-        while rest or result.positions < answer_tokens:
-            logits = llamacpp.last_logits(llm)
-            ranked = [int(t) for t in np.argsort(-logits)[:TOP_K]]
-            pieces = [_piece(vocab, t) for t in ranked]
-            if rest:
-                what = repr(rest[:24].decode(errors="replace"))
-                match = next((i for i, p in enumerate(pieces) if p and rest.startswith(p)), None)
-            else:
-                what = "its end of text"
-                match = next((i for i, t in enumerate(ranked) if llama_cpp.llama_vocab_is_eog(vocab, t)), None)
-            k = result.positions
-            if match is None:
-                host = ", ".join(repr(p.decode(errors="replace")) for p in pieces)
-                result.failure = (f"at token {k} the device continues with {what}, which none of the host's top "
-                                  f"{TOP_K} tokens ({host}) begins")
-                result.worst = {"token": k, "device": what, "host": pieces[0].decode(errors="replace"), "gap": None}
-                return result
-            gap = float(logits[ranked[0]] - logits[ranked[match]])
-            result.positions += 1
-            result.top1 += match == 0
-            if result.worst is None or gap > result.max_gap:
-                result.max_gap = gap
-                device_piece = pieces[match].decode(errors="replace") if rest else "<end of text>"
-                result.worst = {"token": k, "device": device_piece, "host": pieces[0].decode(errors="replace"),
-                                "gap": gap, "rank": match + 1}
-            if gap > MAX_LOGIT_GAP:
-                result.failure = (f"at token {k} the device's {result.worst['device']!r} is {gap:.2f} logits below "
-                                  f"the host's {result.worst['host']!r} (tolerance {MAX_LOGIT_GAP})")
-                return result
-            if not rest:
-                return result
-            rest = rest[len(pieces[match]):]
-            llm.eval([ranked[match]])
-        return result
-    finally:
-        llm.close()
-
-
 def _open_device(config: DeviceConfig, bundle: Path, arch: str) -> Device:
     device = get_device(config)
     if device.url == "local" and arch != host_arch():
         raise EdgepruneError(f"The bundle is built for {arch} and this machine is {host_arch()}: verify it with "
                              f"--device {default_device(arch)} or on an {arch} device.")
     return device
-
-
-def _check_answer(result: VerifyResult, tools: ToolsRunner, model: Path, answer_tokens: int, threads: int) -> None:
-    device = tools.device
-    log.info("generating %d tokens with the bundle's llama-completion on %s", answer_tokens, device.url)
-    completion = tools.greedy_completion(model, PROMPT, answer_tokens, threads)
-    result.device_text, result.device_seconds = completion.text, completion.seconds
-    result.device_decode_runs = completion.decode_runs
-    result.device_decode_tok_s, result.device_prefill_tok_s = completion.decode_tok_s, completion.prefill_tok_s
-    host_threads = min(threads, os.cpu_count() or 1)
-    result.host_tokens, result.host_text = host_answer(model, PROMPT, answer_tokens, host_threads)
-    judged = agreement(model, PROMPT, completion.output, answer_tokens, host_threads)
-    result.agreement = asdict(judged)
-    if not judged.passed:
-        raise VerificationFailed(
-            f"{model.name}: the device's greedy answer is not the host's within tolerance: {judged.failure}; device "
-            f"{result.device_text!r}, host {result.host_text!r}; the binaries or the model do not run correctly on "
-            f"{device.url}.")
-    log.info("device answer: %d tokens within the host's top %d, %d its first choice, largest gap %.3f",
-             judged.positions, TOP_K, judged.top1, judged.max_gap)
 
 
 def _check_slo(timer: Runner, model: Path, target: ManifestTarget, repetitions: int) -> dict[str, Any]:
@@ -409,13 +255,10 @@ def verify(bundle: Path, device: DeviceConfig | None = None, answer_tokens: int 
         raise VerificationFailed(f"Bundle {bundle} should hold one model at its top level, found {len(models)}.")
     model = bundle / models[0]
     result = VerifyResult(bundle, config.url, toolchain.arch, files_checked=n_files, signature=signature,
-                          host_llama_cpp=llamacpp.version(), bundle_llama_cpp=toolchain.llama_cpp)
+                          runtime=runtime.name, bundle_runtime=toolchain.llama_cpp)
     with _open_device(config, bundle, toolchain.arch) as dev:
         binaries = Programs(bundle / "bin", toolchain.arch)
-        tools = ToolsRunner(dev, binaries)
-        for tool in TOOLS:
-            result.tools[tool] = tools.banner(tool)
-        _check_answer(result, tools, model, answer_tokens, threads)
+        result.answer = runtime.check_answer(dev, binaries, model, PROMPT, answer_tokens, threads)
         target = manifest.target
         if dev.emulated:
             result.slo_skipped = f"{dev.url} is emulated: its timings say nothing about the target's budget"

@@ -115,7 +115,7 @@ def test_verify_under_qemu_matches_the_host(bundle):
     assert result["signature"] == "unsigned"
     assert result["device_decode_tok_s"] > 0
     assert result["host_text"].strip()
-    assert set(result["tools"]) == set(TOOLS)
+    assert set(result["programs"]) == set(TOOLS) and result["runtime"] == "llama.cpp"
     assert result["files_checked"] == len(TOOLS) + 6
     assert result["slo"] is None and "emulated" in result["slo_skipped"] and result["passed"]
 

@@ -15,17 +15,8 @@ from edgeprune.bundle import sign_manifest
 from edgeprune.errors import EdgepruneError, VerificationFailed
 from edgeprune.models.embedded import embedded_gguf
 from edgeprune.runtimes import llamacpp
-from edgeprune.verify import (
-    MAX_LOGIT_GAP,
-    PROMPT,
-    TOP_K,
-    agreement,
-    check_signature,
-    manifest_path,
-    read_manifest,
-    token_text,
-    verify,
-)
+from edgeprune.runtimes.llamacpp.answers import MAX_LOGIT_GAP, TOP_K, agreement, token_text
+from edgeprune.verify import PROMPT, check_signature, manifest_path, read_manifest, verify
 
 N = 16
 

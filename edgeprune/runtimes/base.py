@@ -3,7 +3,8 @@
 A `Runtime` owns a model format and what follows from it: how a device times a file of that
 format (`runner`), what one token reads and computes (`traffic`, for the latency model), whether
 a device needs binaries built for it (`needs_binaries`), and what a bundle holds to run the model
-on the target (`target_programs`, `package`, `card`). Runtimes register by subclassing,
+on the target (`target_programs`, `package`, `card`), and how `verify` checks that a bundle's
+programs answer on a device as the host would (`check_answer`). Runtimes register by subclassing,
 under their `name`. A `Runner` is a runtime bound to one device: the device says how a command
 runs there (a process here, ssh, an emulator), the runner what to run.
 
@@ -14,7 +15,7 @@ runtime, and `edgeprune.runtimes.registry` is the one place that loads them all.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -32,6 +33,23 @@ class Programs:
 
     directory: Path
     arch: str
+
+
+@dataclass
+class AnswerCheck:
+    """A bundle's programs on a device: each one starts, and a greedy answer there, read by the host."""
+
+    programs: dict[str, str] = field(default_factory=dict)  # program -> first line of its banner
+    prompt: str = ""
+    host_runtime: str = ""  # the runtime and version the host read the answer with
+    host_tokens: list[int] = field(default_factory=list)  # the host's own greedy answer
+    host_text: str = ""
+    device_text: str = ""
+    agreement: dict[str, Any] = field(default_factory=dict)  # how the device's tokens rank on the host
+    device_decode_runs: int | None = None  # the runtime's decode steps after the prompt
+    device_decode_tok_s: float | None = None
+    device_prefill_tok_s: float | None = None
+    device_seconds: float = 0.0
 
 
 class Runner(ABC):
@@ -101,4 +119,12 @@ class Runtime(ABC):
     @abstractmethod
     def card(self, programs: Any) -> list[str]:
         """The model card's lines about the bundle's programs."""
+
+    # -- verify: the bundle on a device ------------------------------------------------------
+
+    @abstractmethod
+    def check_answer(self, device: Device, programs: Programs, model: Path, prompt: str, answer_tokens: int,
+                     threads: int) -> AnswerCheck:
+        """The bundle's programs start on `device` and answer `prompt` greedily as the host would;
+        raises VerificationFailed saying where they part."""
 

@@ -11,8 +11,8 @@ from edgeprune.devices.base import Device
 from edgeprune.errors import EdgepruneError
 from edgeprune.latency.traffic import ModelTraffic
 from edgeprune.runtimes import isolated, llamacpp
-from edgeprune.runtimes.base import Programs, Runner, Runtime
-from edgeprune.runtimes.llamacpp import package
+from edgeprune.runtimes.base import AnswerCheck, Programs, Runner, Runtime
+from edgeprune.runtimes.llamacpp import answers, package
 from edgeprune.runtimes.llamacpp.gguf_format import GGUF
 from edgeprune.runtimes.llamacpp.tools import ToolsRunner
 from edgeprune.runtimes.worker import WorkerRunner
@@ -66,3 +66,7 @@ class LlamaCpp(Runtime):
 
     def card(self, programs: Binaries) -> list[str]:
         return package.card(programs)
+
+    def check_answer(self, device: Device, programs: Programs, model: Path, prompt: str, answer_tokens: int,
+                     threads: int) -> AnswerCheck:
+        return answers.check_answer(device, programs, model, prompt, answer_tokens, threads)
