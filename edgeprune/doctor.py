@@ -55,11 +55,11 @@ def check(name: str, needed_by: str, runtime: bool = False):
 
 @check("python packages", "every command", runtime=True)
 def _packages(_: Path) -> tuple[bool, str, str]:
-    missing = [m for m in ("torch", "transformers", "gguf", "llama_cpp", "safetensors")
-               if importlib.util.find_spec(m) is None]
+    needed = ("torch", "transformers", "gguf", "llama_cpp", "safetensors", "onnx", "onnxruntime")
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         return False, f"not importable: {', '.join(missing)}", "Run `make install` (it installs them into .venv)."
-    return True, "torch, transformers, gguf, llama_cpp, safetensors", ""
+    return True, ", ".join(needed), ""
 
 
 @check("embedded model", "build/prune without --model, doctor", runtime=True)

@@ -246,7 +246,7 @@ class CandidateModel(Stage):
         model = out_dir / self.format.model_file
         self.format.realize(job, model)
         parameters = sum(math.prod(t.shape) for t in pruned_tensors(weights, self.plan))  # tied counted once
-        return {"size_bytes": os.path.getsize(model), "parameters": parameters}
+        return {"size_bytes": self.format.size_bytes(model), "parameters": parameters}
 
 
 class CandidateQuality(Stage):

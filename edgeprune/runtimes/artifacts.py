@@ -51,6 +51,13 @@ class ModelFormat(ABC):
     def model_file(self) -> str:
         return "model" + self.suffix
 
+    def files(self, model: Path) -> list[Path]:
+        """Every file the model is made of (a format may keep weights beside the model file)."""
+        return [model]
+
+    def size_bytes(self, model: Path) -> int:
+        return sum(f.stat().st_size for f in self.files(model))
+
     def identity(self) -> dict[str, Any]:
         return {"format": self.name, "code": sha256_json({m: code_hash(m) for m in self.code_modules})}
 

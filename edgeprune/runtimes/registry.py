@@ -6,6 +6,7 @@ from __future__ import annotations
 from edgeprune.errors import EdgepruneError
 from edgeprune.runtimes.base import Runtime
 from edgeprune.runtimes.llamacpp import runtime as _llamacpp  # noqa: F401  (registers "llama.cpp")
+from edgeprune.runtimes.onnx import runtime as _onnx  # noqa: F401  (registers "onnxruntime")
 
 DEFAULT = "llama.cpp"
 

@@ -38,8 +38,20 @@ class HessianAccumulator:
         self.h += x.T @ x
 
 
+def inverse_hessian_factor(w: torch.Tensor, hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """The upper Cholesky factor of the damped H^-1: row i holds what column i's error propagates
+    to columns > i. Columns of inputs that were always zero are zeroed in `w` (in place): their
+    weights cannot matter."""
+    h = hessian.detach().clone().float()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += percdamp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
 @contextmanager
-def _single_thread() -> Iterator[None]:
+def single_thread() -> Iterator[None]:
     """The column loop is thousands of tiny ops, each a thread barrier with two threads. Measured
     on 2 cores, one 576x1536 weight: 0.23 s either way on a quiet machine; with compile jobs
     sharing the cores, 0.3 s single-threaded against 0.7-2.6 s with two threads."""
@@ -62,7 +74,7 @@ def sparsegpt(
     mask_group: Literal["row", "block"] = "row",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (updated weight, mask of pruned weights); N:M when prunen > 0."""
-    with _single_thread():
+    with single_thread():
         return _sparsegpt(weight, hessian, sparsity, prunen, prunem, blocksize, percdamp, mask_group)
 
 
@@ -72,13 +84,7 @@ def _sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, pru
     if prunen and (prunem <= prunen or blocksize % prunem or cols % prunem):
         raise ValueError(f"{prunen}:{prunem} needs N < M and M dividing both blocksize and {cols} columns")
     w = weight.detach().clone().float()
-    h = hessian.detach().clone().float()
-    dead = torch.diag(h) == 0  # inputs that were always zero: their weights cannot matter
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    h += percdamp * torch.mean(torch.diag(h)) * torch.eye(cols)
-    # The upper Cholesky factor of H^-1: row i holds what column i's error propagates to columns > i.
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = inverse_hessian_factor(w, hessian, percdamp)
     mask = torch.zeros(rows, cols, dtype=torch.bool)
 
     for i1 in range(0, cols, blocksize):

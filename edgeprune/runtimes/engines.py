@@ -1,0 +1,30 @@
+"""What the benchmark worker loads a model file with, by the file's suffix: an `Engine` runs the
+SLO-shaped request (`timed_generation`) in the worker's process. A candidate and its baseline may
+be of different runtimes (an ONNX candidate timed against the llama.cpp baseline): each file gets
+its own engine, and the two alternate in one process all the same.
+
+Modules are named, not imported, so the worker loads only the runtimes its files need.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Protocol
+
+ENGINES = {".gguf": "edgeprune.runtimes.llamacpp.engine", ".onnx": "edgeprune.runtimes.onnx.engine"}
+
+
+class Engine(Protocol):
+    def timed_generation(self, prompt: list[int], answer_tokens: int,
+                         tokens: list[int] | None = None) -> dict[str, float]: ...
+
+    def close(self) -> None: ...
+
+
+def engine_module(path: Path) -> Any:
+    """The module that loads `path` (`load(path, n_ctx, threads)`, `version()`, `system_info()`)."""
+    if path.suffix not in ENGINES:
+        raise ValueError(f"{path.name}: no engine runs {path.suffix or 'suffix-less'} files "
+                         f"(known: {', '.join(ENGINES)})")
+    return importlib.import_module(ENGINES[path.suffix])

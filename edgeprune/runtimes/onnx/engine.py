@@ -1,0 +1,38 @@
+"""onnxruntime as the benchmark worker's engine for edgeprune's ONNX files: the decode loop with the
+KV cache bound on the runtime's side (session.BoundDecoder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeprune.runtimes.onnx.session import BoundDecoder, SessionSettings
+
+
+class OnnxEngine:
+    def __init__(self, path: Path, n_ctx: int, threads: int) -> None:
+        self.settings = SessionSettings(threads)
+        self.decoder = BoundDecoder(path, self.settings, n_ctx)
+
+    def timed_generation(self, prompt: list[int], answer_tokens: int,
+                         tokens: list[int] | None = None) -> dict[str, float]:
+        return self.decoder.timed_generation(prompt, answer_tokens, tokens)
+
+    def close(self) -> None:
+        del self.decoder
+
+
+load = OnnxEngine
+
+
+def version() -> str:
+    import onnxruntime
+
+    return f"onnxruntime {onnxruntime.__version__}"
+
+
+def system_info() -> str:
+    import onnxruntime
+
+    settings = SessionSettings(threads=0)
+    return (f"providers {','.join(onnxruntime.get_available_providers())}; ran {settings.provider}, "
+            f"graph optimization {settings.optimization}")

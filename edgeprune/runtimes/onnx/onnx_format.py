@@ -1,0 +1,64 @@
+"""ONNX as ONNX Runtime's model format: a graph written from the source weights with the plan
+applied, its decoder weights block-quantized (GPTQ on the calibration windows when the candidate
+is calibrated, round-to-nearest otherwise), the weights in `model.onnx.data` beside it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from edgeprune.errors import EdgepruneError
+from edgeprune.models.streamed import DecoderStream
+from edgeprune.runtimes.artifacts import ModelFormat, Realization
+from edgeprune.runtimes.onnx import session
+from edgeprune.runtimes.onnx.calibrated import SequentialGptq
+from edgeprune.runtimes.onnx.llama import OnnxWeights, write_onnx
+
+log = logging.getLogger(__name__)
+
+# The quantization types of ONNX candidates, by the name a profile or --quant gives.
+WEIGHTS = {
+    "F32": OnnxWeights(),
+    "INT8": OnnxWeights(bits=8),
+    "INT4": OnnxWeights(bits=4, block=32),
+    "INT4_B128": OnnxWeights(bits=4, block=128),
+}
+
+
+def onnx_weights(quant: str) -> OnnxWeights:
+    if quant not in WEIGHTS:
+        raise EdgepruneError(f"ONNX Runtime candidates are quantized as one of {', '.join(WEIGHTS)}, not {quant}.")
+    return WEIGHTS[quant]
+
+
+class Onnx(ModelFormat):
+    name = "onnx"
+    suffix = ".onnx"
+    code_modules = (__name__,)  # with everything it imports (hashing.code_hash)
+
+    def files(self, model: Path) -> list[Path]:
+        return [model, model.with_name(model.name + ".data")]
+
+    def realize(self, job: Realization, out: Path) -> None:
+        weights = onnx_weights(job.quant.quant)
+        if job.quant.recipe != "default":
+            raise EdgepruneError(f"Recipe {job.quant.recipe} names llama.cpp's tensor types; ONNX candidates take "
+                                 "the default recipe.")
+        quantizer = None
+        if weights.bits is not None and job.calib is not None:
+            quantizer = SequentialGptq(DecoderStream(job.weights, job.plan, job.overrides), job.calib)
+        try:
+            write_onnx(job.weights, job.plan, out, weights, job.provenance, job.name, job.overrides, quantizer)
+        finally:
+            if quantizer is not None:
+                quantizer.close()
+                log.info("GPTQ on %d calibration tokens in %.1f s", quantizer.tokens, quantizer.seconds)
+
+    def sequence_logits(self, model: Path, windows: np.ndarray, threads: int) -> Iterator[np.ndarray]:
+        return session.sequence_logits(model, windows, threads)
+
+
+ONNX = Onnx()

@@ -1,0 +1,133 @@
+"""Running an edgeprune ONNX decoder with onnxruntime: session settings, full-sequence logits (the
+quality measure's input) and a greedy decode through the KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeprune.runtimes.onnx.llama import ATTENTION_MASK, INPUT_IDS, LOGITS
+
+OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """What the report records of how onnxruntime ran a model."""
+
+    threads: int
+    optimization: str = "all"
+    provider: str = "CPUExecutionProvider"
+
+
+def open_session(path: Path, settings: SessionSettings):
+    import onnxruntime as ort
+
+    levels = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = levels[settings.optimization]
+    options.log_severity_level = 3  # errors only: the optimizer's notes are not the user's business
+    return ort.InferenceSession(str(path), options, providers=[settings.provider])
+
+
+class Decoder:
+    """One session of an edgeprune decoder, and the shapes of its KV cache."""
+
+    def __init__(self, path: Path, settings: SessionSettings) -> None:
+        self.session = open_session(path, settings)
+        # past_key_values.{i}.key / .value: [batch, kv_heads, past_sequence, head_dim], the head dims fixed
+        self.cache = {i.name: (int(i.shape[1]), int(i.shape[3])) for i in self.session.get_inputs()
+                      if i.name.startswith("past_key_values.")}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        return {name: np.zeros((batch, heads, 0, dim), np.float32) for name, (heads, dim) in self.cache.items()}
+
+    def step(self, tokens: np.ndarray, cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Logits of `tokens` [batch, sequence] after the cached ones, and the cache with them added."""
+        past = next(iter(cache.values())).shape[2] if cache else 0
+        mask = np.ones((tokens.shape[0], past + tokens.shape[1]), np.int64)
+        results = self.session.run(self.outputs, {INPUT_IDS: tokens.astype(np.int64), ATTENTION_MASK: mask, **cache})
+        named = dict(zip(self.outputs, results, strict=True))
+        return named[LOGITS], {name.replace("present.", "past_key_values.", 1): value
+                               for name, value in named.items() if name.startswith("present.")}
+
+
+def sequence_logits(model: Path, windows: np.ndarray, threads: int) -> Iterator[np.ndarray]:
+    """The model's logits at every position of every window, one [len, vocab] array at a time."""
+    decoder = Decoder(model, SessionSettings(threads))
+    for window in windows:
+        logits, _ = decoder.step(np.asarray(window)[None, :], decoder.empty_cache(1))
+        yield logits[0]
+
+
+def greedy(model: Path, prompt: list[int], answer_tokens: int, threads: int) -> list[int]:
+    """Greedy tokens after `prompt`, decoded one at a time through the cache."""
+    decoder = Decoder(model, SessionSettings(threads))
+    logits, cache = decoder.step(np.array([prompt]), decoder.empty_cache(1))
+    out: list[int] = []
+    for _ in range(answer_tokens):
+        out.append(int(np.argmax(logits[0, -1])))
+        logits, cache = decoder.step(np.array([[out[-1]]]), cache)
+    return out
+
+
+class BoundDecoder:
+    """A decode loop with the cache on the runtime's side, as an application would run it: one
+    buffer per cache tensor, `n_ctx` positions long, bound as both past and present (GroupQueryAttention
+    appends in place), and the decode step's logits written into a buffer bound once. Nothing is
+    copied through Python per token but the token itself and its logits."""
+
+    def __init__(self, path: Path, settings: SessionSettings, n_ctx: int) -> None:
+        import onnxruntime as ort
+
+        self.decoder = Decoder(path, settings)
+        self.n_ctx = n_ctx
+        self.vocab = int(self.decoder.session.get_outputs()[0].shape[2])
+        self.cache = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, heads, n_ctx, dim), np.float32))
+                      for name, (heads, dim) in self.decoder.cache.items()}
+        self.logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, self.vocab], np.float32)
+
+    def _run(self, tokens: np.ndarray, past: int) -> np.ndarray:
+        """Logits of the last of `tokens` after `past` cached positions."""
+        if past + tokens.shape[1] > self.n_ctx:
+            raise ValueError(f"{past + tokens.shape[1]} positions do not fit a cache of {self.n_ctx}")
+        io = self.decoder.session.io_binding()
+        io.bind_cpu_input(INPUT_IDS, tokens)
+        io.bind_cpu_input(ATTENTION_MASK, np.ones((1, past + tokens.shape[1]), np.int64))
+        if tokens.shape[1] == 1:
+            io.bind_ortvalue_output(LOGITS, self.logits)
+        else:
+            io.bind_output(LOGITS, "cpu")  # a prompt's logits: shaped by its length
+        for name, buffer in self.cache.items():
+            io.bind_ortvalue_input(name, buffer)
+            io.bind_ortvalue_output(name.replace("past_key_values.", "present.", 1), buffer)
+        self.decoder.session.run_with_iobinding(io)
+        logits = self.logits if tokens.shape[1] == 1 else io.get_outputs()[0]
+        return logits.numpy()[0, -1]
+
+    def timed_generation(self, prompt: list[int], answer_tokens: int, tokens: list[int] | None = None) -> dict:
+        """The same SLO-shaped request as llama.cpp's `timed_generation`: prefill, then exactly
+        `answer_tokens` greedy tokens (appended to `tokens`, if given), timed by wall clock."""
+        import time
+
+        out = tokens if tokens is not None else []
+        t0 = time.perf_counter()
+        token = int(np.argmax(self._run(np.array([prompt], np.int64), 0)))
+        out.append(token)
+        t_first = time.perf_counter()
+        for i in range(answer_tokens - 1):
+            token = int(np.argmax(self._run(np.array([[token]], np.int64), len(prompt) + i)))
+            out.append(token)
+        t_end = time.perf_counter()
+        ttft, decode_s = t_first - t0, t_end - t_first
+        return {"ttft_s": ttft, "latency_s": t_end - t0, "prefill_tok_s": len(prompt) / ttft,
+                "decode_tok_s": (answer_tokens - 1) / decode_s if answer_tokens > 1 else float("nan")}
