@@ -3,6 +3,7 @@ quality measure's input) and a greedy decode through the KV cache."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,8 +118,6 @@ class BoundDecoder:
     def timed_generation(self, prompt: list[int], answer_tokens: int, tokens: list[int] | None = None) -> dict:
         """The same SLO-shaped request as llama.cpp's `timed_generation`: prefill, then exactly
         `answer_tokens` greedy tokens (appended to `tokens`, if given), timed by wall clock."""
-        import time
-
         out = tokens if tokens is not None else []
         t0 = time.perf_counter()
         token = int(np.argmax(self._run(np.array([prompt], np.int64), 0)))
