@@ -1,7 +1,8 @@
-"""What the benchmark worker loads a model file with, by the file's suffix: an `Engine` runs the
-SLO-shaped request (`timed_generation`) in the worker's process. A candidate and its baseline may
-be of different runtimes (an ONNX candidate timed against the llama.cpp baseline): each file gets
-its own engine, and the two alternate in one process all the same.
+"""What the benchmark worker loads a model file with, by the file's suffix: an engine module's
+`load(path, n_ctx, threads)` returns an object that runs the SLO-shaped request
+(`timed_generation(prompt, answer_tokens, tokens)`) in the worker's process and `close()`s.
+A candidate and its baseline may be of different runtimes (an ONNX candidate timed against the
+llama.cpp baseline): each file gets its own engine, and the two alternate in one process all the same.
 
 Modules are named, not imported, so the worker loads only the runtimes its files need.
 """
@@ -10,16 +11,9 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 ENGINES = {".gguf": "edgeprune.runtimes.llamacpp.engine", ".onnx": "edgeprune.runtimes.onnx.engine"}
-
-
-class Engine(Protocol):
-    def timed_generation(self, prompt: list[int], answer_tokens: int,
-                         tokens: list[int] | None = None) -> dict[str, float]: ...
-
-    def close(self) -> None: ...
 
 
 def engine_module(path: Path) -> Any:

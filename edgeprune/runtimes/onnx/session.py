@@ -96,23 +96,35 @@ class BoundDecoder:
         self.cache = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, heads, n_ctx, dim), np.float32))
                       for name, (heads, dim) in self.decoder.cache.items()}
         self.logits = ort.OrtValue.ortvalue_from_shape_and_type([1, 1, self.vocab], np.float32)
+        # One binding for the whole loop: the cache is bound once; only the outputs change, when a
+        # prompt (logits shaped by its length) gives way to single-token steps, and back.
+        self.io = self.decoder.session.io_binding()
+        for name, buffer in self.cache.items():
+            self.io.bind_ortvalue_input(name, buffer)
+        self._decoding: bool | None = None
+
+    def _bind_outputs(self, decoding: bool) -> None:
+        if self._decoding == decoding:
+            return
+        self.io.clear_binding_outputs()
+        if decoding:
+            self.io.bind_ortvalue_output(LOGITS, self.logits)
+        else:
+            self.io.bind_output(LOGITS, "cpu")
+        for name, buffer in self.cache.items():
+            self.io.bind_ortvalue_output(name.replace("past_key_values.", "present.", 1), buffer)
+        self._decoding = decoding
 
     def _run(self, tokens: np.ndarray, past: int) -> np.ndarray:
         """Logits of the last of `tokens` after `past` cached positions."""
         if past + tokens.shape[1] > self.n_ctx:
             raise ValueError(f"{past + tokens.shape[1]} positions do not fit a cache of {self.n_ctx}")
-        io = self.decoder.session.io_binding()
-        io.bind_cpu_input(INPUT_IDS, tokens)
-        io.bind_cpu_input(ATTENTION_MASK, np.ones((1, past + tokens.shape[1]), np.int64))
-        if tokens.shape[1] == 1:
-            io.bind_ortvalue_output(LOGITS, self.logits)
-        else:
-            io.bind_output(LOGITS, "cpu")  # a prompt's logits: shaped by its length
-        for name, buffer in self.cache.items():
-            io.bind_ortvalue_input(name, buffer)
-            io.bind_ortvalue_output(name.replace("past_key_values.", "present.", 1), buffer)
-        self.decoder.session.run_with_iobinding(io)
-        logits = self.logits if tokens.shape[1] == 1 else io.get_outputs()[0]
+        decoding = tokens.shape[1] == 1
+        self._bind_outputs(decoding)
+        self.io.bind_cpu_input(INPUT_IDS, tokens)
+        self.io.bind_cpu_input(ATTENTION_MASK, np.ones((1, past + tokens.shape[1]), np.int64))
+        self.decoder.session.run_with_iobinding(self.io)
+        logits = self.logits if decoding else self.io.get_outputs()[0]
         return logits.numpy()[0, -1]
 
     def timed_generation(self, prompt: list[int], answer_tokens: int, tokens: list[int] | None = None) -> dict:
