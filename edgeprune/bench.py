@@ -58,7 +58,8 @@ def bench(model: Path, target: Target, cache_dir: Path, baseline: Path | None = 
             read_gguf(path)  # a missing or broken file is one sentence here, not a runner's traceback
     slo = target.slo
     runtime = get_runtime()
-    with measuring(target, cache_dir, runtime, judging=False) as timer:
+    with measuring(target, cache_dir, [runtime], judging=False) as timers:
+        timer = timers[runtime.name]
         device = timer.device
         threads = min(target.hardware.cores, device.cores)
         workload = Workload(prompt_tokens(model, slo.prompt_tokens), slo.answer_tokens, threads, warmup, repetitions)

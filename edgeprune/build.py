@@ -26,7 +26,7 @@ from edgeprune.devices.local import LocalDevice
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate import Quality
 from edgeprune.footprint import Estimate, Work, compared
-from edgeprune.latency import Prediction, host_profile
+from edgeprune.latency import ModelTraffic, Prediction, host_profile
 from edgeprune.measure import BenchmarkRecord, Workload
 from edgeprune.memory import TreeSampler
 from edgeprune.models import ModelSource, Reference, load_reference, resolve_source
@@ -45,8 +45,16 @@ from edgeprune.prune import ModelShape, Plan
 from edgeprune.quantize import QuantSpec
 from edgeprune.report import outcome_to_dict
 from edgeprune.runtimes.base import Runner, Runtime
-from edgeprune.runtimes.registry import get_runtime
-from edgeprune.search import Candidate, SearchOutcome, SearchPredictor, SearchSpace, State, greedy_search
+from edgeprune.runtimes.registry import DEFAULT, get_runtime
+from edgeprune.search import (
+    Candidate,
+    SearchOutcome,
+    SearchPredictor,
+    SearchRuntime,
+    SearchSpace,
+    State,
+    greedy_search,
+)
 from edgeprune.search.predict import device_latency_model, target_estimates
 from edgeprune.signing import check_signing_key
 from edgeprune.stages import StageOutput, StageRunner
@@ -68,6 +76,7 @@ class BuildConfig(BaseModel):
     trust_remote_code: bool = False
     force: bool = False
     sign_key: Path | None = None  # an OpenSSH private key: the bundle's manifest is signed with it
+    runtimes: tuple[str, ...] = ()  # --runtime: replaces the target's [runtime] allowed list
 
 
 @dataclass
@@ -90,11 +99,11 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class CandidateEvaluator:
-    """Plan -> quantized GGUF -> quality vs the reference -> benchmark on the device."""
+    """Plan -> a runtime's quantized model file -> quality vs the reference -> benchmark on the device."""
 
     reference: Reference
     runner: StageRunner
-    timer: Runner  # times candidates on the target's device
+    timers: dict[str, Runner]  # by runtime name: how the target's device times that runtime's files
     workload: Workload
     splits: TextSplits
     ref_logps: np.ndarray  # memory-mapped from the stage cache
@@ -105,18 +114,24 @@ class CandidateEvaluator:
     _built: dict[str, tuple[CandidateModel, StageOutput]] = field(default_factory=dict)  # by candidate id
     _held: dict[str, set[str]] = field(default_factory=dict)  # cache key -> ids of candidates using its file
 
-    @property
-    def runtime(self) -> Runtime:
-        if self.timer.runtime is None:
-            raise ValueError("the evaluator times with a runner made by a runtime (Runtime.runner)")
-        return self.timer.runtime
+    def runtime(self, name: str) -> Runtime:
+        runtime = self.timers[name].runtime
+        if runtime is None:
+            raise ValueError("the evaluator times with runners made by runtimes (Runtime.runner)")
+        return runtime
+
+    def traffic(self, model: Path) -> ModelTraffic:
+        """Per-token costs of a candidate's file, read by the runtime of its format."""
+        (runtime,) = (self.runtime(n) for n in self.timers if self.runtime(n).format.suffix == Path(model).suffix)
+        return runtime.traffic(model)
 
     def build(self, state: State, plan: Plan, cid: str) -> Candidate:
-        quant = QuantSpec(self.settings.quant, state.recipe, self.settings.imatrix)
+        runtime = self.runtime(state.runtime)
+        quant = QuantSpec(runtime.search_quant(self.settings), state.recipe, self.settings.imatrix)
         sparse = None
         if state.sparse is not None:
             sparse = self.runner.run(SparseWeights(self.reference, plan, self.sparsity, self.splits))
-        fmt = self.runtime.format
+        fmt = runtime.format
         stage = CandidateModel(self.reference, plan, quant, self.splits, self.threads, sparse, fmt)
         model = self.runner.run(stage)
         self._built[cid] = (stage, model)
@@ -135,7 +150,8 @@ class CandidateEvaluator:
 
     def benchmark(self, candidate: Candidate, baseline: Candidate | None) -> BenchmarkRecord:
         t0 = time.perf_counter()
-        bench = self.timer.benchmark(candidate.model, self.workload, baseline.model if baseline else None)
+        timer = self.timers[candidate.state.runtime]
+        bench = timer.benchmark(candidate.model, self.workload, baseline.model if baseline else None)
         self.runner.timings["benchmark"] = self.runner.timings.get("benchmark", 0.0) + time.perf_counter() - t0
         return bench
 
@@ -184,18 +200,45 @@ def _notes(target: Target, device: Device) -> list[str]:
     return notes
 
 
-def _latency_model_summary(predictor: SearchPredictor, host: Any, estimates: dict[str, Prediction]) -> dict[str, Any]:
-    """What the search's latency model rested on, and whether it estimated the target's latencies."""
-    c = predictor.fitted.calibration
+def _latency_model_summary(predictor: SearchPredictor, host: Any, estimates: dict[str, Prediction],
+                           baseline_runtime: str) -> dict[str, Any]:
+    """What the search's latency model rested on (a fit per runtime; the baseline's at the top),
+    and whether it estimated the target's latencies."""
+
+    def fit(runtime: str) -> dict[str, Any]:
+        c = predictor.fitted_for(runtime).calibration
+        return {"observations": c.observations, "decode_efficiency": c.decode_efficiency,
+                "prefill_efficiency": c.prefill_efficiency}
+
     return {
-        "machine": predictor.fitted.machine,
+        "machine": predictor.fitted_for(baseline_runtime).machine,
         "host": dataclasses.asdict(host) if host is not None else None,
-        "observations": c.observations,
-        "decode_efficiency": c.decode_efficiency,
-        "prefill_efficiency": c.prefill_efficiency,
+        **fit(baseline_runtime),
+        "runtimes": {r: fit(r) for r in predictor.runtimes()},
         "skip_margin": predictor.margin,
         "estimated_for_target": bool(estimates),
     }
+
+
+def allowed_runtimes(target: Target, chosen: tuple[str, ...] = ()) -> tuple[list[Runtime], dict[str, str]]:
+    """The runtimes a build searches, the baseline's first: `chosen` (--runtime), else the target's
+    [runtime] allowed list, else every runtime that can ship a bundle for the target; and why each
+    runtime left out is left out."""
+    names = chosen or target.runtime.allowed
+    runtimes = [get_runtime(n) for n in names] if names else [get_runtime()] + [
+        get_runtime(n) for n in sorted(Runtime.registry) if n != DEFAULT]
+    excluded: dict[str, str] = {}
+    for runtime in list(runtimes):
+        gap = runtime.bundle_gap(target)
+        if gap and names:
+            raise EdgepruneError(f"{runtime.name} cannot be searched for target {target.name}: {gap}.")
+        if gap:
+            runtimes.remove(runtime)
+            excluded[runtime.name] = gap
+    source = "--runtime" if chosen else f"target {target.name}'s [runtime] table" if names else None
+    for name in sorted(set(Runtime.registry) - {r.name for r in runtimes} - set(excluded)):
+        excluded[name] = f"not allowed by {source}"
+    return runtimes, excluded
 
 
 def build(config: BuildConfig) -> BuildResult:
@@ -205,45 +248,52 @@ def build(config: BuildConfig) -> BuildResult:
     if config.sign_key is not None:
         check_signing_key(config.sign_key)  # an unusable key fails now, not after the search
     target, profile = config.target, config.profile
-    runtime = get_runtime()
-    runtime.check_target_programs(target, config.cache_dir)  # a missing cross-compiler fails now, not after the search
+    runtimes, excluded = allowed_runtimes(target, config.runtimes)
+    for runtime in runtimes:  # a missing cross-compiler fails now, not after the search
+        runtime.check_target_programs(target, config.cache_dir)
     weights = open_weights(source, config.trust_remote_code)
     bench_tokens = target.slo.prompt_tokens + target.slo.answer_tokens if target.device.url == "local" else 0
     work = Work.for_build(profile.search, self_generated=config.calib is None, bench_tokens=bench_tokens,
                           sparse=target.sparsity.method if target.sparsity else None)
     memory = preflight(weights, profile.calibration, work, config.cache_dir, config.output_dir)
-    with TreeSampler() as measured, measuring(target, config.cache_dir, runtime) as timer:
-        result = _build(config, source, weights, target, profile, timer, t_start, memory, measured)
+    with TreeSampler() as measured, measuring(target, config.cache_dir, runtimes) as timers:
+        result = _build(config, source, weights, target, profile, timers, excluded, t_start, memory, measured)
     return result
 
 
 @contextlib.contextmanager
-def measuring(target: Target, cache_dir: Path, runtime: Runtime, judging: bool = True) -> Iterator[Runner]:
-    """How the target's device times `runtime`'s models: its programs for the device's architecture
-    where it runs them (built once and cached), the RAM cap where asked for. `judging`: the timings will decide a
-    budget, which an emulator's cannot."""
+def measuring(target: Target, cache_dir: Path, runtimes: list[Runtime],
+              judging: bool = True) -> Iterator[dict[str, Runner]]:
+    """How the target's device times each runtime's models (by runtime name): its programs for the
+    device's architecture where it runs them (built once and cached), the RAM cap where asked for.
+    `judging`: the timings will decide a budget, which an emulator's cannot."""
     with get_device(target.device) as device:
         if judging and device.emulated:
             raise EdgepruneError(
                 f"{device.url} times under emulation, which cannot judge a budget: search on local or ssh://, then "
                 "check the bundle with `edgeprune verify BUNDLE --device qemu-aarch64`.")
-        programs = None
-        if runtime.needs_binaries(device):
-            if device.arch != target.hardware.arch:
-                raise EdgepruneError(
-                    f"{device.url} is {device.arch} and target {target.name} is {target.hardware.arch}: the target's "
-                    f"{runtime.name} build cannot run there; measure on a device of the target's architecture.")
-            programs = runtime.runnable(runtime.target_programs(target, cache_dir), target.hardware.arch)
         cap = None
         if isinstance(device, LocalDevice) and target.device.ram_cap:
             cap = int(target.slo.ram_ceiling_gib * (1 << 30))
-        yield runtime.runner(device, programs, cap)
+        timers = {}
+        for runtime in runtimes:
+            programs = None
+            if runtime.needs_binaries(device):
+                if device.arch != target.hardware.arch:
+                    raise EdgepruneError(
+                        f"{device.url} is {device.arch} and target {target.name} is {target.hardware.arch}: the "
+                        f"target's {runtime.name} build cannot run there; measure on a device of the target's "
+                        "architecture.")
+                programs = runtime.runnable(runtime.target_programs(target, cache_dir), target.hardware.arch)
+            timers[runtime.name] = runtime.runner(device, programs, cap)
+        yield timers
 
 
 def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, target: Target, profile: Profile,
-           timer: Runner, t_start: float, memory: Estimate,
+           timers: dict[str, Runner], excluded: dict[str, str], t_start: float, memory: Estimate,
            measured: TreeSampler) -> BuildResult:
-    device = timer.device
+    baseline_runtime = next(iter(timers))
+    device = timers[baseline_runtime].device
     threads = min(target.hardware.cores, device.cores)
     runner = StageRunner(config.cache_dir / "stages")
 
@@ -261,14 +311,15 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
     workload = _workload(target, profile, splits, threads)
     sparsity = target.sparsity.spec() if target.sparsity else None
     evaluate = CandidateEvaluator(
-        reference, runner, timer, workload, splits, ref_logps, profile.search, threads, sparsity, memory.evicts
+        reference, runner, timers, workload, splits, ref_logps, profile.search, threads, sparsity, memory.evicts
     )
-    space = SearchSpace(shape, importance, profile.search, sparsity)
+    runtimes = tuple(SearchRuntime(n, evaluate.runtime(n).recipes) for n in timers)
+    space = SearchSpace(shape, importance, profile.search, sparsity, runtimes)
     local = isinstance(device, LocalDevice)
     host = host_profile(config.cache_dir, threads) if local else None
     predictor = SearchPredictor(device_latency_model(local, host, target.hardware, device.url), workload,
-                                functools.lru_cache(maxsize=None)(evaluate.runtime.traffic))
-    log.info("search on %s with %d threads", device.url, threads)
+                                functools.lru_cache(maxsize=None)(evaluate.traffic))
+    log.info("search on %s with %d threads (%s)", device.url, threads, ", ".join(timers))
     outcome = greedy_search(space, evaluate, target.slo, profile.search.max_candidates, predictor)
     stand_in = device.arch != target.hardware.arch or threads < target.hardware.cores
     estimates = {}
@@ -276,6 +327,8 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
         estimates = target_estimates(predictor, target.hardware, f"target {target.name}",
                                      {c.id: c.model for c in outcome.candidates})
 
+    # What the bundle runs: the selected candidate's runtime.
+    shipped = evaluate.runtime(outcome.selected.state.runtime if outcome.selected else baseline_runtime)
     report = {
         "edgeprune_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -288,14 +341,22 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
         },
         "target": {"name": target.name, **target.model_dump(mode="json")},
         "profile": {"name": profile.name, **profile.model_dump()},
-        "runtime": {"name": evaluate.runtime.name, "version": evaluate.runtime.version(),
-                    "format": evaluate.runtime.format.name},
+        "runtime": {"name": shipped.name, "version": shipped.version(), "format": shipped.format.name},
+        "runtimes": {
+            "searched": [{"name": r.name, "version": r.version(), "format": r.format.name,
+                          "quant": r.search_quant(profile.search), "runner": timers[r.name].name}
+                         for r in map(evaluate.runtime, timers)],
+            "baseline": baseline_runtime,
+            "not_searched": excluded,
+            "selection": "the best quality (KLD) within budget across the runtimes searched, each candidate timed "
+                         f"beside the unpruned model on {baseline_runtime}",
+        },
         "device": {
             "url": device.url,
             "arch": device.arch,
             "cpu": device.cpu,
             "cores": device.cores,
-            "runner": timer.name,
+            "runner": timers[baseline_runtime].name,
             "is_target_arch": device.arch == target.hardware.arch,
         },
         "verified_on_target": outcome.selected is not None and device.arch == target.hardware.arch,
@@ -311,19 +372,19 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
         "search": outcome_to_dict(outcome, estimates) | {
             "candidate_files": "removed once judged: the cache could not hold them all" if memory.evicts
             else "kept in the cache"},
-        "latency_model": _latency_model_summary(predictor, host, estimates),
+        "latency_model": _latency_model_summary(predictor, host, estimates, baseline_runtime),
         "notes": _notes(target, device),
     }
     # What runs the model on the target (llama.cpp's: cross-compiled, cached after the first build).
     programs = None
     if outcome.selected is not None:
         t0 = time.perf_counter()
-        programs = evaluate.runtime.target_programs(target, config.cache_dir)
+        programs = shipped.target_programs(target, config.cache_dir)
         runner.timings["toolchain"] = time.perf_counter() - t0
     report["timings_s"] = runner.timings | {"total": time.perf_counter() - t_start}
     # Both peaks over this process and its llama.cpp children; the anonymous one is what a memory limit bounds.
     report["memory"] = compared(memory, measured.peak_rss_bytes, measured.peak_anon_bytes) | {
         "estimate": memory.to_dict()}
-    write_output(config.output_dir, outcome, report, reference, target, config.force, evaluate.runtime, programs,
+    write_output(config.output_dir, outcome, report, reference, target, config.force, shipped, programs,
                  config.sign_key)
     return BuildResult(config.output_dir, outcome, report)

@@ -47,23 +47,34 @@ def cli() -> None:
               help="Search profile name or .toml path.")
 @click.option("--sign", "sign_key", type=click.Path(path_type=Path), default=None,
               help="OpenSSH private key: sign the bundle's manifest.json with it (manifest.json.sig).")
+@click.option("--runtime", "runtimes", multiple=True,
+              help="A runtime to search (repeatable; the first times the baseline): replaces the target's "
+                   "[runtime] allowed list. Runtimes: llama.cpp, onnxruntime.")
 @input_options
 @device_options
 @logging_options
 def build(target_name: str, model: str | None, calib: Path | HFDataset | None, output_dir: Path | None,
           latency_budget: float | None, speedup: float | None, profile_name: str, sign_key: Path | None,
-          cache_dir: Path | None, force: bool, trust_remote_code: bool, device_overrides: dict,
-          calibration_overrides: dict) -> None:
+          runtimes: tuple[str, ...], cache_dir: Path | None, force: bool, trust_remote_code: bool,
+          device_overrides: dict, calibration_overrides: dict) -> None:
     """Search pruning + quantization candidates until one meets the target's SLO; write it out.
 
     --latency-budget and --speedup replace the target's latency criteria (giving one drops the other).
     """
+    from pydantic import ValidationError
+
     from edgeprune.build import BuildConfig, default_cache_dir
     from edgeprune.build import build as run_build
+    from edgeprune.config import RuntimeTable, first_error
 
     target = with_device(load_target(target_name), device_overrides)
     if latency_budget is not None or speedup is not None:
         target = target.with_budget(latency_budget, speedup)
+    try:
+        runtimes = RuntimeTable(allowed=runtimes).allowed
+    except ValidationError as e:
+        why = first_error(e).removeprefix("'allowed': ")
+        raise EdgepruneError(f"Invalid --runtime: {why}.") from None
     config = BuildConfig(
         target=target,
         profile=with_calibration(load_profile(profile_name), calibration_overrides),
@@ -74,6 +85,7 @@ def build(target_name: str, model: str | None, calib: Path | HFDataset | None, o
         trust_remote_code=trust_remote_code,
         force=force,
         sign_key=sign_key,
+        runtimes=runtimes,
     )
     result = run_build(config)
     print_summary(result)
@@ -106,18 +118,23 @@ def build(target_name: str, model: str | None, calib: Path | HFDataset | None, o
               help="SparseGPT unstructured: 'row' gives every row exactly --sparsity [default]; 'block' is the "
                    "reference code's one threshold per column block.")
 @click.option("-o", "--output-dir", type=click.Path(path_type=Path), required=True, help="Output directory.")
-@click.option("--quant", default="Q4_K_M", show_default=True,
-              help="Quantization type: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_K_S, Q3_K_M.")
+@click.option("--runtime", default="llama.cpp", show_default=True,
+              help="Whose model file to write: llama.cpp (a GGUF) or onnxruntime (model.onnx + its .data file).")
+@click.option("--quant", default="",
+              help="Quantization type. llama.cpp: F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M [default], Q4_K_S, "
+                   "Q3_K_M; onnxruntime: F32, INT8, INT4 [default] (blocks of 32), INT4_B128.")
 @click.option("--recipe", default="default", show_default=True,
               help="Per-tensor types where K-quants cannot apply: a recipe of edgeprune/quantize/recipes.py, "
                    "e.g. iq4_nl-narrow (an unknown name lists them).")
 @click.option("--imatrix/--no-imatrix", default=True, show_default=True,
-              help="Weight quantization by an importance matrix from the calibration text.")
+              help="Calibrated quantization from the calibration text: llama.cpp's importance matrix, or GPTQ for "
+                   "onnxruntime.")
 @click.option("-p", "--profile", "profile_name", default="default", show_default=True,
               help="Profile whose calibration settings are used.")
 @input_options
 @logging_options
-def prune(plan_path: Path | None, method: str | None, output_dir: Path, model: str | None, quant: str, recipe: str,
+def prune(plan_path: Path | None, method: str | None, output_dir: Path, model: str | None, runtime: str, quant: str,
+          recipe: str,
           imatrix: bool, calib: Path | HFDataset | None, profile_name: str, cache_dir: Path | None, force: bool,
           trust_remote_code: bool, calibration_overrides: dict, structured_overrides: dict,
           **sparse_options: object) -> None:
@@ -157,14 +174,16 @@ def prune(plan_path: Path | None, method: str | None, output_dir: Path, model: s
         profile = with_calibration(load_profile(profile_name), calibration_overrides)
         config = PruneConfig(plan=plan_path, sparse=sparse, structured=structured, output_dir=output_dir,
                              profile=profile,
-                             cache_dir=cache_dir or default_cache_dir(), model=model, quant=quant, recipe=recipe,
+                             cache_dir=cache_dir or default_cache_dir(), model=model, runtime=runtime, quant=quant,
+                             recipe=recipe,
                              imatrix=imatrix, calib=calib, trust_remote_code=trust_remote_code, force=force)
     except ValidationError as e:
         raise EdgepruneError(f"Invalid option: {first_error(e)}.") from None
     r = run_prune(config)
     q = r.quality
     click.echo("")
-    click.echo(f"Plan:       {r.description} (GGUF architecture {r.architecture})")
+    gguf = r.artifact.endswith(".gguf")
+    click.echo(f"Plan:       {r.description}" + (f" (GGUF architecture {r.architecture})" if gguf else ""))
     if r.structured is not None:
         a = r.structured["analysis"]
         click.echo(f"Method:     {r.structured['description']}; importance in {a['seconds']:.1f} s ({a['runner']}"
@@ -176,9 +195,10 @@ def prune(plan_path: Path | None, method: str | None, output_dir: Path, model: s
         sp, peak = r.sparsity, r.sparsity["peak_rss_bytes"]
         click.echo(f"Sparsity:   {sp['overall_sparsity'] * 100:.1f}% of decoder weights zero in {sp['seconds']:.1f} s"
                    + (f" (peak RSS {peak / MIB:.0f} MiB)" if peak else "")
-                   + f"; {sp['gguf']['decoder_zero_share'] * 100:.1f}% still zero in the {sp['gguf']['quant']} GGUF"
-                   + " (no speed-up in llama.cpp)")
-    click.echo(f"HF:         {r.hf_dir}" if r.hf_dir else f"HF:         none: {r.hf_note}; the GGUF holds the model")
+                   + (f"; {sp['gguf']['decoder_zero_share'] * 100:.1f}% still zero in the {sp['gguf']['quant']} "
+                      "GGUF (no speed-up in llama.cpp)" if "gguf" in sp else ""))
+    held = "the GGUF" if gguf else "the ONNX file"
+    click.echo(f"HF:         {r.hf_dir}" if r.hf_dir else f"HF:         none: {r.hf_note}; {held} holds the model")
 
 
 @cli.command()

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from edgeprune.errors import EdgepruneError
 from edgeprune.quantize.llamacpp import QUANT_FTYPES
 from edgeprune.quantize.recipes import RECIPES
+from edgeprune.runtimes.onnx.weights import WEIGHTS as ONNX_WEIGHTS
 from edgeprune.sparse.methods import SPARSE_METHODS, SparseSettings
 
 
@@ -148,6 +149,28 @@ class DeviceConfig(Strict):
             raise EdgepruneError(f"Invalid device options: {first_error(e)}.") from None
 
 
+class RuntimeTable(Strict):
+    """A target's [runtime] table: the runtimes its device may run. The search realises each
+    structure it tries in each of them and keeps the best quality within budget across them."""
+
+    allowed: tuple[str, ...] = Field(
+        default=(), description="runtime names, the baseline's first; empty: every runtime that can ship a bundle "
+        "for the target")
+
+    @field_validator("allowed")
+    @classmethod
+    def _known(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        from edgeprune.runtimes.registry import Runtime
+
+        unknown = [n for n in names if n not in Runtime.registry]
+        if unknown:
+            raise ValueError(f"unknown runtime {unknown[0]!r}; edgeprune runs models with "
+                             f"{', '.join(sorted(Runtime.registry))}")
+        if len(set(names)) != len(names):
+            raise ValueError("a runtime is listed twice")
+        return names
+
+
 class Target(Strict):
     name: str = Field(exclude=True, description="the file stem; not a key in the file")
     description: str
@@ -155,6 +178,7 @@ class Target(Strict):
     slo: SLO
     toolchain: Toolchain
     device: DeviceConfig = DeviceConfig()
+    runtime: RuntimeTable = RuntimeTable()
     sparsity: SparsityOptIn | None = None
 
     @model_validator(mode="after")
@@ -190,8 +214,10 @@ class BenchmarkSettings(Strict):
 
 
 class SearchSettings(Strict):
-    quant: Literal[tuple(QUANT_FTYPES)] = "Q4_K_M"  # type: ignore[valid-type]
-    imatrix: bool = Field(default=True, description="importance matrix from the calibration text")
+    quant: Literal[tuple(QUANT_FTYPES)] = "Q4_K_M"  # type: ignore[valid-type]  # llama.cpp candidates'
+    onnx_quant: Literal[tuple(ONNX_WEIGHTS)] = "INT4"  # type: ignore[valid-type]  # ONNX Runtime candidates'
+    imatrix: bool = Field(default=True, description="importance matrix (llama.cpp) or GPTQ (ONNX) from the "
+                          "calibration text")
     recipes: tuple[Literal[tuple(RECIPES)], ...] = Field(  # type: ignore[valid-type]
         default=("default",), min_length=1, description="per-tensor type recipes to try, in order"
     )

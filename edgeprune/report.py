@@ -17,6 +17,7 @@ def candidate_to_dict(c: Candidate, selected: Candidate | None, estimate: Predic
     return {
         "id": c.id,
         "step": c.state.describe(),
+        "runtime": c.state.runtime,
         "plan": c.plan.to_dict(),
         "size_bytes": c.size_bytes,
         "parameters": c.parameters,
@@ -101,7 +102,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- Device `{device['url']}` ({device['arch']}), {report['workload']['threads']} threads; workload "
         f"{report['workload']['prompt_tokens']}-token prompt + {report['workload']['answer_tokens']}-token answer, "
         f"{report['workload']['warmup']} warm-up + {report['workload']['repetitions']} timed runs per candidate.",
-        f"- Quality: llama.cpp logits of each quantized candidate vs the fp32 torch reference on "
+        *_runtime_lines(report),
+        f"- Quality: each quantized candidate's logits in its own runtime vs the fp32 torch reference on "
         f"{report['calibration']['heldout_windows'][0]} held-out windows of "
         f"{report['calibration']['heldout_windows'][1]} tokens ({report['calibration']['source']}); "
         f"reference perplexity {report['calibration']['reference_perplexity']:.2f}.",
@@ -118,6 +120,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", f"Time: {timings}.", ""]
     lines += _verifications(report.get("verifications", []))
     return "\n".join(lines)
+
+
+def _runtime_lines(report: dict[str, Any]) -> list[str]:
+    """Which runtimes the search realised candidates in, and why any other was left out."""
+    runtimes = report.get("runtimes")
+    if runtimes is None:
+        return []
+    searched = ", ".join(f"{r['name']} ({r['quant']}, {r['version']})" for r in runtimes["searched"])
+    lines = [f"- Runtimes searched: {searched}; selection: {runtimes['selection']}."]
+    lines += [f"- Not searched: {name}: {why}." for name, why in runtimes["not_searched"].items()]
+    return lines
 
 
 def _prediction_notes(report: dict[str, Any], search: dict[str, Any], estimates: bool) -> list[str]:

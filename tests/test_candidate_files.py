@@ -30,8 +30,9 @@ def evaluator(tmp_path) -> CandidateEvaluator:
     splits = from_file(calib, reference.tokenizer, CalibrationSettings(samples=4, heldout_samples=2, seq_len=32))
     ref_logps, _ = reference_logprobs(reference, splits, runner)
     with get_device("local") as device:
-        yield CandidateEvaluator(reference, runner, get_runtime().runner(device), Workload((1, 2), 2, 1, 0, 3),
-                                 splits, ref_logps, load_profile("quick").search, threads=2, evicts=True)
+        timers = {"llama.cpp": get_runtime().runner(device)}
+        yield CandidateEvaluator(reference, runner, timers, Workload((1, 2), 2, 1, 0, 3), splits, ref_logps,
+                                 load_profile("quick").search, threads=2, evicts=True)
 
 
 def test_a_released_file_goes_once_no_candidate_holds_it_and_comes_back_the_same(evaluator):

@@ -80,6 +80,33 @@ def test_bad_budget_override(tmp_path):
     assert_clean_error(proc, "Invalid budget override", "speedup")
 
 
+@pytest.mark.parametrize("runtime, message", [
+    ("tvm", "Invalid --runtime: unknown runtime 'tvm'; edgeprune runs models with llama.cpp, onnxruntime."),
+    ("onnxruntime", "onnxruntime cannot be searched for target demo: ONNX Runtime candidates cannot be bundled"),
+])
+def test_a_runtime_the_build_cannot_search(tmp_path, runtime, message):
+    proc = edgeprune("build", "--target", "demo", "--runtime", runtime, "-o", str(tmp_path / "o"))
+    assert_clean_error(proc, message)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (("--runtime", "tvm"), "Invalid option: 'runtime': unknown runtime 'tvm'; edgeprune runs models with llama.cpp, "
+                           "onnxruntime."),
+    (("--runtime", "onnxruntime", "--quant", "Q4_K_M"),
+     "Invalid option: 'quant': onnxruntime quantizes as one of F32, INT8, INT4, INT4_B128, not Q4_K_M."),
+    (("--quant", "INT4"), "'quant': llama.cpp quantizes as one of F32, F16, BF16, Q8_0"),
+    (("--runtime", "onnxruntime", "--recipe", "iq4_nl-narrow"),
+     "Invalid option: recipes name llama.cpp's tensor types; onnxruntime takes the default recipe."),
+])
+def test_prune_options_a_runtime_does_not_take(tmp_path, options, message):
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"drop_layers": [3]}')
+    proc = edgeprune("prune", "--plan", str(plan), *options, "-o", str(tmp_path / "o"))
+    assert_clean_error(proc, message)
+    assert not (tmp_path / "o").exists()
+
+
 def test_malformed_target_file(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('description = "x"\n[hardware]\narch = "aarch64"\n')

@@ -64,6 +64,10 @@ cpu_flags = "armv8-a"
         (GOOD.replace('arch = "aarch64"', 'arch = "sparc"'), "'hardware.arch'"),
         (GOOD.replace("[slo]", "[slo"), "not valid TOML"),
         ('name = "x"\n' + GOOD, "remove the 'name' key"),
+        (GOOD + '[runtime]\nallowed = ["tvm"]\n', "'runtime.allowed': unknown runtime 'tvm'; edgeprune runs models "
+                                                   "with llama.cpp, onnxruntime"),
+        (GOOD + '[runtime]\nallowed = ["llama.cpp", "llama.cpp"]\n', "a runtime is listed twice"),
+        (GOOD + '[runtime]\nalowed = ["llama.cpp"]\n', "unknown key 'runtime.alowed'"),
     ],
 )
 def test_malformed_target_gives_one_clear_sentence(tmp_path, text, message):
@@ -100,3 +104,21 @@ def test_budget_override_replaces_both_criteria():
     assert (t.slo.latency_budget_s, t.slo.speedup) == (1.5, None)
     with pytest.raises(EdgepruneError, match="Invalid budget override"):
         load_target("demo").with_budget(None, 0.5)
+
+
+def test_a_build_searches_the_runtimes_that_can_ship_unless_told_which(tmp_path):
+    from edgeprune.build import allowed_runtimes
+
+    path = tmp_path / "ctrl.toml"
+    path.write_text(GOOD)
+    target = load_target(str(path))
+    runtimes, excluded = allowed_runtimes(target)
+    # ONNX Runtime has no bundle for a device yet: left out of the default, and the report says why.
+    assert [r.name for r in runtimes] == ["llama.cpp"] and "cannot be bundled" in excluded["onnxruntime"]
+    path.write_text(GOOD + '[runtime]\nallowed = ["llama.cpp"]\n')
+    only = load_target(str(path))
+    assert allowed_runtimes(only)[1] == {"onnxruntime": "not allowed by target ctrl's [runtime] table"}
+    # Asked for by name, a runtime that cannot ship is refused before any work, in one sentence.
+    with pytest.raises(EdgepruneError, match=r"^onnxruntime cannot be searched for target ctrl: ONNX Runtime "):
+        allowed_runtimes(target, ("onnxruntime",))
+    assert allowed_runtimes(only, ("llama.cpp",))[1] == {"onnxruntime": "not allowed by --runtime"}

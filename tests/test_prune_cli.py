@@ -69,6 +69,29 @@ def test_per_layer_plan_writes_a_deci_gguf_and_no_checkpoint(tmp_path, cache_dir
     assert len(plan.kept_kv_heads(5, shape)) == 1 and plan.kept_channels(9, shape) == ()
 
 
+def test_a_per_layer_plan_written_for_onnx_runtime(tmp_path, cache_dir):
+    import numpy as np
+
+    from edgeprune.runtimes.onnx import session
+
+    plan = "drop_layers = [20]\n[layers.5]\nheads = 3\nkv_heads = 1\n[layers.9]\nmlp = false\n"
+    proc, out = _prune(tmp_path, cache_dir, plan, "--runtime", "onnxruntime", "--quant", "INT8", "--no-imatrix")
+    assert proc.returncode == 0, proc.stderr
+    model = out / "model-SmolLM2-135M-Instruct-INT8.onnx"
+    data = model.with_name(model.name + ".data")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"][model.name] == sha256_file(model) and manifest["files"][data.name] == sha256_file(data)
+    report = json.loads((out / "report.json").read_text())
+    assert report["runtime"] == "onnxruntime" and report["quant"] == "INT8"
+    assert 0 < report["quality"]["mean_kld"] < 1.0
+    # The copy's graph names its own, longer data file name in every external tensor.
+    assert 0 < model.stat().st_size + data.stat().st_size - report["size_bytes"] < 64 << 10
+    # The copy names its own data file: it runs from the output directory alone.
+    (logits,) = session.sequence_logits(model, np.array([[1, 504, 2432, 28, 3300]]), threads=2)
+    assert logits.shape == (5, 49152) and np.isfinite(logits).all()
+    assert "GGUF" not in proc.stdout and "mean KLD" in proc.stdout
+
+
 @pytest.mark.parametrize("plan_text, needle", [
     ("drop_layer = [3]\n", "unknown key 'drop_layer'"),
     ("[layers.0]\nattention = false\n", "first kept layer"),

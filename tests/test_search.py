@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from pydantic import ValidationError
 
@@ -17,10 +19,12 @@ from edgeprune.search import (
     Candidate,
     HeadStructure,
     SearchPredictor,
+    SearchRuntime,
     SearchSpace,
     State,
     greedy_search,
 )
+from edgeprune.search.space import LLAMA_CPP
 
 SHAPE = ModelShape(n_layers=12, n_head=6, n_head_kv=2, head_dim=8, hidden=48, ffn=96, vocab=100)
 IMPORTANCE = Importance(layer_scores=[0.9, 0.3, 0.05, 0.04, 0.03, 0.06, 0.07, 0.02, 0.08, 0.1, 0.2, 0.5],
@@ -267,3 +271,83 @@ def test_search_methods_must_rank_what_they_are_asked_to():
         type(search).model_validate(search.model_dump() | {"depth_method": "wanda-sp"})
     with pytest.raises(ValidationError, match="width_method"):
         type(search).model_validate(search.model_dump() | {"width_method": "angular-distance"})
+
+
+# --- the runtime as a search dimension ---------------------------------------------------------------
+
+ORT = SearchRuntime("onnxruntime")
+
+
+class TwoRuntimes(Synthetic):
+    """A synthetic device on which ONNX Runtime runs every structure `speed` times as fast as
+    llama.cpp, at `kld` more quality lost (its own quantization)."""
+
+    def __init__(self, speed: float, kld: float):
+        super().__init__()
+        self.speed, self.kld = speed, kld
+
+    def cost(self, state: State) -> float:
+        cost = super().cost(replace(state, runtime="llama.cpp"))
+        return cost / self.speed if state.runtime == ORT.name else cost
+
+    def build(self, state, plan, cid):
+        cand = super().build(state, plan, cid)
+        if state.runtime == ORT.name:
+            cand.quality = replace(cand.quality, mean_kld=cand.quality.mean_kld + self.kld)
+        return cand
+
+    def traffic(self, state: State) -> ModelTraffic:
+        return replace(super().traffic(state), runtime=state.runtime)
+
+
+def two_runtime_space(settings=None):
+    return SearchSpace(SHAPE, IMPORTANCE, settings or load_profile("default").search, runtimes=(LLAMA_CPP, ORT))
+
+
+def test_each_structure_on_the_path_is_realised_in_every_runtime_and_recipes_stay_llama_cpps():
+    settings = load_profile("default").search.model_copy(update={"recipes": ("default", "iq4_nl-narrow")})
+    s = two_runtime_space(settings)
+    assert s.baseline() == State(0) and s.in_other_runtimes(State(2)) == [State(2, runtime=ORT.name)]
+    assert s.in_other_runtimes(State(2, runtime=ORT.name)) == [State(2)]
+    assert s.in_other_runtimes(State(2, recipe="iq4_nl-narrow")) == [State(2, runtime=ORT.name)]
+    assert s.requantized(State(2, runtime=ORT.name)) is None and s.requantized(State(2)) is not None
+    assert s.deeper(State(2, runtime=ORT.name)).runtime == ORT.name
+    assert State(2, runtime=ORT.name).describe() == "-2 layers on onnxruntime" and State(2).describe() == "-2 layers"
+    # Only one runtime: no runtime steps, and the baseline runs there.
+    only = SearchSpace(SHAPE, IMPORTANCE, settings, runtimes=(ORT,))
+    assert only.in_other_runtimes(State(0, runtime=ORT.name)) == [] and only.baseline().runtime == ORT.name
+
+
+@pytest.mark.parametrize("speed, kld, winner", [(2.0, 0.05, "onnxruntime"), (0.7, 0.0, "llama.cpp")])
+def test_the_selection_is_the_best_quality_within_budget_across_runtimes(speed, kld, winner):
+    slo = SLO(prompt_tokens=8, answer_tokens=8, speedup=1.3)
+    ev = TwoRuntimes(speed, kld)
+    out = greedy_search(two_runtime_space(), ev, slo, 16)
+    assert out.candidates[0].state == State(0) and out.selected.confirmed
+    assert {c.state.runtime for c in out.candidates} == {"llama.cpp", "onnxruntime"}
+    within = [c for c in out.candidates if c.meets]
+    assert out.selected.quality.mean_kld == min(c.quality.mean_kld for c in within)
+    assert out.selected.state.runtime == winner
+    if winner == "onnxruntime":  # twice as fast unpruned: nothing pruned can beat its KLD of 0.05
+        assert out.selected.state == State(0, runtime="onnxruntime")
+    else:  # slower everywhere: no ONNX candidate ever meets the speed-up
+        assert not any(c.meets for c in out.candidates if c.state.runtime == "onnxruntime")
+    # With one runtime the search never leaves it.
+    alone = greedy_search(space(), Synthetic(), slo, 16)
+    assert {c.state.runtime for c in alone.candidates} == {"llama.cpp"}
+
+
+def test_each_runtime_is_fitted_to_its_own_measurements():
+    ev = TwoRuntimes(speed=2.0, kld=0.05)
+    predictor = SearchPredictor(LatencyModel(10.0, 30.0), WORKLOAD, ev.traffic)
+    llama_states, ort_states = [State(0), State(2), State(4)], [State(0, runtime=ORT.name), State(3, runtime=ORT.name)]
+    for s in llama_states + ort_states:
+        predictor.observe(s, ev.record(s, paired=False))
+    assert predictor.runtimes() == ["llama.cpp", "onnxruntime"]
+    assert predictor.fitted_for("llama.cpp").calibration.observations == 3
+    assert predictor.fitted_for("onnxruntime").calibration.observations == 2
+    # The same bytes cost ONNX Runtime half the time here; each fit predicts its own runtime exactly.
+    for s in (State(5), State(5, runtime=ORT.name)):
+        assert predictor.predict(ev.traffic(s)).latency_s == pytest.approx(ev.cost(s), rel=1e-6)
+    # A runtime never measured is predicted from the uncalibrated model, and nothing of it is skipped.
+    assert predictor.fitted_for("tvm").calibration.observations == 0

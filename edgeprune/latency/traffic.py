@@ -42,6 +42,7 @@ class ModelTraffic:
     parameters: int
     file_bytes: int
     tied: bool
+    runtime: str = "llama.cpp"  # what runs the file: each runtime reaches its own share of the roofline
 
     @classmethod
     def from_gguf(cls, path: Path) -> ModelTraffic:

@@ -8,6 +8,7 @@ runtime, rebuilds nothing that runtime did not make.
 
 from __future__ import annotations
 
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,6 +55,10 @@ class ModelFormat(ABC):
     def files(self, model: Path) -> list[Path]:
         """Every file the model is made of (a format may keep weights beside the model file)."""
         return [model]
+
+    def copy(self, model: Path, dst: Path) -> None:
+        """Copy the model to `dst` (a file name of this format), with every file it is made of."""
+        shutil.copyfile(model, dst)
 
     def size_bytes(self, model: Path) -> int:
         return sum(f.stat().st_size for f in self.files(model))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
-    from edgeprune.config import Target
+    from edgeprune.config import SearchSettings, Target
     from edgeprune.devices.base import Device
     from edgeprune.latency.traffic import ModelTraffic
     from edgeprune.measure import BenchmarkRecord, Workload
@@ -69,6 +69,9 @@ class Runner(ABC):
 class Runtime(ABC):
     name: ClassVar[str]
     format: ClassVar[ModelFormat]  # how its model files are made and read
+    quant_types: ClassVar[tuple[str, ...]]  # the quantization names its candidates take (`--quant`)
+    default_quant: ClassVar[str]
+    recipes: ClassVar[bool] = False  # whether llama.cpp's per-tensor recipes apply to its candidates
     registry: ClassVar[dict[str, type[Runtime]]] = {}
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -97,7 +100,21 @@ class Runtime(ABC):
     def traffic(self, model: Path) -> ModelTraffic:
         """Bytes read and FLOPs per token of one model file."""
 
+    @abstractmethod
+    def search_quant(self, settings: SearchSettings) -> str:
+        """The quantization a profile's search gives this runtime's candidates."""
+
+    def footprint_quant(self, quant: str) -> str:
+        """The llama.cpp type of about the size of `quant`, for the memory preflight (which models
+        llama.cpp's phases so far)."""
+        return quant
+
     # -- the bundle: what runs the model on the target --------------------------------------
+
+    def bundle_gap(self, target: Target) -> str | None:
+        """Why this runtime cannot ship a bundle for `target` yet (None: it can). A build searches it
+        only where it can; `check_target_programs` then says what is missing on this machine."""
+        return None
 
     @abstractmethod
     def check_target_programs(self, target: Target, cache_dir: Path) -> None:

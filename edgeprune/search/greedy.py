@@ -3,7 +3,9 @@
 Start from the unpruned model. While nothing meets the budget, build and measure the neighbours
 of the current candidate (a few more layers removed; the next smaller head structure; the next
 narrower FFN; the next per-tensor quantization recipe; the target's sparse method, if it opts in)
-and move to the one that loses the least quality (measured KLD) per byte of weights removed. Bytes, not the
+and move to the one that loses the least quality (measured KLD) per byte of weights removed; each
+round also realises the current structure in every other allowed runtime (its own format and
+quantization), so the structures on the path are measured in each. Bytes, not the
 measured speed-up, rank the steps: CPU decoding reads every weight once per token, so bytes track
 speed without the 10-20% noise of a shared machine, which would otherwise pick steps at random
 when two of them save about as much. When a round lands within budget, also try the depths a
@@ -110,7 +112,7 @@ class _Search:
         self.skipped: list[dict[str, str]] = []
         self.budget = Budget.from_slo(slo)
         self.baseline: Candidate | None = None  # timed alone, then beside every other candidate
-        baseline = self.build(State(0))
+        baseline = self.build(space.baseline())
         self.time(baseline)
         self.baseline = baseline
 
@@ -239,7 +241,8 @@ class _Search:
             space, state = self.space, current.state
             # Sparse first: a target that opts in wants it measured, and it never wins on bytes saved.
             steps = [space.sparsified(state), space.deeper(state), space.without_attention(state),
-                     *space.narrower(state), space.thinner(state), space.requantized(state)]
+                     *space.narrower(state), space.thinner(state), space.requantized(state),
+                     *space.in_other_runtimes(state)]
             steps = [s for s in steps if s]
             steps = [s for s in steps if s not in self.seen][: max(0, self.max_candidates - len(self.seen))]
             if not steps:

@@ -3,8 +3,10 @@ the rest.
 
 The latency model (edgeprune.latency) is fitted to the candidates already timed on the device, so
 its fixed scale (this device's bandwidth, its share of the roofline) comes from measurements, and a
-candidate's prediction differs from theirs only through what its GGUF reads and computes. Until
-`MIN_OBSERVATIONS_TO_SKIP` candidates are timed, nothing is skipped; after that a candidate is
+candidate's prediction differs from theirs only through what its model file reads and computes.
+Each runtime is fitted to its own measurements: llama.cpp and ONNX Runtime reach different shares
+of the roofline on the same device. Until `MIN_OBSERVATIONS_TO_SKIP` candidates of a runtime are
+timed, none of its candidates is skipped; after that a candidate is
 skipped only when its prediction misses the budget by more than `margin`. The margin is wide
 because the roofline counts bytes, not the fixed cost of each layer's operations: on the embedded
 model (135M, 2 threads) it predicts the speed-up of removing 12 layers as 1.40x where 1.54x is
@@ -40,21 +42,25 @@ class SearchPredictor:
     traffic_of: Callable[[object], ModelTraffic]  # a candidate's model -> its per-token costs
     margin: float = DEFAULT_MARGIN
     observations: list[Observation] = field(default_factory=list)
-    _fitted: LatencyModel | None = None
+    _fitted: dict[str, LatencyModel] = field(default_factory=dict)  # by runtime
 
     def observe(self, model: object, record: BenchmarkRecord) -> None:
         if record.runs and not record.emulated:
             self.observations.append(Observation.from_record(self.traffic_of(model), self.workload, record))
-            self._fitted = None
+            self._fitted.clear()
 
-    @property
-    def fitted(self) -> LatencyModel:
-        if self._fitted is None:
-            self._fitted = self.model.fitted(self.observations)
-        return self._fitted
+    def fitted_for(self, runtime: str) -> LatencyModel:
+        """The model fitted to `runtime`'s measurements (uncalibrated before the first)."""
+        if runtime not in self._fitted:
+            self._fitted[runtime] = self.model.fitted([o for o in self.observations if o.traffic.runtime == runtime])
+        return self._fitted[runtime]
+
+    def runtimes(self) -> list[str]:
+        """The runtimes measured so far, in the order of their first measurement."""
+        return list(dict.fromkeys(o.traffic.runtime for o in self.observations))
 
     def predict(self, traffic: ModelTraffic) -> Prediction:
-        return self.fitted.predict(traffic, len(self.workload.prompt), self.workload.answer_tokens)
+        return self.fitted_for(traffic.runtime).predict(traffic, len(self.workload.prompt), self.workload.answer_tokens)
 
     def skip_reason(self, prediction: Prediction, budget: Budget, baseline: ModelTraffic | None) -> str | None:
         """Why timing this candidate would be wasted (its prediction clearly misses the budget), or None."""
@@ -79,6 +85,7 @@ def interpolated(a: ModelTraffic, b: ModelTraffic, t: float, name: str) -> Model
         parameters=mix(a.parameters, b.parameters),
         file_bytes=mix(a.file_bytes, b.file_bytes),
         tied=a.tied,
+        runtime=a.runtime,
     )
 
 
@@ -98,6 +105,10 @@ def target_estimates(predictor: SearchPredictor, hardware: Any, name: str,
     estimates (labelled so), for a build measured on a stand-in. Needs a measured host profile."""
     if not predictor.observations:
         return {}
-    target = predictor.fitted.transfer(hardware, name=name)
     n, m = len(predictor.workload.prompt), predictor.workload.answer_tokens
-    return {cid: target.predict(predictor.traffic_of(model), n, m) for cid, model in models.items()}
+    estimates = {}
+    for cid, model in models.items():
+        traffic = predictor.traffic_of(model)
+        target = predictor.fitted_for(traffic.runtime).transfer(hardware, name=name)
+        estimates[cid] = target.predict(traffic, n, m)
+    return estimates

@@ -1,6 +1,7 @@
 """The search space: depth (least important layers first) x attention sublayers removed (least
 important first) x GQA-consistent head structures x FFN width (the most important channels of
-every layer, in K-quant-friendly steps) x quantization recipe x the target's sparse method."""
+every layer, in K-quant-friendly steps) x quantization recipe x the target's sparse method x the
+runtime that runs the candidate (each with its own model format and quantization)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,17 @@ class HeadStructure:
 
 
 @dataclass(frozen=True)
+class SearchRuntime:
+    """A runtime as the search sees it: its name, and whether llama.cpp's per-tensor recipes apply."""
+
+    name: str
+    recipes: bool = False
+
+
+LLAMA_CPP = SearchRuntime("llama.cpp", recipes=True)
+
+
+@dataclass(frozen=True)
 class State:
     layers_dropped: int
     heads: HeadStructure | None = None  # None: all heads
@@ -38,6 +50,7 @@ class State:
     recipe: str = "default"  # per-tensor quantization recipe (quantize/recipes.py)
     sparse: str | None = None  # the target's opted-in sparse method, described; None: dense
     attention_removed: int = 0  # attention sublayers removed from kept layers, least important first
+    runtime: str = LLAMA_CPP.name  # what runs (and so what format and quantization) the candidate
 
     def describe(self) -> str:
         parts = [f"-{self.layers_dropped} layers"] if self.layers_dropped else []
@@ -46,13 +59,15 @@ class State:
         parts += [f"FFN {self.ffn}"] if self.ffn else []
         parts += [f"recipe {self.recipe}"] if self.recipe != "default" else []
         parts += [f"{self.sparse} sparse"] if self.sparse else []
-        return ", ".join(parts) or "unpruned"
+        text = ", ".join(parts) or "unpruned"
+        return text if self.runtime == LLAMA_CPP.name else f"{text} on {self.runtime}"
 
 
 class SearchSpace:
     def __init__(self, shape: ModelShape, importance: Importance, settings: SearchSettings,
-                 sparsity: SparsitySpec | None = None) -> None:
+                 sparsity: SparsitySpec | None = None, runtimes: tuple[SearchRuntime, ...] = (LLAMA_CPP,)) -> None:
         self.shape, self.importance, self.settings, self.sparsity = shape, importance, settings, sparsity
+        self.runtimes = {r.name: r for r in runtimes}  # the first runs the baseline
         # The first and last layers are never candidates: they read the embeddings and write the
         # logits, and their Block Influence is always among the highest.
         self.layer_order = importance.layers_by_importance(protect=(0, shape.n_layers - 1))
@@ -115,8 +130,20 @@ class SearchSpace:
         n = min(state.attention_removed + step, self.max_attention, max(kept_layers - 2, 0))
         return replace(state, attention_removed=n) if step and n > state.attention_removed else None
 
+    def baseline(self) -> State:
+        """The unpruned model in the first runtime: what every candidate is timed beside."""
+        return State(0, runtime=next(iter(self.runtimes)))
+
+    def in_other_runtimes(self, state: State) -> list[State]:
+        """The same structure realised in each other allowed runtime (its default recipe where
+        llama.cpp's recipes do not apply)."""
+        return [replace(state, runtime=r.name, recipe=state.recipe if r.recipes else "default")
+                for r in self.runtimes.values() if r.name != state.runtime]
+
     def requantized(self, state: State) -> State | None:
-        """The next per-tensor recipe of the profile's list, if any."""
+        """The next per-tensor recipe of the profile's list, if any (for runtimes that take recipes)."""
+        if not self.runtimes[state.runtime].recipes:
+            return None
         recipes = self.settings.recipes
         i = recipes.index(state.recipe) if state.recipe in recipes else -1
         return replace(state, recipe=recipes[i + 1]) if i + 1 < len(recipes) else None

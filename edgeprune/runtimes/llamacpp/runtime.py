@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgeprune.config import Target
+from edgeprune.config import SearchSettings, Target
 from edgeprune.devices.base import Device
 from edgeprune.errors import EdgepruneError
 from edgeprune.latency.traffic import ModelTraffic
+from edgeprune.quantize.llamacpp import QUANT_FTYPES
 from edgeprune.runtimes import isolated, llamacpp
 from edgeprune.runtimes.base import AnswerCheck, Programs, Runner, Runtime
 from edgeprune.runtimes.llamacpp import answers, package
@@ -32,6 +33,12 @@ class PythonRunner(WorkerRunner):
 class LlamaCpp(Runtime):
     name = "llama.cpp"
     format = GGUF
+    quant_types = tuple(QUANT_FTYPES)
+    default_quant = "Q4_K_M"
+    recipes = True
+
+    def search_quant(self, settings: SearchSettings) -> str:
+        return settings.quant
 
     def version(self) -> str:
         return llamacpp.version()

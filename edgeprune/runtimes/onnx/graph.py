@@ -8,6 +8,7 @@ with one tensor in memory.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -81,3 +82,15 @@ class GraphWriter:
 def save(model: onnx.ModelProto, path: Path) -> None:
     """The protobuf alone (external weights are already in their file)."""
     path.write_bytes(model.SerializeToString())
+
+
+def relocate(model: Path, dst: Path) -> None:
+    """Copy `model` and its external data file to `dst` and `dst`.data: the graph names its data
+    file in every external tensor, so the copy's graph is rewritten to name the new one."""
+    proto = onnx.load(str(model), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = dst.name + ".data"
+    shutil.copyfile(model.with_name(model.name + ".data"), dst.with_name(dst.name + ".data"))
+    save(proto, dst)

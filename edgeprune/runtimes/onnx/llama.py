@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from edgeprune.prune import LayerShape, ModelShape, Plan
 from edgeprune.prune.apply import Loader, PrunedTensor, pruned_tensors
 from edgeprune.runtimes.onnx import nbits
 from edgeprune.runtimes.onnx.graph import MICROSOFT, GraphWriter, save
+from edgeprune.runtimes.onnx.weights import OnnxWeights
 
 log = logging.getLogger(__name__)
 
@@ -65,26 +66,6 @@ class MetadataKeys:
     SPARSITY = "edgeprune.sparsity"
     WEIGHTS = "edgeprune.weights"  # OnnxWeights as JSON
     CONTEXT = "edgeprune.context"
-
-
-@dataclass(frozen=True)
-class OnnxWeights:
-    """How the decoder's linear layers are stored: fp32, or MatMulNBits of `bits` in blocks of
-    `block` along the input. `accuracy_level`: MatMulNBits' compute type (0: as the weights are
-    dequantized, in fp32; 4: activations quantized to int8, faster on CPU)."""
-
-    bits: int | None = None
-    block: int = 32
-    symmetric: bool = False
-    accuracy_level: int = 0
-    head_bits: int = 8  # the output head's bits when the decoder's are set
-
-    def describe(self) -> str:
-        if self.bits is None:
-            return "fp32"
-        sym = " symmetric" if self.symmetric else ""
-        acc = ", int8 compute" if self.accuracy_level == 4 else ""
-        return f"int{self.bits} blocks of {self.block}{sym}{acc}, head int{self.head_bits}"
 
 
 # A linear layer's weight (N, K) -> the packed form MatMulNBits reads (round-to-nearest by default;

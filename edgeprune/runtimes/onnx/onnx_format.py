@@ -15,24 +15,11 @@ from edgeprune.models.streamed import DecoderStream
 from edgeprune.runtimes.artifacts import ModelFormat, Realization
 from edgeprune.runtimes.onnx import session
 from edgeprune.runtimes.onnx.calibrated import SequentialGptq
-from edgeprune.runtimes.onnx.llama import OnnxWeights, write_onnx
+from edgeprune.runtimes.onnx.graph import relocate
+from edgeprune.runtimes.onnx.llama import write_onnx
+from edgeprune.runtimes.onnx.weights import onnx_weights
 
 log = logging.getLogger(__name__)
-
-# The quantization types of ONNX candidates, by the name a profile or --quant gives.
-WEIGHTS = {
-    "F32": OnnxWeights(),
-    "INT8": OnnxWeights(bits=8),
-    "INT4": OnnxWeights(bits=4, block=32),
-    "INT4_B128": OnnxWeights(bits=4, block=128),
-}
-
-
-def onnx_weights(quant: str) -> OnnxWeights:
-    if quant not in WEIGHTS:
-        raise EdgepruneError(f"ONNX Runtime candidates are quantized as one of {', '.join(WEIGHTS)}, not {quant}.")
-    return WEIGHTS[quant]
-
 
 class Onnx(ModelFormat):
     name = "onnx"
@@ -41,6 +28,9 @@ class Onnx(ModelFormat):
 
     def files(self, model: Path) -> list[Path]:
         return [model, model.with_name(model.name + ".data")]
+
+    def copy(self, model: Path, dst: Path) -> None:
+        relocate(model, dst)
 
     def realize(self, job: Realization, out: Path) -> None:
         weights = onnx_weights(job.quant.quant)

@@ -7,13 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgeprune.config import Target
+from edgeprune.config import SearchSettings, Target
 from edgeprune.devices.base import Device
 from edgeprune.errors import EdgepruneError
 from edgeprune.latency.traffic import ModelTraffic
 from edgeprune.runtimes.base import AnswerCheck, Programs, Runner, Runtime
 from edgeprune.runtimes.onnx.onnx_format import ONNX
 from edgeprune.runtimes.onnx.traffic import onnx_traffic
+from edgeprune.runtimes.onnx.weights import DEFAULT, WEIGHTS
 from edgeprune.runtimes.worker import WorkerRunner
 
 NO_BUNDLE = ("ONNX Runtime candidates cannot be bundled for a device yet (its programs for the target are not "
@@ -28,6 +29,18 @@ class OnnxWorkerRunner(WorkerRunner):
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
     format = ONNX
+    quant_types = tuple(WEIGHTS)
+    default_quant = DEFAULT
+
+    def search_quant(self, settings: SearchSettings) -> str:
+        return settings.onnx_quant
+
+    def footprint_quant(self, quant: str) -> str:
+        # int4 in blocks of 32 with a scale and a zero point is 5 bits a weight, int8 8.5 with its scales.
+        return {"F32": "F32", "INT8": "Q8_0"}.get(quant, "Q4_K_M")
+
+    def bundle_gap(self, target: Target) -> str | None:
+        return NO_BUNDLE
 
     def version(self) -> str:
         import onnxruntime

@@ -84,4 +84,5 @@ def onnx_traffic(path: Path) -> ModelTraffic:
         parameters=parameters,
         file_bytes=path.stat().st_size + (data.stat().st_size if data.exists() else 0),
         tied=not any(t.startswith("lm_head") for t in sizes),
+        runtime="onnxruntime",
     )
