@@ -48,8 +48,15 @@ class WorkerRunner(Runner):
 
     def benchmark(self, model: Path, workload: Workload, baseline: Path | None = None) -> BenchmarkRecord:
         if baseline is None or self._together(model, baseline):
-            return self._run(model, workload, baseline, self.ram_cap)
-        # One model per process, alternating: each run loads (and warms up) its model afresh.
+            return self.side_by_side(model, workload, baseline)
+        return self.alternate(model, workload, baseline)
+
+    def side_by_side(self, model: Path, workload: Workload, baseline: Path | None) -> BenchmarkRecord:
+        """Both models in one worker process, timed in alternation."""
+        return self._run(model, workload, baseline, self.ram_cap)
+
+    def alternate(self, model: Path, workload: Workload, baseline: Path) -> BenchmarkRecord:
+        """One model per process, alternating: each run loads (and warms up) its model afresh."""
         once = replace(workload, repetitions=1)
         mine, theirs = [], []
         for _ in range(workload.repetitions):
