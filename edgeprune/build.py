@@ -225,6 +225,11 @@ def allowed_runtimes(target: Target, chosen: tuple[str, ...] = ()) -> tuple[list
     [runtime] allowed list, else every runtime that can ship a bundle for the target; and why each
     runtime left out is left out."""
     names = chosen or target.runtime.allowed
+    source = "--runtime" if chosen else f"target {target.name}'s [runtime] table" if names else None
+    unknown = [n for n in names if n not in Runtime.registry]
+    if unknown:
+        raise EdgepruneError(f"{source} names the unknown runtime '{unknown[0]}': edgeprune runs models with "
+                             f"{', '.join(sorted(Runtime.registry))}.")
     runtimes = [get_runtime(n) for n in names] if names else [get_runtime()] + [
         get_runtime(n) for n in sorted(Runtime.registry) if n != DEFAULT]
     excluded: dict[str, str] = {}
@@ -235,7 +240,6 @@ def allowed_runtimes(target: Target, chosen: tuple[str, ...] = ()) -> tuple[list
         if gap:
             runtimes.remove(runtime)
             excluded[runtime.name] = gap
-    source = "--runtime" if chosen else f"target {target.name}'s [runtime] table" if names else None
     for name in sorted(set(Runtime.registry) - {r.name for r in runtimes} - set(excluded)):
         excluded[name] = f"not allowed by {source}"
     return runtimes, excluded

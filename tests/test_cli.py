@@ -81,7 +81,7 @@ def test_bad_budget_override(tmp_path):
 
 
 @pytest.mark.parametrize("runtime, message", [
-    ("tvm", "Invalid --runtime: unknown runtime 'tvm'; edgeprune runs models with llama.cpp, onnxruntime."),
+    ("tvm", "--runtime names the unknown runtime 'tvm': edgeprune runs models with llama.cpp, onnxruntime."),
     ("onnxruntime", "onnxruntime cannot be searched for target demo: ONNX Runtime candidates cannot be bundled"),
 ])
 def test_a_runtime_the_build_cannot_search(tmp_path, runtime, message):
