@@ -154,6 +154,30 @@ def _runtime_decode(cache_dir: Path) -> tuple[bool, str, str]:
     return run_selftest(cache_dir)
 
 
+@check("onnxruntime decode", "ONNX Runtime candidates (prune --runtime onnxruntime)")
+def _onnxruntime_decode(cache_dir: Path) -> tuple[bool, str, str]:
+    """fp32 against torch, each quantized type against fp32, in a child process (a crash is a finding)."""
+    fix = ("This onnxruntime computes wrong results on this CPU: build with the llama.cpp runtime, and report the "
+           "CPU and `pip show onnxruntime`.")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "edgeprune.runtimes.onnx.selftest", str(cache_dir / "doctor")],
+                              capture_output=True, text=True, timeout=SELFTEST_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return False, f"no answer within {SELFTEST_TIMEOUT_S} s", "Check the machine's load, then rerun doctor."
+    if proc.returncode < 0:
+        return False, f"onnxruntime crashed ({signal.Signals(-proc.returncode).name}) running a quantized model", fix
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return False, f"the ONNX decode test failed: {last}", "Run `make install`, then `edgeprune doctor -v`."
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    parts = [f"{q} {c['error']:.2g} vs {c['against']} (<= {c['max_error']:g})" for q, c in result["checks"].items()]
+    detail = (f"logits' error relative to their spread: {', '.join(parts)}, over {result['positions']} tokens, "
+              f"onnxruntime {result['version']}")
+    if all(c["ok"] for c in result["checks"].values()):
+        return True, detail, ""
+    return False, detail + ": kernels disagree", fix
+
+
 def _tool(command: str, package: str) -> Callable[[Path], tuple[bool, str, str]]:
     def run(_: Path) -> tuple[bool, str, str]:
         path = shutil.which(command)

@@ -13,7 +13,7 @@ import time
 import psutil
 import pytest
 
-from edgeprune.doctor import judge_runtime_build, run_selftest, runtime_features
+from edgeprune.doctor import _onnxruntime_decode, judge_runtime_build, run_selftest, runtime_features
 from edgeprune.runtimes.llamacpp import system_info
 from edgeprune.toolchain import baseline
 
@@ -81,6 +81,7 @@ def test_missing_tools_are_named_with_their_fix_and_exit_1(cache_dir, tmp_path):
     assert "sudo apt-get install ninja-build" in proc.stdout
     assert "sudo apt-get install qemu-user" in proc.stdout
     assert any(line.startswith("ok       runtime decode") for line in lines), proc.stdout
+    assert any(line.startswith("ok       onnxruntime decode") for line in lines), proc.stdout
 
 
 @pytest.mark.slow
@@ -105,3 +106,40 @@ def test_a_runtime_crash_is_a_finding_not_the_end_of_doctor(cache_dir):
     assert killed, "llama.cpp's process was never seen"
     assert not ok and detail == "llama.cpp crashed (SIGSEGV) decoding a quantized model", detail
     assert "make install" in fix
+
+
+def test_the_onnx_check_measures_error_against_the_references_spread():
+    import numpy as np
+
+    from edgeprune.runtimes.onnx.selftest import relative_error
+
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(8, 1000))
+    assert relative_error(reference, reference) == 0.0
+    assert relative_error(reference, reference + 0.1 * rng.normal(size=reference.shape)) == pytest.approx(0.1, rel=0.1)
+    assert relative_error(reference, rng.normal(size=reference.shape)) == pytest.approx(2 ** 0.5, rel=0.1)
+    assert relative_error(reference, np.full_like(reference, np.nan)) == float("inf")
+
+
+@pytest.mark.slow
+def test_an_onnxruntime_crash_is_a_finding(tmp_path):
+    """The ONNX decode test's process is killed with SIGSEGV, as a broken kernel would: doctor says so."""
+    killed = []
+
+    def kill_the_child() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            for child in psutil.Process().children(recursive=True):
+                if "edgeprune.runtimes.onnx.selftest" in child.cmdline():
+                    os.kill(child.pid, signal.SIGSEGV)
+                    killed.append(child.pid)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_child)
+    killer.start()
+    ok, detail, fix = _onnxruntime_decode(tmp_path)
+    killer.join()
+    assert killed, "the ONNX decode test's process was never seen"
+    assert not ok and detail == "onnxruntime crashed (SIGSEGV) running a quantized model", detail
+    assert "llama.cpp runtime" in fix
