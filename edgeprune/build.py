@@ -220,10 +220,11 @@ def _latency_model_summary(predictor: SearchPredictor, host: Any, estimates: dic
     }
 
 
-def allowed_runtimes(target: Target, chosen: tuple[str, ...] = ()) -> tuple[list[Runtime], dict[str, str]]:
+def allowed_runtimes(target: Target, chosen: tuple[str, ...] = (),
+                     family: str = "llama") -> tuple[list[Runtime], dict[str, str]]:
     """The runtimes a build searches, the baseline's first: `chosen` (--runtime), else the target's
-    [runtime] allowed list, else every runtime that can ship a bundle for the target; and why each
-    runtime left out is left out."""
+    [runtime] allowed list, else every runtime that can ship a bundle for the target and run a
+    model of `family`; and why each runtime left out is left out."""
     names = chosen or target.runtime.allowed
     source = "--runtime" if chosen else f"target {target.name}'s [runtime] table" if names else None
     unknown = [n for n in names if n not in Runtime.registry]
@@ -234,7 +235,7 @@ def allowed_runtimes(target: Target, chosen: tuple[str, ...] = ()) -> tuple[list
         get_runtime(n) for n in sorted(Runtime.registry) if n != DEFAULT]
     excluded: dict[str, str] = {}
     for runtime in list(runtimes):
-        gap = runtime.bundle_gap(target)
+        gap = runtime.family_gap(family) or runtime.bundle_gap(target)
         if gap and names:
             raise EdgepruneError(f"{runtime.name} cannot be searched for target {target.name}: {gap}.")
         if gap:
@@ -252,10 +253,10 @@ def build(config: BuildConfig) -> BuildResult:
     if config.sign_key is not None:
         check_signing_key(config.sign_key)  # an unusable key fails now, not after the search
     target, profile = config.target, config.profile
-    runtimes, excluded = allowed_runtimes(target, config.runtimes)
+    weights = open_weights(source, config.trust_remote_code)
+    runtimes, excluded = allowed_runtimes(target, config.runtimes, ModelShape.from_config(weights.config).family)
     for runtime in runtimes:  # a missing cross-compiler fails now, not after the search
         runtime.check_target_programs(target, config.cache_dir)
-    weights = open_weights(source, config.trust_remote_code)
     bench_tokens = target.slo.prompt_tokens + target.slo.answer_tokens if target.device.url == "local" else 0
     work = Work.for_build(profile.search, self_generated=config.calib is None, bench_tokens=bench_tokens,
                           sparse=target.sparsity.method if target.sparsity else None)

@@ -12,6 +12,7 @@ import gguf
 import numpy as np
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.families import gguf_archs
 
 MAGIC = b"GGUF"
 # K-quants pack 256 input columns per block; other widths fall back to larger 32-block types.
@@ -21,7 +22,6 @@ MAX_PLAUSIBLE_VERSION = 255  # larger numbers are garbage, not a future format
 GGML_MAX_DIMS = 4
 LLAMA_MAX_LAYERS = 512  # llama.cpp refuses more (src/llama-hparams.h)
 U32_MAX = (1 << 32) - 1  # llama.cpp reads counts and sizes as uint32
-LLAMA_ARCHS = ("llama", "deci")  # the architectures edgeprune reads and writes
 _LLM, _ATTN, _TOK = gguf.Keys.LLM, gguf.Keys.Attention, gguf.Keys.Tokenizer
 _BLK = re.compile(r"^blk\.(\d+)\.")
 _REDO = "re-export or re-download it"
@@ -262,7 +262,7 @@ def hparams(reader: gguf.GGUFReader) -> Hparams:
     hp = Hparams(arch, hidden, heads, kv, ffn, head_dim,
                  int_value(reader, _ATTN.VALUE_LENGTH.format(arch=arch)) or head_dim,
                  int_value(reader, _LLM.CONTEXT_LENGTH.format(arch=arch)), vocab)
-    if arch in LLAMA_ARCHS:
+    if arch in gguf_archs():
         _check_against_tensors(reader, hp)
     return hp
 

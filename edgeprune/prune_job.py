@@ -22,6 +22,7 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate import Quality
 from edgeprune.export import write_hf_checkpoint
 from edgeprune.export.gguf_llama import architecture
+from edgeprune.families import family_of
 from edgeprune.footprint import Estimate, Work, compared
 from edgeprune.gguf_file import decoder_zero_share, read_gguf
 from edgeprune.memory import TreeSampler
@@ -131,6 +132,9 @@ def prune(config: PruneConfig) -> PruneResult:
     if config.sparse is not None:  # the model's own widths, before any work; the plan's are checked below
         _check_groups(config.sparse, [LayerShape(shape.n_head, shape.n_head_kv, shape.ffn)], shape)
     runtime = get_runtime(config.runtime)
+    gap = runtime.family_gap(shape.family)
+    if gap:
+        raise EdgepruneError(f"--runtime {runtime.name}: {gap}; prune with --runtime llama.cpp.")
     work = Work.for_prune(
         quant=runtime.footprint_quant(config.quant), imatrix=config.imatrix, self_generated=config.calib is None,
         structured=config.structured.method if config.structured else None,
@@ -175,7 +179,7 @@ def _prune(config: PruneConfig, source: ModelSource, weights: WeightStore, spec:
     model_path = stage.file(model)
     quality = Quality(**runner.run(CandidateQuality(model_path, model.key, splits, ref_logps, config.threads,
                                                     fmt)).result)
-    arch = architecture(plan.layer_shapes(shape))
+    arch = architecture(reference.config, plan.layer_shapes(shape))
     artifact = model_filename(reference.source.model_id, config.quant, fmt.suffix)
     sparsity = None
     if sparse is not None:
@@ -215,12 +219,10 @@ def hf_checkpoint_note(config: Any, plan: Plan) -> str | None:
     """Why plain transformers cannot hold the pruned model (only the GGUF is written then), or None.
     Decided from the plan's shapes alone, before any work, by building the config transformers would save."""
     from huggingface_hub.errors import StrictDataclassError
-    from transformers import LlamaConfig
-
     if plan.uniform_shape(ModelShape.from_config(config)) is None:
         return "layers differ in shape, and plain transformers needs one shape for every layer"
     try:  # the config from_pretrained would build: transformers 5 validates it (in a strict dataclass)
-        LlamaConfig(**pruned_config(config, plan).to_dict())
+        family_of(config).config_class()(**pruned_config(config, plan).to_dict())
     except (ValueError, StrictDataclassError) as e:  # e.g. a hidden size that is no multiple of the head count
         reason = str(e.__cause__ or e).strip().splitlines()[0].rstrip(".")
         return f"plain transformers refuses its shape ({reason})"

@@ -462,7 +462,7 @@ def _edit_config(directory: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("model_type", ["gpt2", "falcon"])
 def test_unsupported_architecture_is_named(good_dir, model_type):
     from transformers import AutoConfig
 

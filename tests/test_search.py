@@ -245,6 +245,25 @@ def test_recipes_are_a_step_of_their_own():
     assert "recipe iq4_nl-narrow" in State(0, recipe="iq4_nl-narrow").describe()
 
 
+def test_a_family_without_per_layer_shapes_gets_only_plans_of_one_shape():
+    """Qwen3 runs in llama.cpp with one shape for every layer: no attention step; heads and FFN stay uniform."""
+    from dataclasses import replace
+
+    importance = Importance(IMPORTANCE.layer_scores, IMPORTANCE.head_scores,
+                            [[float(c % 7) for c in range(600)]] * 12, attention_scores=[0.5] * 12)
+    settings = load_profile("default").search.model_copy(update={"attention_step": 2, "max_attention_fraction": 0.25})
+    shape = replace(SHAPE, ffn=600, family="qwen3", per_layer=False)
+    s = SearchSpace(shape, importance, settings)
+    assert s.without_attention(State(0)) is None
+    state = s.narrower(State(2))[0]
+    state = s.thinner(state)
+    plan = s.plan(state)
+    plan.validate(shape)
+    assert plan.uniform_shape(shape) is not None and plan.heads and plan.ffn
+    assert SearchSpace(replace(SHAPE, ffn=600), importance, settings).without_attention(State(0)) == State(
+        0, attention_removed=2)
+
+
 def test_attention_steps_remove_the_least_important_attention_of_kept_layers():
     importance = Importance(IMPORTANCE.layer_scores, IMPORTANCE.head_scores, IMPORTANCE.channel_scores,
                             attention_scores=[0.0, 0.5, 0.4, 0.01, 0.3, 0.02, 0.6, 0.7, 0.8, 0.9, 0.95, 0.001])

@@ -16,7 +16,7 @@ from torch import nn
 
 from conftest import tiny_llama
 from edgeprune.evaluate import log_probs, reference_log_probs
-from edgeprune.export.gguf_llama import gguf_tensor_name
+from edgeprune.families import family_for
 from edgeprune.models.reference import weight_files
 from edgeprune.models.streamed import Activations, DecoderStream, SequentialPass
 from edgeprune.models.weights import ModuleStore, SafetensorsStore
@@ -97,7 +97,7 @@ def _whole_model_imatrix(model, windows):
         return fn
 
     tied = model.config.tie_word_embeddings
-    names = {n: TOKEN_EMBD if n == "lm_head" and tied else gguf_tensor_name(n + ".weight")
+    names = {n: TOKEN_EMBD if n == "lm_head" and tied else family_for("llama", "tiny").gguf_name(n + ".weight")
              for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(g)) for n, g in names.items()]
     with torch.no_grad():

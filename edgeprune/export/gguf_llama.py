@@ -1,7 +1,9 @@
-"""Our GGUF writer for Llama models (architectures `llama` and `deci`), on top of gguf-py.
+"""Our GGUF writer, on top of gguf-py, for every family (`edgeprune.families`).
 
-Only torch -> GGUF layout lives here: tensor names, the Q/K row permutation llama.cpp's RoPE
-expects, hyper-parameters, and edgeprune's provenance keys. The tokenizer writes itself.
+Only torch -> GGUF layout lives here: tensor names (gguf-py's table), the Q/K row permutation of
+families whose llama.cpp graph wants it, hyper-parameters, and edgeprune's provenance keys. The
+family picks the architecture (Llama: `llama`, or `deci` for per-layer shapes) and writes its own
+extra metadata; the tokenizer writes itself.
 
 One writer streams: the tensor table is written from shapes alone, then each tensor is read from
 a `WeightStore` (the plan's slices applied), converted and written before the next is read, so
@@ -26,16 +28,15 @@ import numpy as np
 import torch
 
 from edgeprune import __version__
-from edgeprune.errors import EdgepruneError
 from edgeprune.export.rope import write_rope
+from edgeprune.families import family_of, interleaves_qk
 from edgeprune.models.tokenizer import TokenizerSpec
-from edgeprune.models.weights import ModuleStore, WeightStore
+from edgeprune.models.weights import QK_ROWS, ModuleStore, WeightStore
 from edgeprune.prune import LayerShape, ModelShape, Plan, layer_shapes
 from edgeprune.prune.apply import Loader, PrunedTensor, pruned_tensors
 
 log = logging.getLogger(__name__)
 
-LLAMA, DECI = gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.DECI
 # FFN width written for a layer whose MLP was removed but whose attention was kept.
 PLACEHOLDER_FFN = 1
 T = gguf.MODEL_TENSOR
@@ -59,23 +60,6 @@ class Provenance:
     sparsity: dict[str, Any] | None = None  # the SparsitySpec the weights were sparsified with
 
 
-# HF parameter name (inside a layer, or global) -> GGUF tensor kind.
-_GLOBAL = {
-    "model.embed_tokens.weight": T.TOKEN_EMBD,
-    "model.norm.weight": T.OUTPUT_NORM,
-    "lm_head.weight": T.OUTPUT,
-}
-_LAYER = {
-    "input_layernorm.weight": T.ATTN_NORM,
-    "self_attn.q_proj.weight": T.ATTN_Q,
-    "self_attn.k_proj.weight": T.ATTN_K,
-    "self_attn.v_proj.weight": T.ATTN_V,
-    "self_attn.o_proj.weight": T.ATTN_OUT,
-    "post_attention_layernorm.weight": T.FFN_NORM,
-    "mlp.gate_proj.weight": T.FFN_GATE,
-    "mlp.up_proj.weight": T.FFN_UP,
-    "mlp.down_proj.weight": T.FFN_DOWN,
-}
 Q = gguf.GGMLQuantizationType
 # The weights' type in the file: F32 or F16/BF16 for every matrix (vectors stay F32, as in llama.cpp's
 # converter), or "auto": BF16 where the source stores bf16, F16 elsewhere, BF16 for a matrix F16 cannot hold.
@@ -102,19 +86,10 @@ def rope_interleave(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensor_name(hf_name: str) -> str:
-    if hf_name in _GLOBAL:
-        return gguf.TENSOR_NAMES[_GLOBAL[hf_name]] + ".weight"
-    parts = hf_name.split(".", 3)  # model, layers, N, rest
-    if parts[:2] == ["model", "layers"] and parts[3] in _LAYER:
-        return gguf.TENSOR_NAMES[_LAYER[parts[3]]].format(bid=int(parts[2])) + ".weight"
-    raise EdgepruneError(f"The model has a tensor edgeprune cannot place in a llama GGUF: {hf_name}.")
-
-
-def _write_structure(writer: gguf.GGUFWriter, shape: ModelShape, layers: list[LayerShape]) -> None:
-    """Layer counts and widths: scalars for `llama`, per-layer arrays for `deci`."""
+def _write_structure(writer: gguf.GGUFWriter, shape: ModelShape, layers: list[LayerShape], arch: str) -> None:
+    """Layer counts and widths: scalars, or per-layer arrays for `deci`."""
     writer.add_block_count(len(layers))
-    if _is_uniform(layers):
+    if arch != gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DECI]:
         writer.add_feed_forward_length(layers[0].ffn)
         writer.add_head_count(layers[0].n_head)
         writer.add_head_count_kv(layers[0].n_head_kv)
@@ -128,13 +103,9 @@ def _write_structure(writer: gguf.GGUFWriter, shape: ModelShape, layers: list[La
     writer.add_rope_dimension_count(shape.head_dim)
 
 
-def _is_uniform(layers: list[LayerShape]) -> bool:
-    return len(set(layers)) == 1 and layers[0].has_attention and layers[0].has_mlp
-
-
-def architecture(layers: list[LayerShape]) -> str:
-    """`llama` when every layer has one shape; `deci` (per-layer shapes) otherwise."""
-    return gguf.MODEL_ARCH_NAMES[LLAMA if _is_uniform(layers) else DECI]
+def architecture(config: Any, layers: list[LayerShape]) -> str:
+    """The architecture a model of `config` pruned to these layers is written as (`Family.gguf_arch`)."""
+    return gguf.MODEL_ARCH_NAMES[family_of(config).gguf_arch(layers, ModelShape.from_config(config))]
 
 
 def _placeholder_mlp(layer: int, hidden: int, dtype: torch.dtype) -> list[PlannedTensor]:
@@ -152,14 +123,15 @@ def _gguf_layout(load: Callable[[], torch.Tensor], n_heads: int | None) -> torch
     return t if n_heads is None else rope_interleave(t, n_heads)
 
 
-def _planned(tensors: list[PrunedTensor], layers: list[LayerShape], config: Any) -> list[PlannedTensor]:
+def _planned(tensors: list[PrunedTensor], layers: list[LayerShape], config: Any, arch: str) -> list[PlannedTensor]:
     """The GGUF's tensors: the pruned model's (Q/K rows interleaved with each layer's own head
-    count), then the placeholder MLPs of layers that keep only their attention."""
+    count where `arch` wants it), then the placeholder MLPs of layers that keep only their attention."""
     head_dim = ModelShape.from_config(config).head_dim
+    family, interleave = family_of(config), interleaves_qk(arch)
     out = []
     for t in tensors:
-        rope = t.name.endswith(("q_proj.weight", "k_proj.weight"))
-        out.append(PlannedTensor(gguf_tensor_name(t.name), t.shape, t.source_dtype,
+        rope = interleave and t.name.endswith(QK_ROWS)
+        out.append(PlannedTensor(family.gguf_name(t.name), t.shape, t.source_dtype,
                                  partial(_gguf_layout, t.read, t.shape[0] // head_dim if rope else None)))
     dtype = out[0].source_dtype
     for i, s in enumerate(layers):
@@ -204,29 +176,31 @@ def _type_field_offsets(ti_start: int, tensors: list[PlannedTensor]) -> list[int
     return offsets
 
 
-def _write(path: Path, config: Any, layers: list[LayerShape], tensors: list[PlannedTensor],
+def _write(path: Path, config: Any, layers: list[LayerShape], arch: str, tensors: list[PlannedTensor],
            tokenizer: TokenizerSpec, dtype: str, provenance: Provenance, name: str) -> None:
     """The one GGUF writer: metadata and the tensor table first, then each tensor read, converted,
     written and dropped in turn. Written aside, renamed when complete."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {DTYPES}")
     shape = ModelShape.from_config(config)
+    family = family_of(config)
     types = [_declared_type(dtype, t) for t in tensors]
     by_bytes: dict[Q, int] = {}
     for t, q in zip(tensors, types, strict=True):
         by_bytes[q] = by_bytes.get(q, 0) + math.prod(t.shape)
     matrices = {q: n for q, n in by_bytes.items() if q != Q.F32} or {Q.F32: 1}
     tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(str(tmp), architecture(layers))
+    writer = gguf.GGUFWriter(str(tmp), arch)
     try:
         writer.add_name(name)
         writer.add_file_type(_FILE_TYPES[max(matrices, key=matrices.get)])
         writer.add_vocab_size(shape.vocab)
         writer.add_context_length(config.max_position_embeddings)
         writer.add_embedding_length(shape.hidden)
-        _write_structure(writer, shape, layers)
+        _write_structure(writer, shape, layers, arch)
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         extra = write_rope(writer, config)
+        family.write_hparams(writer, config)
         tokenizer.write(writer)
         writer.add_string(ProvenanceKeys.VERSION, __version__)
         writer.add_string(ProvenanceKeys.SOURCE, provenance.source)
@@ -273,11 +247,12 @@ def _write(path: Path, config: Any, layers: list[LayerShape], tensors: list[Plan
 def write_gguf(store: WeightStore, plan: Plan, tokenizer: TokenizerSpec, path: Path, dtype: str,
                provenance: Provenance, name: str, overrides: Mapping[str, Loader] | None = None) -> None:
     """Write `store`'s model with `plan` applied to `path` (atomically), one tensor in memory at a time:
-    arch `llama`, or `deci` when its layers differ in shape. `dtype`: one of DTYPES. `overrides`: HF
+    the family's architecture for its layers (see `architecture`). `dtype`: one of DTYPES. `overrides`: HF
     names of the pruned model -> loaders of tensors that replace the sliced ones (sparsified weights)."""
     layers = plan.layer_shapes(ModelShape.from_config(store.config))
-    tensors = _planned(pruned_tensors(store, plan, overrides), layers, store.config)
-    _write(path, store.config, layers, tensors, tokenizer, dtype, provenance, name)
+    arch = architecture(store.config, layers)
+    tensors = _planned(pruned_tensors(store, plan, overrides), layers, store.config, arch)
+    _write(path, store.config, layers, arch, tensors, tokenizer, dtype, provenance, name)
 
 
 def export_gguf(
@@ -286,5 +261,6 @@ def export_gguf(
     """Write an in-memory torch model (pruned by `apply_plan` or not) to `path` (atomically): the
     streaming writer over the model's own tensors, with the layer shapes its modules have."""
     layers = layer_shapes(model)
-    tensors = _planned(pruned_tensors(ModuleStore(model), Plan()), layers, model.config)
-    _write(path, model.config, layers, tensors, tokenizer, dtype, provenance, name)
+    arch = architecture(model.config, layers)
+    tensors = _planned(pruned_tensors(ModuleStore(model), Plan()), layers, model.config, arch)
+    _write(path, model.config, layers, arch, tensors, tokenizer, dtype, provenance, name)

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.gguf_file import LLAMA_ARCHS, Hparams, hparams, is_weight, read_gguf
+from edgeprune.families import gguf_archs
+from edgeprune.gguf_file import Hparams, hparams, is_weight, read_gguf
 
 TOKEN_EMBD, OUTPUT = "token_embd.weight", "output.weight"
 KV_BYTES = 2  # F16 K/V cache, llama.cpp's default (runtimes/llamacpp.load keeps it)
@@ -49,12 +50,12 @@ class ModelTraffic:
         path = Path(path)
         reader = read_gguf(path)
         hp = hparams(reader)  # counts checked against the tensors
-        if hp.arch not in LLAMA_ARCHS:
+        if hp.arch not in gguf_archs():
             raise EdgepruneError(f"{path.name} is a GGUF of architecture {hp.arch!r}; the latency model knows "
-                                 "llama and deci.")
+                                 f"{', '.join(gguf_archs())}.")
         tensors = {t.name: t for t in reader.tensors}
         if TOKEN_EMBD not in tensors:
-            raise EdgepruneError(f"{path.name} has no {TOKEN_EMBD}; it is not a complete llama GGUF.")
+            raise EdgepruneError(f"{path.name} has no {TOKEN_EMBD}; it is not a complete model.")
         tied = OUTPUT not in tensors
         output = tensors[TOKEN_EMBD] if tied else tensors[OUTPUT]
         weight_bytes = flops = 0

@@ -17,6 +17,7 @@ from typing import Any
 
 from edgeprune.atomic import build_once, sweep
 from edgeprune.errors import EdgepruneError
+from edgeprune.families import family_for, family_of, family_of_arch
 from edgeprune.gguf_file import read_gguf
 from edgeprune.hashing import code_hash, sha256_json
 from edgeprune.models.source import ModelSource
@@ -25,8 +26,6 @@ from edgeprune.models.weights import IGNORED, GGUFStore, SafetensorsStore, Weigh
 
 log = logging.getLogger(__name__)
 
-# Config types loaded as LlamaForCausalLM (same tensors and names; see `as_llama_config`).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 _LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -47,34 +46,9 @@ class Reference:
         return self.weights.parameters
 
 
-def _check_arch(model_type: str | None, where: str) -> None:
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise EdgepruneError(
-            f"{where} is a '{model_type}' model; edgeprune supports {', '.join(SUPPORTED_MODEL_TYPES)} so far."
-        )
-
-
-def as_llama_config(config: Any, where: str) -> Any:
-    """A LlamaConfig for a supported config: Mistral (v0.1-v0.3, Nemo-style explicit head_dim) is
-    Llama's graph plus a sliding window, with the same tensor names."""
-    from transformers import LlamaConfig
-
-    _check_arch(getattr(config, "model_type", None), where)
-    if config.model_type == "llama":
-        return config
-    fields = config.to_dict()
-    window = fields.pop("sliding_window", None)
-    for key in ("model_type", "architectures", "transformers_version"):
-        fields.pop(key, None)
-    llama = LlamaConfig(**fields)
-    llama.architectures = ["LlamaForCausalLM"]
-    if window is not None and window < config.max_position_embeddings:
-        log.warning(
-            "%s uses a %d-token sliding attention window, but llama.cpp's llama architecture attends over "
-            "the whole context: outputs agree with the original model only for contexts up to %d tokens.",
-            where, window, window,
-        )
-    return llama
+def family_config(config: Any, where: str) -> Any:
+    """The config edgeprune works with (Mistral's becomes a LlamaConfig); an unsupported family is refused."""
+    return family_for(getattr(config, "model_type", None), where).normalize_config(config, where)
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -126,23 +100,11 @@ def _checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     return {k: v for k, v in shapes.items() if not IGNORED.search(k)}
 
 
-def _expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
-    import torch
-    from transformers import LlamaForCausalLM
-
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)  # tied: absent from checkpoints (ignored if present)
-    return shapes
-
-
 def check_weights(directory: Path, config: Any) -> None:
     """Refuse weights that disagree with config.json, before transformers would silently
     random-initialise missing tensors or fail deep in load_state_dict."""
     found = _checkpoint_shapes(weight_files(directory))
-    expected = _expected_shapes(config)
+    expected = {k: v for k, v in family_of(config).tensor_shapes(config).items() if not IGNORED.search(k)}
     layers = {int(m.group(1)) for name in found if (m := _LAYER_INDEX.match(name))}
     n_layers = max(layers) + 1 if layers else 0
     if n_layers != config.num_hidden_layers:
@@ -155,7 +117,7 @@ def check_weights(directory: Path, config: Any) -> None:
     if missing or extra:
         what = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(extra[:3])}"
         raise EdgepruneError(
-            f"{directory}: the weights do not match a Llama model with this config.json ({what}); "
+            f"{directory}: the weights do not match a {family_of(config).name} model with this config.json ({what}); "
             "pass the directory the checkpoint was saved to, unmodified."
         )
     width = found["model.embed_tokens.weight"][-1]
@@ -181,24 +143,25 @@ def _hf_store(directory: Path, trust_remote_code: bool) -> tuple[SafetensorsStor
         config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise EdgepruneError(f"Cannot read the model config of {directory}: {e}".rstrip(".") + ".") from None
-    config = as_llama_config(config, str(directory))
+    config = family_config(config, str(directory))
     check_weights(directory, config)
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     return SafetensorsStore(weight_files(directory), config), tokenizer
 
 
 def gguf_config(reader: Any, where: str) -> Any:
-    """The LlamaConfig of a llama GGUF, from its metadata alone (no tensor is read; transformers'
-    own parser decodes every token of the vocabulary to do this, ~20 s for the embedded model)."""
+    """The transformers config of a GGUF with one shape for all layers, from its metadata alone (no
+    tensor is read; transformers' own parser decodes every token of the vocabulary to do this, ~20 s
+    for the embedded model)."""
     import gguf
-    from transformers import LlamaConfig
 
     from edgeprune.gguf_file import hparams, metadata
 
-    _check_arch(metadata(reader, gguf.Keys.General.ARCHITECTURE, None), where)
+    family = family_of_arch(metadata(reader, gguf.Keys.General.ARCHITECTURE, None), where)
     hp = hparams(reader)
     if len(set(hp.heads)) != 1 or len(set(hp.kv_heads)) != 1 or len(set(hp.ffn)) != 1:
-        raise EdgepruneError(f"{where} gives its layers different shapes; edgeprune reads uniform Llama GGUFs.")
+        raise EdgepruneError(f"{where} gives its layers different shapes; edgeprune reads GGUFs whose layers share "
+                             "one shape.")
     arch = hp.arch
     rope: dict[str, Any] = {"rope_type": "default",
                             "rope_theta": float(metadata(reader, gguf.Keys.Rope.FREQ_BASE.format(arch=arch), 10000.0))}
@@ -209,7 +172,7 @@ def gguf_config(reader: Any, where: str) -> Any:
         log.warning("%s scales RoPE frequencies by a rope_freqs tensor (Llama 3.1 style), which is not read back: "
                     "the torch reference uses plain RoPE, as transformers does for this file.", where)
     tokens = gguf.Keys.Tokenizer
-    return LlamaConfig(
+    fields = dict(
         vocab_size=hp.vocab, hidden_size=hp.hidden, intermediate_size=hp.ffn[0], num_hidden_layers=len(hp.heads),
         num_attention_heads=hp.heads[0], num_key_value_heads=hp.kv_heads[0], head_dim=hp.head_dim,
         max_position_embeddings=hp.context_length or 2048,
@@ -218,8 +181,8 @@ def gguf_config(reader: Any, where: str) -> Any:
         bos_token_id=metadata(reader, tokens.BOS_ID, None), eos_token_id=metadata(reader, tokens.EOS_ID, None),
         pad_token_id=metadata(reader, tokens.PAD_ID, None),
         tie_word_embeddings=all(t.name != "output.weight" for t in reader.tensors),
-        architectures=["LlamaForCausalLM"],
     )
+    return family.config_from_gguf(reader, hp, fields, where)
 
 
 def _gguf_tokenizer(gguf_path: Path, spec: TokenizerSpec, cache_dir: Path, sha: str) -> Any:

@@ -110,10 +110,10 @@ def layer_config(config: Any, layer_shape: LayerShape) -> Any:
 
 def empty_layer(config: Any, layer_shape: LayerShape, index: int) -> nn.Module:
     """A decoder layer of `layer_shape` on the meta device (no storage), removed sublayers zeroed."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    from edgeprune.families import family_of
 
     with torch.device("meta"):
-        layer = LlamaDecoderLayer(layer_config(config, layer_shape), layer_idx=index)
+        layer = family_of(config).decoder_layer(layer_config(config, layer_shape), index)
     if not layer_shape.has_attention:
         layer.self_attn, layer.input_layernorm = RemovedAttention(), nn.Identity()
     if not layer_shape.has_mlp:
@@ -133,7 +133,7 @@ class DecoderStream:
 
     def __init__(self, store: WeightStore, plan: Plan | None = None, overrides: Overrides | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
-        from transformers import LlamaForCausalLM
+        from edgeprune.families import family_of
 
         self.store, self.plan, self.dtype = store, plan or Plan(), dtype
         self.overrides = dict(overrides or {})
@@ -144,7 +144,7 @@ class DecoderStream:
         # A skeleton on the meta device settles config details (attention implementation) exactly as
         # a loaded model would, and computes the first layer's keyword arguments (RoPE, mask).
         with torch.device("meta"):
-            self._skeleton = LlamaForCausalLM(store.config)
+            self._skeleton = family_of(store.config).causal_lm(store.config)
         self.config = self._skeleton.config
         self.n_layers = len(self.kept)
 
@@ -157,11 +157,11 @@ class DecoderStream:
     def first_inputs(self, windows: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         """Hidden states and keyword arguments entering decoder layer 0 for one batch of windows.
         The model's own forward builds the arguments, so every layer is called as the model calls it."""
-        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+        from edgeprune.families import family_of
 
         model = self._skeleton.model
         if not hasattr(self, "_rotary"):
-            self._rotary = LlamaRotaryEmbedding(config=self.config)  # buffers computed for real
+            self._rotary = family_of(self.config).rotary_embedding(self.config)  # buffers computed for real
         captured: dict[str, Any] = {}
 
         def catch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -196,9 +196,9 @@ class DecoderStream:
 
     # -- the output head -----------------------------------------------------------------------
     def final_norm(self) -> nn.Module:
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        from edgeprune.families import family_of
 
-        norm = LlamaRMSNorm(self.shape.hidden, eps=self.config.rms_norm_eps)
+        norm = family_of(self.config).final_norm(self.config)
         norm.weight.data = self.store.read(FINAL_NORM).to(self.dtype)
         return norm
 

@@ -27,11 +27,24 @@ _LLAMA3_SPLIT = (
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
     "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
 )
+# Qwen2 / Qwen2.5 / Qwen3: Llama 3's split with single digits.
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace("\\p{N}{1,3}", "\\p{N}")
 
 
 def _byte_level(use_regex: bool) -> dict[str, Any]:
     """ByteLevel with use_regex=True splits with the GPT-2 regex; False leaves splitting to a Split before it."""
     return {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": use_regex}
+
+
+def _split_then_bytes(regex: str) -> dict[str, Any]:
+    """A regex split, then bytes mapped to characters (Llama 3, Qwen2)."""
+    return {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            _byte_level(use_regex=False),
+        ],
+    }
 
 
 # llama.cpp pre-tokenizer name -> the tokenizers.json pre_tokenizer that splits text identically.
@@ -41,18 +54,8 @@ PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
         "type": "Sequence",
         "pretokenizers": [{"type": "Digits", "individual_digits": True}, _byte_level(use_regex=True)],
     },
-    "llama-bpe": {
-        "type": "Sequence",
-        "pretokenizers": [
-            {
-                "type": "Split",
-                "pattern": {"Regex": _LLAMA3_SPLIT},
-                "behavior": "Isolated",
-                "invert": False,
-            },
-            _byte_level(use_regex=False),
-        ],
-    },
+    "llama-bpe": _split_then_bytes(_LLAMA3_SPLIT),
+    "qwen2": _split_then_bytes(_QWEN2_SPLIT),
 }
 
 

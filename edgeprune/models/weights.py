@@ -26,6 +26,8 @@ LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 EMBEDDING = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
+# Q and K rows (and biases), which llama.cpp's "norm" RoPE wants in another order (`interleaves_qk`).
+QK_ROWS = ("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")
 # Buffers some older checkpoints carry; transformers recomputes them.
 IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
@@ -155,27 +157,26 @@ class GGUFStore(WeightStore):
     def __init__(self, path: Path, config: Any, reader: Any = None) -> None:
         import gguf
 
-        from edgeprune.export.gguf_llama import gguf_tensor_name
-        from edgeprune.gguf_file import read_gguf
+        from edgeprune.families import family_of, interleaves_qk
+        from edgeprune.gguf_file import metadata, read_gguf
 
         self.config, self.path = config, path
+        self.family = family_of(config)
         self.reader = reader if reader is not None else read_gguf(path)
-        hf_names = [EMBEDDING, FINAL_NORM, LM_HEAD] + [
-            f"model.layers.{i}.{rest}" for i in range(config.num_hidden_layers)
-            for rest in ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                         "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
-                         "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
-        by_gguf = {gguf_tensor_name(n): n for n in hf_names}
+        self._interleaved = interleaves_qk(metadata(self.reader, gguf.Keys.General.ARCHITECTURE, None))
+        hf_names = list(self.family.tensor_shapes(config)) + [LM_HEAD] * config.tie_word_embeddings
+        by_gguf = {self.family.gguf_name(n): n for n in hf_names}
         self._tensor: dict[str, Any] = {}
         for t in self.reader.tensors:
             if t.name in by_gguf:
                 self._tensor[by_gguf[t.name]] = t
             elif t.name != "rope_freqs.weight":  # recomputed from the config's rope scaling
-                raise EdgepruneError(f"{path} holds a tensor edgeprune cannot place in a Llama model ({t.name}).")
+                raise EdgepruneError(f"{path} holds a tensor edgeprune cannot place in a {self.family.name} model "
+                                     f"({t.name}).")
         missing = [n for n in hf_names if n not in self._tensor and n != LM_HEAD]
         if missing:
-            raise EdgepruneError(f"{path} lacks tensors a Llama model needs ({', '.join(missing[:3])}); "
-                                 "the file is incomplete or not a Llama GGUF.")
+            raise EdgepruneError(f"{path} lacks tensors a {self.family.name} model needs ({', '.join(missing[:3])}); "
+                                 f"the file is incomplete or not a {self.family.name} GGUF.")
         self._quant = gguf.GGMLQuantizationType
 
     def names(self) -> list[str]:
@@ -195,7 +196,7 @@ class GGUFStore(WeightStore):
             data = np.array(t.data, dtype=np.float16).reshape(self.shape(name))
         else:
             data = dequantize(t.data, t.tensor_type).reshape(self.shape(name))
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
+        if self._interleaved and name.endswith(QK_ROWS):
             heads = self.config.num_attention_heads if "q_proj" in name else self.config.num_key_value_heads
             data = reverse_rope_interleave(data, heads)
         return _owned(data)
@@ -205,7 +206,7 @@ class GGUFStore(WeightStore):
         maps a 2-D tensor as [rows, bytes per row], so a row's blocks never span two rows."""
         from gguf.quants import dequantize
 
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
+        if self._interleaved and name.endswith(QK_ROWS):
             raise ValueError(f"{name}: its rows are permuted in the GGUF; read it whole")
         t = self._tensor[name]
         part = t.data[rows]

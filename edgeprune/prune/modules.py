@@ -1,8 +1,9 @@
-"""The torch side of a pruned model, whole: a transformers Llama with per-layer shapes.
+"""The torch side of a pruned model, whole: the family's transformers model with per-layer shapes.
 
 Builds pass over models one layer at a time (`models/streamed.py`); a whole model in memory is for
 what needs every layer at once (gradients, the loss at the output) and for tests, which compare
-llama.cpp against it. A uniform plan is a plain `LlamaForCausalLM` of a smaller config. Otherwise
+llama.cpp against it. A uniform plan is a plain model of the family (`LlamaForCausalLM`, ...) of a
+smaller config. Otherwise
 each layer gets its own attention / MLP modules sized to what it keeps, and a removed sublayer
 becomes a module that adds nothing to the residual stream, so the torch model computes what
 llama.cpp's `deci` graph does.
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from edgeprune.families import family_of
 from edgeprune.models.weights import FINAL_NORM, LM_HEAD, ModuleStore, WeightStore
 from edgeprune.prune.apply import pruned_config
 from edgeprune.prune.plan import LayerShape, Plan
@@ -23,8 +25,6 @@ from edgeprune.prune.plan import LayerShape, Plan
 def materialize(store: WeightStore, plan: Plan | None = None, overrides: dict | None = None,
                 dtype: torch.dtype = torch.float32) -> Any:
     """The whole (pruned) model in memory, its layers read from `store` one by one."""
-    from transformers import LlamaForCausalLM
-
     from edgeprune.models.streamed import DecoderStream  # imports prune.apply: not at module level
 
     stream = DecoderStream(store, plan, overrides, dtype)
@@ -35,7 +35,7 @@ def materialize(store: WeightStore, plan: Plan | None = None, overrides: dict | 
         config.num_hidden_layers = stream.n_layers
         config.head_dim = stream.shape.head_dim
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = family_of(config).causal_lm(config)
     model.model.layers = torch.nn.ModuleList(stream.load(i) for i in range(stream.n_layers))
     model.model.embed_tokens.weight = torch.nn.Parameter(store.read("model.embed_tokens.weight").to(dtype))
     model.model.norm.weight = torch.nn.Parameter(store.read(FINAL_NORM).to(dtype))
@@ -44,7 +44,7 @@ def materialize(store: WeightStore, plan: Plan | None = None, overrides: dict | 
     else:
         model.lm_head.weight = torch.nn.Parameter(store.read(LM_HEAD).to(dtype))
     # RoPE frequencies are non-persistent buffers computed at construction: build them for real.
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    model.model.rotary_emb = family_of(config).rotary_embedding(config)
     return model.eval()
 
 

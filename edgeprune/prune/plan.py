@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.families import family_of
 from edgeprune.hashing import sha256_json
 
 
@@ -21,7 +22,8 @@ class PlanError(EdgepruneError):
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The original (unpruned, uniform) shape of a Llama model."""
+    """The original (unpruned, uniform) shape of a model, and whether llama.cpp can give its layers
+    different shapes (`per_layer`: its family has a per-layer architecture)."""
 
     n_layers: int
     n_head: int
@@ -30,11 +32,16 @@ class ModelShape:
     hidden: int
     ffn: int
     vocab: int
+    family: str = "llama"
+    per_layer: bool = True
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
+        family = family_of(config)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(
+            family=family.name,
+            per_layer=family.per_layer_arch is not None,
             n_layers=config.num_hidden_layers,
             n_head=config.num_attention_heads,
             n_head_kv=config.num_key_value_heads or config.num_attention_heads,
@@ -167,6 +174,11 @@ class Plan:
         for layer, channels in self.ffn:
             if len(set(channels)) != len(channels) or not all(0 <= c < shape.ffn for c in channels):
                 raise PlanError(f"Plan keeps FFN channels that repeat or exceed {shape.ffn - 1} in layer {layer}.")
+        if not shape.per_layer and self.uniform_shape(shape) is None:
+            raise PlanError(
+                f"Plan gives layers different shapes ({self.describe(shape)}), but llama.cpp runs {shape.family} "
+                "models with one shape for every layer; prune every layer alike, or drop whole layers."
+            )
         first = self.kept_layers(shape)[0]
         if not self.layer_shape(first, shape).has_attention:
             # llama.cpp's deci graph sizes the KV cache from layer 0.

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeprune.export.gguf_llama import gguf_tensor_name
+from edgeprune.families import family_of
 from edgeprune.models.streamed import SequentialPass, as_stream
 
 TOKEN_EMBD = "token_embd.weight"
@@ -48,6 +48,7 @@ def collect_imatrix(source: Any, windows: torch.Tensor, batch_size: int = 4) -> 
         total, n = add_squares(sums.get(name, torch.zeros(x.shape[-1], dtype=torch.float64)), x)
         sums[name], rows[name] = total, rows.get(name, 0) + n
 
+    gguf_tensor_name = family_of(stream.store.config).gguf_name
     passes = SequentialPass(stream, windows, batch_size, label="imatrix")
     for step in passes:
         linears = {gguf_tensor_name(f"model.layers.{step.index}.{name}.weight"): module

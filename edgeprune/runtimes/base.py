@@ -72,6 +72,7 @@ class Runtime(ABC):
     quant_types: ClassVar[tuple[str, ...]]  # the quantization names its candidates take (`--quant`)
     default_quant: ClassVar[str]
     recipes: ClassVar[bool] = False  # whether llama.cpp's per-tensor recipes apply to its candidates
+    families: ClassVar[tuple[str, ...] | None] = None  # the model families it runs (None: all of them)
     registry: ClassVar[dict[str, type[Runtime]]] = {}
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -110,6 +111,12 @@ class Runtime(ABC):
         return quant
 
     # -- the bundle: what runs the model on the target --------------------------------------
+
+    def family_gap(self, family: str) -> str | None:
+        """Why this runtime cannot run a model of `family`, or None."""
+        if self.families is None or family in self.families:
+            return None
+        return f"edgeprune writes {', '.join(self.families)} models for {self.name} so far, not {family} models"
 
     def bundle_gap(self, target: Target) -> str | None:
         """Why this runtime cannot ship a bundle for `target` yet (None: it can). A build searches it

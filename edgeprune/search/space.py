@@ -125,7 +125,7 @@ class SearchSpace:
 
     def without_attention(self, state: State) -> State | None:
         """More attention sublayers removed (attention_step more), if the profile allows any."""
-        step = self.settings.attention_step
+        step = self.settings.attention_step if self.shape.per_layer else 0  # removal makes layers differ
         kept_layers = self.shape.n_layers - state.layers_dropped
         n = min(state.attention_removed + step, self.max_attention, max(kept_layers - 2, 0))
         return replace(state, attention_removed=n) if step and n > state.attention_removed else None

@@ -109,9 +109,15 @@ def _agreement(model: Path, prompt: str, device_output: bytes, answer_tokens: in
             logits = llamacpp.last_logits(llm)
             ranked = [int(t) for t in np.argsort(-logits)[:TOP_K]]
             pieces = [_piece(vocab, t) for t in ranked]
+            if rest and result.positions >= answer_tokens:
+                result.failure = (f"the device printed {rest[:24].decode(errors='replace')!r} after its "
+                                  f"{answer_tokens} tokens")
+                return result
             if rest:
                 what = repr(rest[:24].decode(errors="replace"))
-                match = next((i for i, p in enumerate(pieces) if p and rest.startswith(p)), None)
+                # A control token llama-completion does not print (empty piece) may come anywhere but at the end.
+                match = next((i for i, (t, p) in enumerate(zip(ranked, pieces, strict=True)) if rest.startswith(p)
+                              and (p or not llama_cpp.llama_vocab_is_eog(vocab, t))), None)
             else:
                 what = "its end of text"
                 match = next((i for i, t in enumerate(ranked) if llama_cpp.llama_vocab_is_eog(vocab, t)), None)

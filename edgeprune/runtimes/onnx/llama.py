@@ -185,6 +185,8 @@ def write_onnx(store: WeightStore, plan: Plan, path: Path, weights: OnnxWeights,
     written aside and renamed when complete (the weights first)."""
     config = store.config
     shape = ModelShape.from_config(config)
+    if shape.family != "llama":  # this graph is Llama's layer: no biases, no Q/K norms
+        raise EdgepruneError(f"edgeprune writes ONNX models of the llama family only so far, not {shape.family}.")
     layers = plan.layer_shapes(shape)
     tensors = {t.name: t for t in pruned_tensors(store, plan, overrides)}
     context = min(context or MAX_CONTEXT, int(config.max_position_embeddings))

@@ -31,6 +31,7 @@ class OnnxRuntime(Runtime):
     format = ONNX
     quant_types = tuple(WEIGHTS)
     default_quant = DEFAULT
+    families = ("llama",)  # runtimes/onnx/llama.py writes Llama's layer: no biases or Q/K norms
 
     def search_quant(self, settings: SearchSettings) -> str:
         return settings.onnx_quant
