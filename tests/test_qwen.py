@@ -319,3 +319,22 @@ def test_qwen2_builds_a_bundle_that_verifies(tmp_path, qwen_dirs, cache_dir):
     proc = edgeprune("verify", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "PASS" in proc.stdout
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_gguf_source_brings_its_tokenizer(tmp_path, qwen_dirs, family):
+    """A Qwen GGUF as --model: the family's config, and a tokenizer that splits as the original does."""
+    from test_tokenizer import TEXTS
+    from transformers import AutoTokenizer
+
+    from edgeprune.models import load_reference, resolve_source
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen_dirs[family])
+    path = tmp_path / f"{family}.gguf"
+    export_gguf(tiny(family, vocab=700), TokenizerSpec.from_hf(tokenizer, 700), path, "F16",
+                Provenance("t", "0" * 64, {}), "t")
+    ref = load_reference(resolve_source(str(path)), tmp_path / "cache")
+    assert ref.config.model_type == family and ref.tokenizer_spec.pre == "qwen2"
+    for text in TEXTS + ["<|im_start|>user\nPump 12: 3.14 bar<|im_end|>"]:
+        assert ref.tokenizer(text, add_special_tokens=False)["input_ids"] == tokenizer(
+            text, add_special_tokens=False)["input_ids"], text
