@@ -1,4 +1,4 @@
-"""Random-weight Llama checkpoints of real shapes, for measuring memory and time at scale.
+"""Random-weight checkpoints of real shapes (Llama, Qwen2.5, Qwen3), for measuring memory and time at scale.
 
 `write_checkpoint("llama-3.1-8b", dir)` writes what the hub ships for that model -- config.json,
 bf16 safetensors sharded the hub's way (5 GB shards) with model.safetensors.index.json -- but with
@@ -51,6 +51,7 @@ class Preset:
     rope_theta: float = 500000.0
     rope_scaling: dict[str, Any] | None = None
     max_positions: int = 131072
+    family: str = "llama"  # "qwen2": q/k/v biases; "qwen3": per-head q/k norms
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         """(name, shape) of every tensor, in the order the hub's checkpoints store them."""
@@ -63,6 +64,14 @@ class Preset:
                 (p + "self_attn.q_proj.weight", (q, h)),
                 (p + "self_attn.k_proj.weight", (kv, h)),
                 (p + "self_attn.v_proj.weight", (kv, h)),
+            ]
+            if self.family == "qwen2":
+                out += [(p + "self_attn.q_proj.bias", (q,)), (p + "self_attn.k_proj.bias", (kv,)),
+                        (p + "self_attn.v_proj.bias", (kv,))]
+            if self.family == "qwen3":
+                out += [(p + "self_attn.q_norm.weight", (self.head_dim,)),
+                        (p + "self_attn.k_norm.weight", (self.head_dim,))]
+            out += [
                 (p + "self_attn.o_proj.weight", (h, q)),
                 (p + "post_attention_layernorm.weight", (h,)),
                 (p + "mlp.gate_proj.weight", (self.ffn, h)),
@@ -96,6 +105,8 @@ class Preset:
 
     def config(self, bos_id: int | None, eos_id: int | None) -> dict[str, Any]:
         """config.json as the hub ships it, with the special token ids of the tokenizer written alongside."""
+        if self.family != "llama":
+            return self._qwen_config(bos_id, eos_id)
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -123,6 +134,36 @@ class Preset:
             "vocab_size": self.vocab,
         }
 
+    def _qwen_config(self, bos_id: int | None, eos_id: int | None) -> dict[str, Any]:
+        config = {
+            "architectures": [f"{self.family.capitalize()}ForCausalLM"],
+            "model_type": self.family,
+            "attention_dropout": 0.0,
+            "bos_token_id": bos_id,
+            "eos_token_id": eos_id,
+            "hidden_act": "silu",
+            "hidden_size": self.hidden,
+            "initializer_range": 0.02,
+            "intermediate_size": self.ffn,
+            "max_position_embeddings": self.max_positions,
+            "max_window_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_hidden_layers": self.layers,
+            "num_key_value_heads": self.kv_heads,
+            "rms_norm_eps": 1e-06,
+            "rope_scaling": None,
+            "rope_theta": self.rope_theta,
+            "sliding_window": None,
+            "tie_word_embeddings": self.tied,
+            "torch_dtype": "bfloat16",
+            "use_cache": True,
+            "use_sliding_window": False,
+            "vocab_size": self.vocab,
+        }
+        if self.family == "qwen3":  # Qwen2 configs derive head_dim; Qwen3's state it (128 at every size)
+            config |= {"attention_bias": False, "head_dim": self.head_dim}
+        return config
+
 
 def _llama3_rope(factor: float) -> dict[str, Any]:
     return {"factor": factor, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
@@ -137,6 +178,12 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            tied=True, rope_scaling=_llama3_rope(32.0)),
     Preset("llama-3.1-8b", hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, ffn=14336, vocab=128256,
            tied=False, rope_scaling=_llama3_rope(8.0)),
+    Preset("qwen2.5-1.5b", hidden=1536, layers=28, heads=12, kv_heads=2, head_dim=128, ffn=8960, vocab=151936,
+           tied=True, rope_theta=1000000.0, max_positions=32768, family="qwen2"),
+    Preset("qwen2.5-7b", hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, ffn=18944, vocab=152064,
+           tied=False, rope_theta=1000000.0, max_positions=32768, family="qwen2"),
+    Preset("qwen3-1.7b", hidden=2048, layers=28, heads=16, kv_heads=8, head_dim=128, ffn=6144, vocab=151936,
+           tied=True, rope_theta=1000000.0, max_positions=40960, family="qwen3"),
     # For CI: 0.43B parameters (0.86 GB bf16), widths K-quant friendly, the embedded model's vocabulary.
     Preset("synthetic-0.5b", hidden=1536, layers=14, heads=24, kv_heads=8, head_dim=64, ffn=4096, vocab=49152,
            tied=True, rope_theta=100000.0, max_positions=8192),
@@ -168,7 +215,7 @@ def tensor_chunks(name: str, shape: tuple[int, ...], seed: int, std: float = 0.0
     import torch
 
     n = _numel(shape)
-    if len(shape) == 1:  # RMSNorm weights
+    if len(shape) == 1 and not name.endswith("bias"):  # RMSNorm weights
         yield np.full(n, 0x3F80, dtype=np.uint16)  # bf16 1.0
         return
     generator = torch.Generator().manual_seed(tensor_seed(seed, name))
