@@ -129,6 +129,8 @@ def prune(config: PruneConfig) -> PruneResult:
     # Counts decide shapes, importance only which heads: the checked plan tells now whether transformers can hold it.
     checked = check(spec, shape)
     hf_note = hf_checkpoint_note(weights.config, checked)
+    if config.structured is not None:  # a method whose plans the family cannot hold, before any work
+        STRUCTURED_METHODS[config.structured.method].check(config.structured, shape)
     if config.sparse is not None:  # the model's own widths, before any work; the plan's are checked below
         _check_groups(config.sparse, [LayerShape(shape.n_head, shape.n_head_kv, shape.ffn)], shape)
     runtime = get_runtime(config.runtime)

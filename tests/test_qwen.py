@@ -29,10 +29,10 @@ from edgeprune.runtimes import llamacpp
 TOKENS = np.array([[1, 504, 2432, 28, 3300, 17, 33, 34, 35, 216, 4389, 29, 44, 9000, 12, 77, 6345, 2]])
 CHANNELS = tuple(range(128))
 # What each family's published small models look like, at toy width: Qwen2.5-0.5B (14 heads over 2 KV
-# heads, head_dim 64 = hidden / heads, tied, theta 1e6) and Qwen3-0.6B (16 over 8, head_dim 128, twice
-# hidden / heads, tied, theta 1e6).
+# heads, head_dim 64 = hidden / heads and not in config.json, tied, theta 1e6) and Qwen3-0.6B (16 over
+# 8, head_dim 128, twice hidden / heads, tied, theta 1e6).
 FAMILIES = {
-    "qwen2": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "qwen2": dict(num_attention_heads=4, num_key_value_heads=2),  # as published: no head_dim, it is derived
     "qwen3": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32),
 }
 PLANS = {
@@ -180,7 +180,8 @@ def test_a_gguf_source_reads_back_the_models_tensors(tmp_path, family, embedded_
     export_gguf(model, embedded_tokenizer_spec, path, "F32", Provenance("t", "0" * 64, {}), "t")
     store = open_weights(ModelSource("gguf", str(path), path.stem), trust_remote_code=False)
     assert family_of(store.config).name == family and store.config.model_type == family
-    assert store.config.head_dim == model.config.head_dim and not store.config.tie_word_embeddings
+    assert ModelShape.from_config(store.config) == ModelShape.from_config(model.config)
+    assert not store.config.tie_word_embeddings
     state = model.state_dict()
     assert sorted(store.names()) == sorted(state)
     for name, tensor in state.items():

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from conftest import tiny_llama
 from edgeprune.prune import ModelShape, apply_plan
 from edgeprune.structured import STRUCTURED_METHODS, StructuredSettings
-from edgeprune.structured.allocation import allocate, best_heads, head_counts, nearest_head_count
+from edgeprune.structured.allocation import allocate, best_heads, head_counts, nearest_head_count, shared_heads
 from edgeprune.structured.analysis import analyse, load_scores, save_scores
 from edgeprune.structured.methods import DepthMethod, WidthMethod
 
@@ -58,6 +58,32 @@ def test_head_counts_are_gqa_structures():
     assert kept == (0, 1, 2, 3, 4, 5)
     assert best_heads(scores, 3, 3) == (0, 3, 8)  # 3 groups x 1 (9+5+0.2) beats 1 group x 3 (5+5+4)
     assert best_heads(torch.tensor([1.0, 1.0, 1.0, 5.0, 5.0, 4.0, 0.1, 0.1, 0.2]), 3, 3) == (3, 4, 5)
+
+
+def test_shared_heads_give_every_layer_one_gqa_split():
+    """Alone, layer 0 keeps 3 groups x 1 (9 + 5 + 0.2) and layer 1 one group x 3; shared, the split
+    with the most score over both layers goes to both: 1 x 3 (11 + 14) beats 3 x 1 (14.2 + 6.2)."""
+    first = torch.tensor([9.0, 1.0, 1.0, 5.0, 0.0, 0.0, 0.2, 0.1, 0.1])
+    second = torch.tensor([1.0, 1.0, 1.0, 5.0, 5.0, 4.0, 0.1, 0.1, 0.2])
+    assert best_heads(first, 3, 3) == (0, 3, 6) and best_heads(second, 3, 3) == (3, 4, 5)
+    assert shared_heads([first, second], 3, 3) == [(0, 1, 2), (3, 4, 5)]
+    assert shared_heads([first, first], 3, 3) == [(0, 3, 6), (0, 3, 6)]
+
+
+@pytest.mark.parametrize(("method", "settings", "needle"), [
+    ("block-influence", {"granularity": "attention"}, "--granularity attention removes sublayers"),
+    ("flap", {"head_ratio": 0.5, "allocation": "global"}, "--allocation global gives layers different widths"),
+])
+def test_a_family_of_one_shape_refuses_what_makes_layers_differ(method, settings, needle):
+    from dataclasses import replace
+
+    from edgeprune.errors import EdgepruneError
+
+    shape = ModelShape(n_layers=8, n_head=6, n_head_kv=2, head_dim=8, hidden=48, ffn=96, vocab=100)
+    config = StructuredSettings(method=method, **settings)
+    STRUCTURED_METHODS[method].check(config, shape)  # Llama: per-layer shapes are fine
+    with pytest.raises(EdgepruneError, match=needle + ".*qwen3 models with one shape for every layer"):
+        STRUCTURED_METHODS[method].check(config, replace(shape, family="qwen3", per_layer=False))
 
 
 # -- every method on a tiny model ----------------------------------------------------------------

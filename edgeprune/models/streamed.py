@@ -102,6 +102,8 @@ class RemovedMLP(nn.Module):
 
 def layer_config(config: Any, layer_shape: LayerShape) -> Any:
     out = copy.deepcopy(config)
+    # Stated, not derived: a config without head_dim (Qwen2's) would derive it from the pruned head count.
+    out.head_dim = ModelShape.from_config(config).head_dim
     out.num_attention_heads = layer_shape.n_head or config.num_attention_heads
     out.num_key_value_heads = layer_shape.n_head_kv or config.num_key_value_heads
     out.intermediate_size = layer_shape.ffn or config.intermediate_size

@@ -19,7 +19,7 @@ import torch
 from edgeprune.families import family_of
 from edgeprune.models.weights import FINAL_NORM, LM_HEAD, ModuleStore, WeightStore
 from edgeprune.prune.apply import pruned_config
-from edgeprune.prune.plan import LayerShape, Plan
+from edgeprune.prune.plan import LayerShape, ModelShape, Plan
 
 
 def materialize(store: WeightStore, plan: Plan | None = None, overrides: dict | None = None,
@@ -57,7 +57,7 @@ def layer_shapes(model: Any) -> list[LayerShape]:
     """Each layer's shape, read from the modules themselves."""
     from edgeprune.models.streamed import RemovedAttention, RemovedMLP
 
-    head_dim = model.config.head_dim
+    head_dim = ModelShape.from_config(model.config).head_dim
     shapes = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp

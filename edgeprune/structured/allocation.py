@@ -62,21 +62,35 @@ def nearest_head_count(n: int, n_head_kv: int, group_size: int) -> int:
     return min(head_counts(n_head_kv, group_size), key=lambda c: (abs(c - n), -c))
 
 
+def _splits(n: int, n_head_kv: int, group_size: int) -> list[tuple[int, int]]:
+    """Every (KV groups, queries per group) that keeps `n` query heads."""
+    splits = [(g, q) for g, q in itertools.product(range(1, n_head_kv + 1), range(1, group_size + 1)) if g * q == n]
+    if not splits:
+        raise ValueError(f"{n} heads is no GQA structure of {n_head_kv} groups x {group_size}")
+    return splits
+
+
+def _kept(head_scores: torch.Tensor, n_head_kv: int, groups: int, per_group: int) -> tuple[float, tuple[int, ...]]:
+    """The best `per_group` queries of each KV group, in the `groups` groups whose kept queries score
+    most; and their total score."""
+    group_size = head_scores.numel() // n_head_kv
+    best = [sorted(range(k * group_size, (k + 1) * group_size), key=lambda h: -float(head_scores[h]))[:per_group]
+            for k in range(n_head_kv)]
+    chosen = sorted(range(n_head_kv), key=lambda k: -sum(float(head_scores[h]) for h in best[k]))[:groups]
+    kept = tuple(sorted(h for k in chosen for h in best[k]))
+    return sum(float(head_scores[h]) for h in kept), kept
+
+
 def best_heads(head_scores: torch.Tensor, n_head_kv: int, n: int) -> tuple[int, ...]:
     """The `n` query heads to keep, GQA-consistent (every kept KV group keeps the same number of
     queries), maximising the kept score over every (groups, per group) split of `n`."""
-    group_size = head_scores.numel() // n_head_kv
-    best: tuple[float, tuple[int, ...]] | None = None
-    for g, q in itertools.product(range(1, n_head_kv + 1), range(1, group_size + 1)):
-        if g * q != n:
-            continue
-        per_group = [sorted(range(k * group_size, (k + 1) * group_size), key=lambda h: -float(head_scores[h]))[:q]
-                     for k in range(n_head_kv)]
-        groups = sorted(range(n_head_kv), key=lambda k: -sum(float(head_scores[h]) for h in per_group[k]))[:g]
-        kept = tuple(sorted(h for k in groups for h in per_group[k]))
-        total = sum(float(head_scores[h]) for h in kept)
-        if best is None or total > best[0]:
-            best = (total, kept)
-    if best is None:
-        raise ValueError(f"{n} heads is no GQA structure of {n_head_kv} groups x {group_size}")
-    return best[1]
+    splits = _splits(n, n_head_kv, head_scores.numel() // n_head_kv)
+    return max((_kept(head_scores, n_head_kv, g, q) for g, q in splits), key=lambda t: t[0])[1]
+
+
+def shared_heads(layer_scores: list[torch.Tensor], n_head_kv: int, n: int) -> list[tuple[int, ...]]:
+    """Each layer's `n` query heads in one (groups, per group) split shared by every layer, the split
+    that keeps the most score summed over layers: for runtimes that give all layers one shape."""
+    splits = _splits(n, n_head_kv, layer_scores[0].numel() // n_head_kv)
+    g, q = max(splits, key=lambda s: sum(_kept(scores, n_head_kv, *s)[0] for scores in layer_scores))
+    return [_kept(scores, n_head_kv, g, q)[1] for scores in layer_scores]

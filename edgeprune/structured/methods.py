@@ -22,7 +22,7 @@ from edgeprune.analysis.methods import LAYER_IMPORTANCE, UNIT_IMPORTANCE, LayerI
 from edgeprune.config import Strict
 from edgeprune.errors import EdgepruneError
 from edgeprune.prune.plan import ModelShape, Plan
-from edgeprune.structured.allocation import ALLOCATIONS, allocate, best_heads, nearest_head_count
+from edgeprune.structured.allocation import ALLOCATIONS, allocate, best_heads, nearest_head_count, shared_heads
 
 
 class StructuredSettings(Strict):
@@ -78,6 +78,10 @@ class StructuredMethod(ABC):
     def plan(self, settings: StructuredSettings, shape: ModelShape, scores: StructuredImportance) -> Plan:
         """What to remove."""
 
+    def check(self, settings: StructuredSettings, shape: ModelShape) -> None:
+        """Refuse, before any work, settings whose plan the model's family cannot hold."""
+        return None
+
     def notes(self) -> list[str]:
         """What the method's paper does that the output cannot carry, said in the report."""
         return []
@@ -101,6 +105,11 @@ class DepthMethod(StructuredMethod):
 
     def analyses(self, settings, shape):
         return [self.configured(settings, shape)], []
+
+    def check(self, settings, shape):
+        if settings.granularity != "layer" and not shape.per_layer:
+            raise EdgepruneError(f"--granularity {settings.granularity} removes sublayers, but llama.cpp runs "
+                                 f"{shape.family} models with one shape for every layer; use --granularity layer.")
 
     def plan(self, settings, shape, scores):
         layer = self.configured(settings, shape)
@@ -158,16 +167,24 @@ class WidthMethod(StructuredMethod):
     def analyses(self, settings, shape):
         return [], [UNIT_IMPORTANCE[self.importance]()]
 
+    def check(self, settings, shape):
+        if settings.allocation != "uniform" and not shape.per_layer:
+            raise EdgepruneError(f"--allocation {settings.allocation} gives layers different widths, but "
+                                 f"llama.cpp runs {shape.family} models with one shape for every layer; use "
+                                 "--allocation uniform.")
+
     def plan(self, settings, shape, scores):
         per_layer = scores.unit_scores[self.importance]
         heads: list[tuple[int, tuple[int, ...]]] = []
         ffn: list[tuple[int, tuple[int, ...]]] = []
         if settings.head_ratio:
             counts = allocate([s.heads for s in per_layer], 1 - settings.head_ratio, settings.allocation)
-            for layer, (s, n) in enumerate(zip(per_layer, counts, strict=True)):
-                n = nearest_head_count(n, shape.n_head_kv, shape.group_size)
-                if n < shape.n_head:
-                    heads.append((layer, best_heads(s.heads, shape.n_head_kv, n)))
+            counts = [nearest_head_count(n, shape.n_head_kv, shape.group_size) for n in counts]
+            if not shape.per_layer and counts[0] < shape.n_head:  # uniform: one count, and one GQA split
+                heads = list(enumerate(shared_heads([s.heads for s in per_layer], shape.n_head_kv, counts[0])))
+            else:
+                heads = [(layer, best_heads(s.heads, shape.n_head_kv, n))
+                         for layer, (s, n) in enumerate(zip(per_layer, counts, strict=True)) if n < shape.n_head]
         if settings.ffn_ratio:
             multiple = min(settings.ffn_multiple, shape.ffn)
             counts = allocate([s.channels for s in per_layer], 1 - settings.ffn_ratio, settings.allocation,
