@@ -122,6 +122,14 @@ def test_a_build_searches_the_runtimes_that_can_ship_unless_told_which(tmp_path)
     assert allowed_runtimes(only, ("llama.cpp",))[1] == {"onnxruntime": "not allowed by --runtime"}
     # Names are checked against the runtime registry here, not in the schema: loading the registry loads
     # every runtime and device, which the code that stage keys hash must not import.
+    # A runtime that cannot run the model's family is left out, or refused when asked for.
+    assert [r.name for r in allowed_runtimes(target, family="qwen2")[0]] == ["llama.cpp"]
+    assert allowed_runtimes(target, family="qwen2")[1] == {
+        "onnxruntime": "edgeprune writes llama models for onnxruntime so far, not qwen2 models"}
+    path.write_text(GOOD + '[runtime]\nallowed = ["llama.cpp", "onnxruntime"]\n')
+    with pytest.raises(EdgepruneError, match=r"^onnxruntime cannot be searched for target ctrl: edgeprune writes "
+                                             r"llama models for onnxruntime so far, not qwen2 models\.$"):
+        allowed_runtimes(load_target(str(path)), family="qwen2")
     path.write_text(GOOD + '[runtime]\nallowed = ["tvm"]\n')
     with pytest.raises(EdgepruneError, match=r"^target ctrl's \[runtime\] table names the unknown runtime 'tvm': "
                                              r"edgeprune runs models with llama.cpp, onnxruntime\.$"):

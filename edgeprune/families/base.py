@@ -46,8 +46,6 @@ class Family:
     # llama.cpp's architecture that reads per-layer head counts and FFN widths (and takes what `arch`
     # cannot hold), if one computes the family's layer: Llama's and Qwen2's run in `deci`.
     per_layer_arch: ClassVar[gguf.MODEL_ARCH | None] = None
-    # Per-layer tensors besides the Llama set, relative to the layer (biases, extra norms).
-    extra_layer_tensors: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -34,7 +34,6 @@ class Qwen2(Family):
     model_types = ("qwen2",)
     hf_module, hf_prefix = "qwen2", "Qwen2"
     arch, per_layer_arch = gguf.MODEL_ARCH.QWEN2, gguf.MODEL_ARCH.DECI
-    extra_layer_tensors = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
 
     def holds(self, n_head: int, shape: Any) -> bool:
         return n_head * shape.head_dim == shape.hidden

@@ -20,7 +20,6 @@ class Qwen3(Family):
     model_types = ("qwen3",)
     hf_module, hf_prefix = "qwen3", "Qwen3"
     arch = gguf.MODEL_ARCH.QWEN3
-    extra_layer_tensors = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
     def normalize_config(self, config: Any, where: str) -> Any:
         warn_sliding_window(config, where, "qwen3")
