@@ -280,11 +280,16 @@ def _check_against_tensors(reader: gguf.GGUFReader, hp: Hparams) -> None:
     expected: dict[str, tuple[int, str]] = {}
     if hp.vocab:  # a file without a tokenizer says nothing about its vocabulary
         expected["token_embd.weight"] = (hp.hidden * hp.vocab, f"{width} and a vocabulary of {hp.vocab}")
+    names = {t.name for t in reader.tensors}
     for i, (h, kv, ffn) in enumerate(zip(hp.heads, hp.kv_heads, hp.ffn, strict=True)):
+        # Without ffn_gate, ffn_up holds gate and up rows (Phi-3's fused gate_up).
+        up = 1 if f"blk.{i}.ffn_gate.weight" in names or f"blk.{i}.ffn_up.weight" not in names else 2
         expected |= {
             f"blk.{i}.attn_q.weight": (hp.hidden * h * hp.head_dim, f"{heads_key} {h}, {dim}"),
             f"blk.{i}.attn_k.weight": (hp.hidden * kv * hp.head_dim, f"{kv_key} {kv}, {dim}"),
-            f"blk.{i}.ffn_up.weight": (hp.hidden * ffn, f"{ffn_key} {ffn} and {width}"),
+            f"blk.{i}.attn_qkv.weight": (hp.hidden * (h + 2 * kv) * hp.head_dim,
+                                         f"{heads_key} {h}, {kv_key} {kv}, {dim}"),
+            f"blk.{i}.ffn_up.weight": (up * hp.hidden * ffn, f"{ffn_key} {ffn} and {width}"),
         }
     for t in reader.tensors:
         m = _BLK.match(t.name)

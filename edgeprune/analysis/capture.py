@@ -18,9 +18,15 @@ from edgeprune.analysis.layer_scores import sublayer_pair
 from edgeprune.analysis.methods import LayerImportance
 from edgeprune.analysis.unit_scores import ColumnStats, UnitScores
 
-# The projection whose input each statistic describes.
-STAT_INPUTS = {"attn_in": "self_attn.q_proj", "o_in": "self_attn.o_proj", "mlp_in": "mlp.gate_proj",
-               "down_in": "mlp.down_proj"}
+# The projection whose input each statistic describes: the first of these the layer has (the
+# second, Phi-3's fused projections).
+STAT_INPUTS = {"attn_in": ("self_attn.q_proj", "self_attn.qkv_proj"), "o_in": ("self_attn.o_proj",),
+               "mlp_in": ("mlp.gate_proj", "mlp.gate_up_proj"), "down_in": ("mlp.down_proj",)}
+
+
+def stat_input(layer: nn.Module, key: str) -> nn.Module:
+    names = dict(layer.named_modules())
+    return names[next(path for path in STAT_INPUTS[key] if path in names)]
 
 StatesCallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
@@ -38,8 +44,8 @@ class LayerProbe:
         self.states = states or on_states is not None
         self.stats: dict[str, ColumnStats] = {}
         if stats:
-            for key, path in STAT_INPUTS.items():
-                self.stats[key] = ColumnStats(layer.get_submodule(path).in_features)
+            for key in STAT_INPUTS:
+                self.stats[key] = ColumnStats(stat_input(layer, key).in_features)
         self._attn_out: torch.Tensor | None = None
         self._handles: list[Any] = []
 
@@ -48,7 +54,7 @@ class LayerProbe:
             self._handles.append(self.layer.self_attn.register_forward_hook(self._keep_attention))
             self._handles.append(self.layer.register_forward_hook(self._layer_done, with_kwargs=True))
         for key, stat in self.stats.items():
-            module = self.layer.get_submodule(STAT_INPUTS[key])
+            module = stat_input(self.layer, key)
             self._handles.append(module.register_forward_pre_hook(lambda _m, args, s=stat: s.add(args[0])))
         return self
 

@@ -24,6 +24,8 @@ INPUT_OF = {
     "mlp.gate_proj.weight": "mlp_in",
     "mlp.up_proj.weight": "mlp_in",
     "mlp.down_proj.weight": "down_in",
+    "self_attn.qkv_proj.weight": "attn_in",  # Phi-3's fused projections
+    "mlp.gate_up_proj.weight": "mlp_in",
 }
 # The projections whose input columns are the prunable units (FLAP scores these alone).
 OUTPUT_PROJECTIONS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")

@@ -86,7 +86,8 @@ def rope_interleave(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_structure(writer: gguf.GGUFWriter, shape: ModelShape, layers: list[LayerShape], arch: str) -> None:
+def _write_structure(writer: gguf.GGUFWriter, shape: ModelShape, layers: list[LayerShape], arch: str,
+                     rope_dims: int) -> None:
     """Layer counts and widths: scalars, or per-layer arrays for `deci`."""
     writer.add_block_count(len(layers))
     if arch != gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DECI]:
@@ -100,7 +101,7 @@ def _write_structure(writer: gguf.GGUFWriter, shape: ModelShape, layers: list[La
     # Written always: after head pruning head_dim != hidden / heads, and deci requires them.
     writer.add_key_length(shape.head_dim)
     writer.add_value_length(shape.head_dim)
-    writer.add_rope_dimension_count(shape.head_dim)
+    writer.add_rope_dimension_count(rope_dims)
 
 
 def architecture(config: Any, layers: list[LayerShape]) -> str:
@@ -197,10 +198,9 @@ def _write(path: Path, config: Any, layers: list[LayerShape], arch: str, tensors
         writer.add_vocab_size(shape.vocab)
         writer.add_context_length(config.max_position_embeddings)
         writer.add_embedding_length(shape.hidden)
-        _write_structure(writer, shape, layers, arch)
+        _write_structure(writer, shape, layers, arch, family.rope_dims(config))
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-        extra = write_rope(writer, config)
-        family.write_hparams(writer, config)
+        extra = write_rope(writer, config, family.rope_kinds) | family.write_hparams(writer, config)
         tokenizer.write(writer)
         writer.add_string(ProvenanceKeys.VERSION, __version__)
         writer.add_string(ProvenanceKeys.SOURCE, provenance.source)

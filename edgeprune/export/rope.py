@@ -64,11 +64,12 @@ def llama3_rope_factors(config: Any) -> np.ndarray:
     return factors.numpy().astype(np.float32)
 
 
-def write_rope(writer: gguf.GGUFWriter, config: Any) -> dict[str, np.ndarray]:
-    """Write the RoPE metadata; return extra tensors the runtime needs (GGUF name -> array)."""
+def write_rope(writer: gguf.GGUFWriter, config: Any, family_kinds: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Write the RoPE metadata; return extra tensors the runtime needs (GGUF name -> array). Scalings
+    in `family_kinds` the model's family writes itself (`Family.write_hparams`)."""
     writer.add_rope_freq_base(rope_theta(config))
     kind = rope_type(config)
-    if kind == "default":
+    if kind == "default" or kind in family_kinds:
         return {}
     if kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -78,5 +79,5 @@ def write_rope(writer: gguf.GGUFWriter, config: Any) -> dict[str, np.ndarray]:
         return {ROPE_FREQS: llama3_rope_factors(config)}
     raise EdgepruneError(
         f"The model uses RoPE scaling '{kind}', which edgeprune cannot export to GGUF yet "
-        "(supported: default, linear, llama3)."
+        f"(supported: default, linear, llama3{''.join(', ' + k for k in family_kinds)})."
     )

@@ -6,6 +6,7 @@ from typing import Any
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.families import llama as _llama  # noqa: F401  (registers "llama")
+from edgeprune.families import phi3 as _phi3  # noqa: F401  (registers "phi3")
 from edgeprune.families import qwen2 as _qwen2  # noqa: F401  (registers "qwen2")
 from edgeprune.families import qwen3 as _qwen3  # noqa: F401  (registers "qwen3")
 from edgeprune.families.base import Family, interleaves_qk, known_model_types

@@ -46,6 +46,9 @@ class Family:
     # llama.cpp's architecture that reads per-layer head counts and FFN widths (and takes what `arch`
     # cannot hold), if one computes the family's layer: Llama's and Qwen2's run in `deci`.
     per_layer_arch: ClassVar[gguf.MODEL_ARCH | None] = None
+    fused_projections: ClassVar[bool] = False  # q/k/v in one qkv_proj, gate/up in one gate_up_proj (Phi-3)
+    head_pruning: ClassVar[bool] = True  # False: llama.cpp's graph needs every query head (see `holds`)
+    rope_kinds: ClassVar[tuple[str, ...]] = ()  # RoPE scalings the family writes itself (`write_hparams`)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -119,8 +122,14 @@ class Family:
             raise EdgepruneError(f"The model has a tensor edgeprune cannot place in a {self.name} GGUF: {hf_name}.")
         return name
 
-    def write_hparams(self, writer: gguf.GGUFWriter, config: Any) -> None:
-        """Metadata the family's llama.cpp graph reads beyond the Llama set."""
+    def rope_dims(self, config: Any) -> int:
+        """Dimensions of each head that RoPE rotates (`rope.dimension_count`)."""
+        return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+    def write_hparams(self, writer: gguf.GGUFWriter, config: Any) -> dict[str, Any]:
+        """Metadata the family's llama.cpp graph reads beyond the Llama set; extra tensors it needs
+        (GGUF name -> float32 array)."""
+        return {}
 
     def config_from_gguf(self, reader: Any, hp: Any, fields: dict[str, Any], where: str) -> Any:
         """The family's transformers config from a GGUF's metadata: `fields` are the keyword arguments

@@ -29,6 +29,14 @@ _LLAMA3_SPLIT = (
 )
 # Qwen2 / Qwen2.5 / Qwen3: Llama 3's split with single digits.
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace("\\p{N}{1,3}", "\\p{N}")
+# Phi-4-mini (OpenAI's o200k split): case-aware words, contractions attached.
+_CASED = "[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]"
+_LOWER = "[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]"
+_CONTRACTION = "(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+_GPT4O_SPLIT = (
+    f"[^\\r\\n\\p{{L}}\\p{{N}}]?{_CASED}*{_LOWER}+{_CONTRACTION}|[^\\r\\n\\p{{L}}\\p{{N}}]?{_CASED}+{_LOWER}*{_CONTRACTION}"
+    "|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
 
 
 def _byte_level(use_regex: bool) -> dict[str, Any]:
@@ -37,7 +45,7 @@ def _byte_level(use_regex: bool) -> dict[str, Any]:
 
 
 def _split_then_bytes(regex: str) -> dict[str, Any]:
-    """A regex split, then bytes mapped to characters (Llama 3, Qwen2)."""
+    """A regex split, then bytes mapped to characters (Llama 3, Qwen2, Phi-4-mini)."""
     return {
         "type": "Sequence",
         "pretokenizers": [
@@ -56,6 +64,7 @@ PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
     },
     "llama-bpe": _split_then_bytes(_LLAMA3_SPLIT),
     "qwen2": _split_then_bytes(_QWEN2_SPLIT),
+    "gpt-4o": _split_then_bytes(_GPT4O_SPLIT),
 }
 
 

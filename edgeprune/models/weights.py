@@ -28,6 +28,8 @@ FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
 # Q and K rows (and biases), which llama.cpp's "norm" RoPE wants in another order (`interleaves_qk`).
 QK_ROWS = ("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")
+# GGUF tensors that are RoPE settings, not weights.
+ROPE_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 # Buffers some older checkpoints carry; transformers recomputes them.
 IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
@@ -170,7 +172,7 @@ class GGUFStore(WeightStore):
         for t in self.reader.tensors:
             if t.name in by_gguf:
                 self._tensor[by_gguf[t.name]] = t
-            elif t.name != "rope_freqs.weight":  # recomputed from the config's rope scaling
+            elif t.name not in ROPE_TENSORS:  # the config's RoPE scaling, read into it (`gguf_config`)
                 raise EdgepruneError(f"{path} holds a tensor edgeprune cannot place in a {self.family.name} model "
                                      f"({t.name}).")
         missing = [n for n in hf_names if n not in self._tensor and n != LM_HEAD]

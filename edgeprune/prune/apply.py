@@ -62,7 +62,8 @@ def kept_index(relative: str, layer: int, plan: Plan, shape: ModelShape) -> Kept
     """What the plan keeps of one tensor of (original) layer `layer`, `relative` to the layer
     (`self_attn.q_proj.weight`): None when it goes with its sublayer, else the kept rows and columns.
     Query heads keep rows of q and columns of o, KV heads rows of k and v; FFN channels keep rows
-    of gate and up, columns of down."""
+    of gate and up, columns of down. Fused projections (Phi-3's qkv_proj: q, k, v rows stacked;
+    gate_up_proj: gate rows, then up rows) keep the same rows of each part."""
     if relative.startswith(ATTENTION_PARAMS):
         heads = dict(plan.heads)
         if layer not in heads:
@@ -73,6 +74,11 @@ def kept_index(relative: str, layer: int, plan: Plan, shape: ModelShape) -> Kept
             return _head_rows(plan.kept_heads(layer, shape), shape.head_dim), None
         if relative.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
             return _head_rows(plan.kept_kv_heads(layer, shape), shape.head_dim), None
+        if relative.startswith("self_attn.qkv_proj."):
+            q, kv = shape.n_head * shape.head_dim, shape.n_head_kv * shape.head_dim
+            kv_rows = _head_rows(plan.kept_kv_heads(layer, shape), shape.head_dim)
+            return torch.cat([_head_rows(plan.kept_heads(layer, shape), shape.head_dim), q + kv_rows,
+                              q + kv + kv_rows]), None
         if relative == "self_attn.o_proj.weight":
             return None, _head_rows(plan.kept_heads(layer, shape), shape.head_dim)
         return _ALL
@@ -85,6 +91,8 @@ def kept_index(relative: str, layer: int, plan: Plan, shape: ModelShape) -> Kept
         index = torch.tensor(channels[layer], dtype=torch.long)
         if relative.startswith(("mlp.gate_proj.", "mlp.up_proj.")):
             return index, None
+        if relative.startswith("mlp.gate_up_proj."):
+            return torch.cat([index, shape.ffn + index]), None
         if relative == "mlp.down_proj.weight":
             return None, index
     return _ALL

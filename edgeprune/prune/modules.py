@@ -62,9 +62,9 @@ def layer_shapes(model: Any) -> list[LayerShape]:
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         has_attn, has_mlp = not isinstance(attn, RemovedAttention), not isinstance(mlp, RemovedMLP)
-        shapes.append(LayerShape(
-            n_head=attn.q_proj.out_features // head_dim if has_attn else 0,
-            n_head_kv=attn.k_proj.out_features // head_dim if has_attn else 0,
-            ffn=mlp.gate_proj.out_features if has_mlp else 0,
-        ))
+        n_head = attn.o_proj.in_features // head_dim if has_attn else 0
+        kv_rows = (attn.k_proj.out_features if hasattr(attn, "k_proj") else  # else q, k, v fused (Phi-3)
+                   (attn.qkv_proj.out_features - n_head * head_dim) // 2) if has_attn else 0
+        shapes.append(LayerShape(n_head=n_head, n_head_kv=kv_rows // head_dim,
+                                 ffn=mlp.down_proj.in_features if has_mlp else 0))
     return shapes

@@ -34,6 +34,7 @@ class ModelShape:
     vocab: int
     family: str = "llama"
     per_layer: bool = True
+    head_pruning: bool = True  # False: llama.cpp runs the family's models with every query head
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
@@ -42,6 +43,7 @@ class ModelShape:
         return cls(
             family=family.name,
             per_layer=family.per_layer_arch is not None,
+            head_pruning=family.head_pruning,
             n_layers=config.num_hidden_layers,
             n_head=config.num_attention_heads,
             n_head_kv=config.num_key_value_heads or config.num_attention_heads,
@@ -174,6 +176,11 @@ class Plan:
         for layer, channels in self.ffn:
             if len(set(channels)) != len(channels) or not all(0 <= c < shape.ffn for c in channels):
                 raise PlanError(f"Plan keeps FFN channels that repeat or exceed {shape.ffn - 1} in layer {layer}.")
+        if not shape.head_pruning and any(heads and len(heads) < shape.n_head for _, heads in self.heads):
+            raise PlanError(
+                f"Plan removes query heads, but llama.cpp's {shape.family} graph needs every query head (it sizes "
+                "the attention by the hidden width); prune layers or FFN channels instead."
+            )
         if not shape.per_layer and self.uniform_shape(shape) is None:
             raise PlanError(
                 f"Plan gives layers different shapes ({self.describe(shape)}), but llama.cpp runs {shape.family} "

@@ -163,7 +163,7 @@ class SearchSpace:
     def narrower(self, state: State) -> list[State]:
         """The next-smaller head structures (all of those with the next lower head count)."""
         current = state.heads.heads if state.heads else self.shape.n_head
-        smaller = [s for s in self.head_structures if s.heads < current]
+        smaller = [s for s in self.head_structures if s.heads < current and self.shape.head_pruning]
         if not smaller:
             return []
         top = smaller[0].heads

@@ -168,6 +168,9 @@ class WidthMethod(StructuredMethod):
         return [], [UNIT_IMPORTANCE[self.importance]()]
 
     def check(self, settings, shape):
+        if settings.head_ratio and not shape.head_pruning:
+            raise EdgepruneError(f"--head-ratio removes query heads, but llama.cpp's {shape.family} graph needs every "
+                                 "query head; prune FFN channels (--ffn-ratio) or layers instead.")
         if settings.allocation != "uniform" and not shape.per_layer:
             raise EdgepruneError(f"--allocation {settings.allocation} gives layers different widths, but "
                                  f"llama.cpp runs {shape.family} models with one shape for every layer; use "
