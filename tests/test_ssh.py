@@ -133,9 +133,10 @@ def test_malformed_ssh_urls_are_refused(url):
 @pytest.mark.slow
 def test_device_binaries_over_ssh_answer_like_local(sshd, tiny_gguf, cache_dir):
     from edgeprune.config import load_target
+    from edgeprune.devices.base import host_arch
     from edgeprune.toolchain import ensure_binaries, spec_for
 
-    tools = Programs(ensure_binaries(spec_for(load_target("demo")), cache_dir).bin, "x86_64")
+    tools = Programs(ensure_binaries(spec_for(load_target("demo")), cache_dir).bin, host_arch())  # demo is native
     local = ToolsRunner(get_device("local"), tools)
     with get_device(ssh_config(sshd)) as remote:
         runner = get_runtime().runner(remote, tools)  # no Python there: its own llama.cpp binaries
