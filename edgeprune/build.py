@@ -25,6 +25,7 @@ from edgeprune.devices import Device, get_device
 from edgeprune.devices.local import LocalDevice
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate import Quality
+from edgeprune.events import STAGE, event
 from edgeprune.footprint import Estimate, Work, compared
 from edgeprune.latency import ModelTraffic, Prediction, host_profile
 from edgeprune.measure import BenchmarkRecord, Workload
@@ -56,6 +57,7 @@ from edgeprune.search import (
     greedy_search,
 )
 from edgeprune.search.predict import device_latency_model, target_estimates
+from edgeprune.search.tuning import tune
 from edgeprune.signing import check_signing_key
 from edgeprune.stages import StageOutput, StageRunner
 
@@ -169,6 +171,24 @@ class CandidateEvaluator:
         self._held[model.key].add(candidate.id)
 
 
+def _tuned_settings(outcome: SearchOutcome, evaluate: CandidateEvaluator, runtime: Runtime, profile: Profile,
+                    stand_in: bool, threads: int) -> dict[str, Any]:
+    """The runtime settings the bundle runs with (`search.tuning`), or why they are the defaults."""
+    selected = outcome.selected
+    why = ("no candidate met the budget" if selected is None
+           else "the profile turns it off (benchmark.tune_settings)" if not profile.benchmark.tune_settings
+           else "the device is a stand-in for the target (another architecture or fewer cores)" if stand_in
+           else None)
+    if why is not None:
+        return {"chosen": {}, "not_tuned": why}
+    event(log, STAGE, "timing the runtime settings on %s", selected.id, name="settings", candidate=selected.id)
+    t0 = time.perf_counter()
+    tuning = tune(evaluate.timers[selected.state.runtime], selected.model, evaluate.workload,
+                  runtime.settings_space(threads))
+    evaluate.runner.timings["settings"] = time.perf_counter() - t0
+    return tuning.to_dict()
+
+
 def _workload(target: Target, profile: Profile, splits: TextSplits, threads: int) -> Workload:
     # A real prompt (held-out text), repeated if the SLO's prompt is longer than the text.
     text = splits.heldout.flatten().tolist()
@@ -216,6 +236,7 @@ def _latency_model_summary(predictor: SearchPredictor, host: Any, estimates: dic
         **fit(baseline_runtime),
         "runtimes": {r: fit(r) for r in predictor.runtimes()},
         "skip_margin": predictor.margin,
+        "under_prediction": dict(predictor.under_prediction),  # per kind of step: measured / predicted speed-up
         "estimated_for_target": bool(estimates),
     }
 
@@ -302,7 +323,7 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
     threads = min(target.hardware.cores, device.cores)
     runner = StageRunner(config.cache_dir / "stages")
 
-    log.info("loading %s", source.model_id)
+    event(log, STAGE, "loading %s", source.model_id, name="loading", model=source.model_id)
     t0 = time.perf_counter()
     reference = load_reference(source, config.cache_dir, config.trust_remote_code, weights)
     runner.timings["reference"] = time.perf_counter() - t0
@@ -311,6 +332,7 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
     splits = calibration_splits(reference, profile.calibration, config.calib, runner, threads,
                                 keep_quick_copy=not memory.evicts)
     importance = importance_of(reference, splits, profile.search, runner)
+    event(log, STAGE, "the reference's log-probabilities on the held-out windows", name="reference")
     ref_logps, ref_perplexity = reference_logprobs(reference, splits, runner)
 
     workload = _workload(target, profile, splits, threads)
@@ -324,7 +346,8 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
     host = host_profile(config.cache_dir, threads) if local else None
     predictor = SearchPredictor(device_latency_model(local, host, target.hardware, device.url), workload,
                                 functools.lru_cache(maxsize=None)(evaluate.traffic))
-    log.info("search on %s with %d threads (%s)", device.url, threads, ", ".join(timers))
+    event(log, STAGE, "search on %s with %d threads (%s)", device.url, threads, ", ".join(timers), name="search",
+          device=device.url, threads=threads, runtimes=list(timers))
     outcome = greedy_search(space, evaluate, target.slo, profile.search.max_candidates, predictor)
     stand_in = device.arch != target.hardware.arch or threads < target.hardware.cores
     estimates = {}
@@ -332,8 +355,9 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
         estimates = target_estimates(predictor, target.hardware, f"target {target.name}",
                                      {c.id: c.model for c in outcome.candidates})
 
-    # What the bundle runs: the selected candidate's runtime.
+    # What the bundle runs: the selected candidate's runtime, with the settings fastest on the device.
     shipped = evaluate.runtime(outcome.selected.state.runtime if outcome.selected else baseline_runtime)
+    runtime_settings = _tuned_settings(outcome, evaluate, shipped, profile, stand_in, threads)
     report = {
         "edgeprune_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -374,6 +398,7 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
             "warmup": workload.warmup,
             "repetitions": workload.repetitions,
         },
+        "runtime_settings": runtime_settings,
         "search": outcome_to_dict(outcome, estimates) | {
             "candidate_files": "removed once judged: the cache could not hold them all" if memory.evicts
             else "kept in the cache"},
@@ -383,6 +408,7 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
     # What runs the model on the target (llama.cpp's: cross-compiled, cached after the first build).
     programs = None
     if outcome.selected is not None:
+        event(log, STAGE, "%s's programs for %s", shipped.name, target.name, name="programs", target=target.name)
         t0 = time.perf_counter()
         programs = shipped.target_programs(target, config.cache_dir)
         runner.timings["toolchain"] = time.perf_counter() - t0
@@ -390,6 +416,7 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
     # Both peaks over this process and its llama.cpp children; the anonymous one is what a memory limit bounds.
     report["memory"] = compared(memory, measured.peak_rss_bytes, measured.peak_anon_bytes) | {
         "estimate": memory.to_dict()}
+    event(log, STAGE, "writing %s", config.output_dir, name="output", path=str(config.output_dir))
     write_output(config.output_dir, outcome, report, reference, target, config.force, shipped, programs,
                  config.sign_key)
     return BuildResult(config.output_dir, outcome, report)

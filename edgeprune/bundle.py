@@ -171,8 +171,9 @@ def write_output(out: Path, outcome: SearchOutcome, report: dict[str, Any], refe
                                    runtime.format.suffix)
             shutil.copyfile(selected.model, tmp / model)
             report["artifact"] = model
+        settings = report.get("runtime_settings", {}).get("chosen", {})
         if model is not None and programs is not None:
-            report["toolchain"] = runtime.package(tmp, model, target, programs)
+            report["toolchain"] = runtime.package(tmp, model, target, programs, settings)
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
         (tmp / "report.md").write_text(render_markdown(report))
         if model is not None:
@@ -188,6 +189,7 @@ def write_output(out: Path, outcome: SearchOutcome, report: dict[str, Any], refe
             "budget_met": selected is not None,
             "tools": tool_versions(),
             "toolchain": report.get("toolchain"),
+            "settings": settings,  # the runtime settings run.sh, serve.sh and verify's timing use
             "files": {k: v for k, v in hashes.items() if k not in MEASURED_FILES},
             # The only field that changes between builds of the same inputs.
             "run": {"created": report["created"], "files": {k: v for k, v in hashes.items() if k in MEASURED_FILES}},
@@ -240,6 +242,7 @@ class Manifest(_Open):
     run: ManifestRun = ManifestRun()
     toolchain: ManifestToolchain | None = None
     target: ManifestTarget | None = None
+    settings: dict[str, Any] = {}  # the runtime's, as the search chose them (bundles before: defaults)
 
 
 def manifest_hashes(manifest: dict[str, Any]) -> dict[str, str]:

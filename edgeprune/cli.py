@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from edgeprune import __version__
+from edgeprune import __version__, events
 from edgeprune.cli_options import (
     device_options,
     input_options,
@@ -313,6 +313,15 @@ for _command in (targets, toolchain, doctor):
     cli.add_command(_command)
 
 
+def _fail(message: str, code: int) -> None:
+    """The command's last line: one sentence on stderr (a JSON event with --log-json), and its exit code."""
+    if events.json_enabled():
+        logging.getLogger("edgeprune").error(message, extra={"event": events.ERROR, "fields": {"exit_code": code}})
+    else:
+        click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
@@ -323,11 +332,9 @@ def main() -> None:
         e.show()
         sys.exit(e.exit_code)
     except BudgetNotMet as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+        _fail(str(e), 1)
     except EdgepruneError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        _fail(str(e), 2)
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
@@ -336,5 +343,4 @@ def main() -> None:
         if refusal is None:
             raise  # anything else is a bug: keep its traceback
         logging.getLogger(__name__).debug("traceback of the error below (-vv)", exc_info=True)
-        click.echo(f"error: {refusal}", err=True)
-        sys.exit(2)
+        _fail(refusal, 2)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import click
 from pydantic import ValidationError
 
-from edgeprune import progress
+from edgeprune import events, progress
 from edgeprune.config import CalibrationSettings, Profile, Target
 from edgeprune.errors import EdgepruneError
 
@@ -18,14 +18,15 @@ if TYPE_CHECKING:
     from edgeprune.data import HFDataset
 
 
-def _setup_logging(verbose: int, quiet: bool) -> None:
+def _setup_logging(verbose: int, quiet: bool, log_json: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     fmt = "%(message)s" if verbose == 0 else "%(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level, format=fmt)
+    events.log_json(log_json)
     if verbose < 2:
         for noisy in ("llama.cpp", "gguf", "gguf.gguf_writer"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-    progress.set_enabled(not quiet)
+    progress.set_enabled(not quiet and not log_json)  # a bar would break the JSON lines on stderr
     try:
         from transformers.utils import logging as hf_logging
 
@@ -36,13 +37,17 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def logging_options(command):
-    """-v/-q on every command, so they can follow the command name like any other option."""
+    """-v/-q/--log-json on every command, so they can follow the command name like any other option."""
 
     @functools.wraps(command)
-    def wrapper(*args, verbose: int, quiet: bool, **kwargs):
-        _setup_logging(verbose, quiet)
+    def wrapper(*args, verbose: int, quiet: bool, log_json: bool, **kwargs):
+        _setup_logging(verbose, quiet, log_json)
         return command(*args, **kwargs)
 
+    wrapper = click.option(
+        "--log-json", is_flag=True,
+        help="Log one JSON object per line on stderr (named events with their fields: stages, candidates, the "
+             "search's progress and ETA, the final error); no progress bars.")(wrapper)
     wrapper = click.option("-q", "--quiet", is_flag=True,
                            help="Only warnings, errors and the final summary; no progress bars.")(wrapper)
     return click.option("-v", "--verbose", count=True,

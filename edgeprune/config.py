@@ -207,6 +207,8 @@ class CalibrationSettings(Strict):
 class BenchmarkSettings(Strict):
     warmup: int = Field(ge=0)
     repetitions: int = Field(ge=3, description="timed runs; p90 of fewer than 3 means nothing")
+    tune_settings: bool = Field(default=True, description="time the runtime's settings (threads, flash attention, "
+                                "batch) on the selected candidate and ship the fastest")
 
 
 class SearchSettings(Strict):

@@ -85,9 +85,11 @@ def reference_log_probs(source: Any, windows: torch.Tensor, out: np.ndarray | No
     if out is None:
         out = np.empty((*windows.shape, vocab), dtype=np.float32)
     # Logits a block of the head at a time for every window, then each window normalized in place.
+    cap = getattr(stream.config, "final_logit_softcapping", None)  # Gemma's: logits squashed into ±cap
     for start, block in stream.head_blocks():
         for i, h in enumerate(normed):
-            out[i, :, start : start + len(block)] = (h @ block.T).numpy()
+            logits = h @ block.T
+            out[i, :, start : start + len(block)] = (cap * torch.tanh(logits / cap) if cap else logits).numpy()
         del block
     for i in range(len(windows)):
         out[i] = log_probs(out[i]).numpy()

@@ -20,6 +20,10 @@ class Workload:
     threads: int
     warmup: int
     repetitions: int
+    # Runtime settings (`Runtime.settings_space`) the model, and the baseline beside it, run with;
+    # a setting left out takes the runtime's default (threads: `threads`).
+    settings: dict[str, Any] = field(default_factory=dict)
+    baseline_settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"prompt": list(self.prompt)}

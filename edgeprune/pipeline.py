@@ -16,6 +16,7 @@ from edgeprune.analysis.methods import LAYER_IMPORTANCE, UNIT_IMPORTANCE
 from edgeprune.config import CalibrationSettings, SearchSettings, SparsitySpec
 from edgeprune.data import HFDataset, TextSplits, from_file, from_hf, self_generated
 from edgeprune.evaluate import QualityTally, reference_log_probs, reference_perplexity
+from edgeprune.events import STAGE, event
 from edgeprune.export import Provenance
 from edgeprune.footprint import QUICK_QUANT
 from edgeprune.models import Reference
@@ -96,12 +97,13 @@ def calibration_splits(reference: Reference, settings: CalibrationSettings, cali
     (a build short of disk; a later build with other calibration settings makes it again)."""
     if isinstance(calib, HFDataset):
         splits = from_hf(calib, reference.tokenizer, settings)
-        log.info("calibration text: %s", splits.source)
+        event(log, STAGE, "calibration text: %s", splits.source, name="calibration")
         return splits
     if calib is not None:
         return from_file(calib, reference.tokenizer, settings)
     threads = threads or max(1, os.cpu_count() or 1)
-    log.info("calibration text: self-generated through llama.cpp (cached after the first run)")
+    event(log, STAGE, "calibration text: self-generated through llama.cpp (cached after the first run)",
+          name="calibration")
     stage = SelfCalibration(reference, settings, threads)
     out = runner.cached(stage)
     if out is None:
@@ -118,7 +120,8 @@ def importance_of(reference: Reference, splits: TextSplits, settings: SearchSett
                   runner: StageRunner) -> Importance:
     """The scores the search ranks by: layers and attention sublayers by the profile's depth method,
     heads and FFN channels by its width method (one cached pass)."""
-    log.info("importance analysis (%s, %s)", settings.depth_method, settings.width_method)
+    event(log, STAGE, "importance analysis (%s, %s)", settings.depth_method, settings.width_method,
+          name="importance")
     depth = STRUCTURED_METHODS[settings.depth_method]
     width = STRUCTURED_METHODS[settings.width_method]
     layer, attention = (LAYER_IMPORTANCE[depth.importance](g) for g in ("layer", "attention"))

@@ -35,6 +35,7 @@ def candidate_to_dict(c: Candidate, selected: Candidate | None, estimate: Predic
         "confirmed": c.confirmed,
         "selected": c is selected,
         "predicted_on_device": c.prediction.to_dict() if c.prediction else None,
+        "predicted_speedup": c.predicted_speedup,
         "estimate_on_target": estimate.to_dict() if estimate else None,
         "benchmark": c.bench.to_dict() if c.measured else None,
     }
@@ -116,10 +117,29 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     lines += [_row(c, estimates) for c in search["candidates"]]
     lines += _prediction_notes(report, search, estimates)
+    lines += _settings_lines(report.get("runtime_settings"))
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in report["timings_s"].items())
     lines += ["", f"Time: {timings}.", ""]
     lines += _verifications(report.get("verifications", []))
     return "\n".join(lines)
+
+
+def _settings_lines(tuning: dict[str, Any] | None) -> list[str]:
+    """The runtime settings the bundle runs with, and the timings that chose them."""
+    if tuning is None:
+        return []
+    if "not_tuned" in tuning:
+        return ["", f"Runtime settings: the runtime's defaults ({tuning['not_tuned']})."]
+    def show(settings: dict[str, Any]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in settings.items())
+
+    lines = ["", "## Runtime settings", "", f"Shipped: {show(tuning['chosen'])} (default: {show(tuning['default'])}); "
+             f"{tuning['rule']}.", "", "| tried | against | speed-up | faster in | decode tok/s | TTFT ms | kept |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {t['setting']} {t['value']} | {show(t['against'])} | {t['speedup']:.2f}x | {t['wins']:.0%} | "
+              f"{t['decode_tok_s']:.1f} (vs {t['against_decode_tok_s']:.1f}) | {1000 * t['ttft_s']:.0f} | "
+              f"{'yes' if t['kept'] else 'no'} |" for t in tuning["trials"]]
+    return lines
 
 
 def _runtime_lines(report: dict[str, Any]) -> list[str]:
@@ -142,7 +162,10 @@ def _prediction_notes(report: dict[str, Any], search: dict[str, Any], estimates:
     skipped = [c for c in search["candidates"] if not c["measured"]]
     if skipped or search["not_built"]:
         lines.append(f"The latency model (fitted to the {model['observations']} candidates timed on this device) "
-                     f"skipped what it predicted to miss the budget by more than {model['skip_margin']:.0%}: "
+                     f"skipped what it predicted to miss the budget by more than {model['skip_margin']:.0%}, "
+                     "widened by the under-prediction measured on each kind of step the candidate has ("
+                     + ", ".join(f"{k} {v:.2f}x" for k, v in model.get("under_prediction", {}).items())
+                     + "; a kind with none measured is never skipped): "
                      f"{len(skipped)} built but not timed, {len(search['not_built'])} not built "
                      + "".join(f"({n['step']}: {n['reason']}) " for n in search["not_built"]).rstrip() + ".")
     if estimates:

@@ -182,15 +182,18 @@ def _open_device(config: DeviceConfig, bundle: Path, arch: str) -> Device:
     return device
 
 
-def _check_slo(timer: Runner, model: Path, target: ManifestTarget, repetitions: int) -> dict[str, Any]:
-    """llama-bench with the SLO's workload and the target's threads, judged against the budget.
+def _check_slo(timer: Runner, model: Path, target: ManifestTarget, settings: dict[str, Any],
+               repetitions: int) -> dict[str, Any]:
+    """llama-bench with the SLO's workload and the bundle's runtime settings (threads: the target's
+    unless chosen, at most the device's cores), judged against the budget.
 
     A speed-up criterion needs the unpruned model timed alongside, which a bundle does not hold:
     only the latency budget and the RAM ceiling are judged on the device."""
     slo, device = target.slo, timer.device
-    threads = min(target.hardware.cores, device.cores)
+    threads = min(settings.get("threads", target.hardware.cores), device.cores)
     prompt = tuple(range(slo.prompt_tokens))  # llama-bench draws its own prompt tokens; only the count matters
-    workload = Workload(prompt, slo.answer_tokens, threads, warmup=1, repetitions=repetitions)
+    workload = Workload(prompt, slo.answer_tokens, threads, warmup=1, repetitions=repetitions,
+                        settings=settings | {"threads": threads})
     log.info("timing the SLO workload (%d + %d tokens, %d threads) on %s", slo.prompt_tokens, slo.answer_tokens,
              threads, device.url)
     record = timer.benchmark(model, workload)
@@ -205,6 +208,7 @@ def _check_slo(timer: Runner, model: Path, target: ManifestTarget, repetitions: 
         "summary": record.summary,
         "peak_rss_bytes": record.peak_rss_bytes,
         "threads": threads,
+        "settings": workload.settings,
         "runtime": record.runtime,
         "benchmark": record.to_dict(),
     }
@@ -265,7 +269,7 @@ def verify(bundle: Path, device: DeviceConfig | None = None, answer_tokens: int 
         elif target is None or target.hardware.arch != dev.arch:
             result.slo_skipped = f"{dev.url} is {dev.arch}, not the target's architecture"
         else:
-            result.slo = _check_slo(runtime.runner(dev, binaries), model, target, repetitions)
+            result.slo = _check_slo(runtime.runner(dev, binaries), model, target, manifest.settings, repetitions)
             if signature == "unsigned":
                 write_back(bundle, raw, result.slo)
                 result.written_back = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -150,3 +151,19 @@ def sshd(tmp_path_factory):
     yield server
     server.proc.terminate()
     server.proc.wait(10)
+
+
+def build_verified_bundle(out: Path, model: Path, calib: Path, cache_dir: Path):
+    """`build` with a budget the unpruned model meets, then `verify` PASS on the bundle: the build's
+    report and a reader of the bundled GGUF."""
+    import gguf
+    from test_cli import edgeprune
+
+    proc = edgeprune("build", "--target", "demo", "--model", str(model), "--calib", str(calib), "--profile", "quick",
+                     "--latency-budget", "60", "-o", str(out), "--cache-dir", str(cache_dir), "-q")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["search"]["selected"] == "c00"
+    proc = edgeprune("verify", str(out))
+    assert proc.returncode == 0 and "PASS" in proc.stdout, proc.stderr
+    return report, gguf.GGUFReader(str(out / report["artifact"]))

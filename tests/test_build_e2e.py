@@ -63,6 +63,15 @@ def test_build_prunes_until_the_speedup_is_met(tmp_path, cache_dir, embedded_ref
     assert manifest["plan"] == sel["plan"] and manifest["model"]["sha256"] == report["model"]["sha256"]
     assert "llama.cpp" in manifest["tools"] and manifest["target"]["name"] == "demo"
     assert sel["id"] in (out / "report.md").read_text()
+    # The runtime settings timed on the device for the selected candidate are what the bundle runs with.
+    tuning = report["runtime_settings"]
+    assert set(tuning["chosen"]) == {"threads", "flash_attn", "ubatch"} and tuning["default"]["threads"] == 2
+    assert len(tuning["trials"]) == 3 and manifest["settings"] == tuning["chosen"]
+    chosen = tuning["chosen"]
+    for script in ("run.sh", "serve.sh"):
+        assert (f"-t {chosen['threads']} -fa {chosen['flash_attn']} -ub {chosen['ubatch']}"
+                in (out / script).read_text()), script
+    assert "## Runtime settings" in (out / "report.md").read_text()
 
     tok = embedded_reference.tokenizer
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
@@ -78,11 +87,18 @@ def test_unreachable_budget_fails_naming_the_closest_candidate(tmp_path, cache_d
     profile.write_text(quick.replace("max_candidates = 10", "max_candidates = 2"))
     out = tmp_path / "out"
     proc = build("--target", "arm16g", "--profile", str(profile), "--latency-budget", "0.001", "-o", str(out),
-                 "--cache-dir", str(cache_dir), "-q")
+                 "--cache-dir", str(cache_dir), "--log-json")
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
-    line = proc.stderr.strip().splitlines()[-1]
-    assert re.search(r"the closest is c0\d .* at p90 \d+\.\d+ s", line), line
+    # --log-json: every line on stderr is one JSON record; the build's stages, each candidate's
+    # phases and the search's progress are named events, the error the last one.
+    records = [json.loads(line) for line in proc.stderr.strip().splitlines()]
+    stages = [r["name"] for r in records if r.get("event") == "stage"]
+    assert stages[:2] == ["loading", "calibration"] and {"importance", "reference", "search", "output"} <= set(stages)
+    assert {r["phase"] for r in records if r.get("event") == "candidate"} >= {"building", "timed"}
+    assert all(r["eta_s"] >= 0 for r in records if r.get("event") == "search")
+    assert records[-1]["event"] == "error" and records[-1]["exit_code"] == 1
+    assert re.search(r"the closest is c0\d .* at p90 \d+\.\d+ s", records[-1]["message"]), records[-1]
     report = json.loads((out / "report.json").read_text())
     assert not report["search"]["budget_met"] and report["search"]["selected"] is None
     assert not report["device"]["is_target_arch"]  # arm16g measured on this x86 machine: a stand-in

@@ -97,7 +97,8 @@ def test_run_script_answers_under_qemu(bundle, tmp_path):
     script = tmp_path / "run-qemu.sh"
     script.write_text(text.replace('exec "$here/bin/', 'exec qemu-aarch64 "$here/bin/')
                       .replace('here=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)', f"here={shlex.quote(str(bundle))}"))
-    proc = subprocess.run(["sh", str(script), "What is the capital of France?", "-n", "12", "-t", "2"],
+    # --temp 0: llama-completion samples with a random seed by default; greedy makes the answer the model's.
+    proc = subprocess.run(["sh", str(script), "What is the capital of France?", "-n", "12", "-t", "2", "--temp", "0"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Paris" in proc.stdout, proc.stdout[-2000:]

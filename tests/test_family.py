@@ -337,8 +337,10 @@ def test_sentencepiece_tokenizer_matches_the_converter_and_tokenizes_like_senten
 
     mine, converter = _reader_fields(ours, "tokenizer."), _reader_fields(theirs, "tokenizer.")
     # transformers 5 no longer lists added tokens in tokenizer_config.json, so the converter writes
-    # [PADn] for them; we take them from the HF tokenizer. Everything else is the converter's.
-    lost = range(n_pieces, n_pieces + len(ADDED)) if layout == "transformers5" else range(0)
+    # [PADn] for those past the pieces and SentencePiece's types and scores for the others; we take
+    # them from the HF tokenizer (what the converter writes from a transformers 4 directory).
+    # Everything else is the converter's.
+    lost = set(tokenizer.added_tokens_decoder) if layout == "transformers5" else set()
     for key, value in converter.items():
         if key == "tokenizer.ggml.add_sep_token":  # we leave llama.cpp's default (False) implicit
             assert value is False and key not in mine
@@ -352,7 +354,7 @@ def test_sentencepiece_tokenizer_matches_the_converter_and_tokenizes_like_senten
     assert mine["tokenizer.ggml.model"] == "llama" and mine["tokenizer.ggml.add_bos_token"] is True
     assert mine["tokenizer.ggml.tokens"][n_pieces:] == list(ADDED)
     types = mine["tokenizer.ggml.token_type"]
-    assert types[0] == (gguf.TokenType.CONTROL if layout == "transformers4" else gguf.TokenType.UNKNOWN)
+    assert types[0] == gguf.TokenType.CONTROL
     assert types[1] == types[2] == gguf.TokenType.CONTROL and types[3] == gguf.TokenType.BYTE
     assert types[n_pieces] == gguf.TokenType.CONTROL and gguf.TokenType.NORMAL in types
     assert TokenizerSpec.from_gguf(gguf.GGUFReader(str(ours))) == spec
@@ -468,7 +470,8 @@ def test_unsupported_architecture_is_named(good_dir, model_type):
 
     config = AutoConfig.for_model(model_type).to_dict()
     (good_dir / "config.json").write_text(json.dumps(config))
-    with pytest.raises(EdgepruneError, match=f"is a '{model_type}' model; edgeprune supports llama, mistral"):
+    with pytest.raises(EdgepruneError,
+                       match=f"is a '{model_type}' model; edgeprune supports gemma3, gemma3_text, llama, mistral"):
         _load(good_dir)
 
 

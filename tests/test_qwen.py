@@ -305,21 +305,12 @@ def test_prune_refuses_a_per_layer_plan_for_qwen3_before_any_work(tmp_path, qwen
 @pytest.mark.slow
 def test_qwen2_builds_a_bundle_that_verifies(tmp_path, qwen_dirs, cache_dir):
     """A budget the unpruned model meets: the build, its bundle and verify on a Qwen2 checkpoint."""
-    from test_cli import edgeprune
+    from conftest import build_verified_bundle
 
-    out = tmp_path / "bundle"
-    proc = edgeprune("build", "--target", "demo", "--model", str(qwen_dirs["qwen2"]), "--calib",
-                     str(qwen_dirs["calib"]), "--profile", "quick", "--latency-budget", "60", "-o", str(out),
-                     "--cache-dir", str(cache_dir), "-q")
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads((out / "report.json").read_text())
-    assert report["search"]["selected"] == "c00" and report["artifact"] == "model-qwen2-Q4_K_M.gguf"
-    reader = gguf.GGUFReader(str(out / report["artifact"]))
+    report, reader = build_verified_bundle(tmp_path / "bundle", qwen_dirs["qwen2"], qwen_dirs["calib"], cache_dir)
+    assert report["artifact"] == "model-qwen2-Q4_K_M.gguf"
     assert reader.get_field("general.architecture").contents() == "qwen2"
     assert reader.get_field("tokenizer.ggml.pre").contents() == "qwen2"
-    proc = edgeprune("verify", str(out))
-    assert proc.returncode == 0, proc.stderr
-    assert "PASS" in proc.stdout
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -24,7 +24,8 @@ MIB = 1 << 20
 def test_presets_have_the_published_sizes_and_hub_sharding():
     sizes = {name: round(p.parameters() / 1e9, 2) for name, p in PRESETS.items()}
     assert sizes == {"llama-3.2-1b": 1.24, "llama-3.2-3b": 3.21, "llama-3.1-8b": 8.03, "synthetic-0.5b": 0.43,
-                     "qwen2.5-1.5b": 1.54, "qwen2.5-7b": 7.62, "qwen3-1.7b": 1.72}
+                     "qwen2.5-1.5b": 1.54, "qwen2.5-7b": 7.62, "qwen3-1.7b": 1.72,
+                     "gemma3-1b": 1.0}
     shards = {name: [round(sum(2 * math.prod(s) for _, s in shard) / 1e9, 2) for shard in p.shards()]
               for name, p in PRESETS.items()}
     # The hub's files: 2.47 GB; 4.97 + 1.46 GB; 4.98 + 5.00 + 4.92 + 1.17 GB.
@@ -43,7 +44,7 @@ def test_each_preset_holds_exactly_the_tensors_its_familys_transformers_model_ha
 
     (tmp_path / "config.json").write_text(json.dumps(PRESETS[name].config(1, 2)))
     config = AutoConfig.from_pretrained(tmp_path)
-    assert config.model_type == PRESETS[name].family
+    assert config.model_type == PRESETS[name].model_type
     assert family_of(config).tensor_shapes(config) == dict(PRESETS[name].tensors())
 
 

@@ -189,14 +189,73 @@ def test_a_removed_candidate_is_rebuilt_when_the_best_fails_to_confirm():
 
 
 def test_unreachable_budget_reports_the_closest():
-    out = greedy_search(space(), Synthetic(), SLO(prompt_tokens=8, answer_tokens=8, speedup=5.0), 6)
-    assert out.selected is None and len(out.candidates) <= 6
-    assert out.stop_reason in ("candidate limit reached", "search limits reached (max layers / heads removed)")
+    s = space()
+    out = greedy_search(s, Synthetic(), SLO(prompt_tokens=8, answer_tokens=8, speedup=5.0), 6)
+    assert out.selected is None
+    # Past the limit only the depth path goes on: its deepest, which misses too, ends it.
+    assert len(out.candidates) <= 7
+    assert out.stop_reason == "candidate limit reached, and the depth path past it reached the depth limit"
+    assert max(c.state.layers_dropped for c in out.candidates) == s.max_layers
     assert out.closest.bench.speedup == max(c.bench.speedup for c in out.candidates)
 
 
-@pytest.mark.parametrize("slo", [SLO(prompt_tokens=8, answer_tokens=ANSWER, speedup=1.5),
-                                 SLO(prompt_tokens=8, answer_tokens=ANSWER, latency_budget_s=0.8)])
+def test_the_depth_path_goes_on_past_the_candidate_limit_until_the_budget_is_met():
+    slo = SLO(prompt_tokens=8, answer_tokens=8, speedup=1.6)
+    unlimited = greedy_search(space(), Synthetic(), slo, 40)
+    out = greedy_search(space(), Synthetic(), slo, 4)
+    assert unlimited.selected is not None and out.selected is not None and out.selected.confirmed
+    assert out.stop_reason == "found a candidate within budget on the depth path past the candidate limit"
+    assert len(out.candidates) > 4 and out.selected.bench.speedup >= 1.6
+    # The deepest depth first, then bisected: one layer fewer misses.
+    s, depth = space(), out.selected.state.layers_dropped
+    assert any(c.state == replace(out.selected.state, layers_dropped=s.max_layers) for c in out.candidates)
+    shallower = [c for c in out.candidates if c.state == replace(out.selected.state, layers_dropped=depth - 1)]
+    assert shallower and not shallower[0].meets
+
+
+class FastRecipe(Synthetic):
+    """A recipe whose kernels run 1.4x as fast as its bytes say: the roofline cannot see it."""
+
+    def cost(self, state: State) -> float:
+        cost = super().cost(replace(state, recipe="default"))
+        return cost / 1.4 if state.recipe != "default" else cost
+
+    def traffic(self, state: State) -> ModelTraffic:
+        return super().traffic(replace(state, recipe="default"))
+
+
+def test_a_kind_of_step_is_timed_before_predictions_can_skip_it():
+    slo = SLO(prompt_tokens=8, answer_tokens=ANSWER, speedup=1.5)
+    without = greedy_search(space(), FastRecipe(), slo, 16)
+    ev = FastRecipe()
+    predictor = SearchPredictor(LatencyModel(10.0, 30.0), WORKLOAD, ev.traffic)
+    out = greedy_search(space(), ev, slo, 16, predictor)
+    # Predicted at about 1.0x, the recipe is timed all the same: its kind had no measured error.
+    recipe = next(c for c in out.candidates if c.state == State(0, recipe="iq4_nl-narrow-keep-v"))
+    assert recipe.measured and recipe.predicted_speedup == pytest.approx(1.0) and recipe.bench.speedup > 1.35
+    assert predictor.under_prediction["recipe iq4_nl-narrow-keep-v"] == pytest.approx(1.4)
+    assert predictor.under_prediction["layers"] == pytest.approx(1.0)
+    # Its under-prediction widens the margin of every candidate that has it: what was skipped would
+    # have missed, and the choice is the one timing everything makes.
+    assert out.selected.state == without.selected.state and out.selected.state.recipe != "default"
+    s = space()
+    for i, c in enumerate(out.candidates):
+        if c.verdict.startswith(NOT_MEASURED):
+            assert ev.record(c.state, paired=True).speedup < 1.5
+            earlier = {k for e in out.candidates[:i] if e.measured and e.predicted_speedup for k in s.kinds(e.state)}
+            assert s.kinds(c.state) <= earlier
+
+
+def test_kinds_name_what_a_state_changes():
+    s = two_runtime_space()
+    assert s.kinds(State(0)) == frozenset()
+    assert s.kinds(State(2, HeadStructure(2, 2), ffn=512, recipe="iq4_nl-narrow", attention_removed=4)) == {
+        "layers", "heads", "FFN width", "recipe iq4_nl-narrow", "attention sublayers"}
+    assert s.kinds(State(2, runtime=ORT.name)) == {"layers", "runtime onnxruntime"}
+
+
+@pytest.mark.parametrize("slo", [SLO(prompt_tokens=8, answer_tokens=ANSWER, speedup=1.6),
+                                 SLO(prompt_tokens=8, answer_tokens=ANSWER, latency_budget_s=0.75)])
 def test_predictions_skip_hopeless_candidates_without_changing_the_choice(slo):
     plain = Synthetic()
     without = greedy_search(space(), plain, slo, 16)
@@ -211,8 +270,13 @@ def test_predictions_skip_hopeless_candidates_without_changing_the_choice(slo):
     for c in skipped:
         assert c.verdict.startswith(NOT_MEASURED) and c.prediction.observations >= 2
         assert budget.verdict(ev.record(c.state, paired=True)) != "meets"  # it really would have missed
-    # The first two timed candidates calibrate; nothing is skipped before.
+    # The first two timed candidates calibrate; nothing is skipped before, nor before a candidate of
+    # each of its kinds of step was timed.
     assert all(c.measured for c in out.candidates[:2])
+    s = space()
+    for i, c in enumerate(out.candidates):
+        if not c.measured:
+            assert s.kinds(c.state) <= {k for e in out.candidates[:i] if e.measured for k in s.kinds(e.state)}
     # With a calibrated exact model, predictions match what was then measured.
     for c in out.candidates:
         if c.measured and c.prediction is not None:

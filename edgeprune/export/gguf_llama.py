@@ -33,7 +33,7 @@ from edgeprune.families import family_of, interleaves_qk
 from edgeprune.models.tokenizer import TokenizerSpec
 from edgeprune.models.weights import QK_ROWS, ModuleStore, WeightStore
 from edgeprune.prune import LayerShape, ModelShape, Plan, layer_shapes
-from edgeprune.prune.apply import Loader, PrunedTensor, pruned_tensors
+from edgeprune.prune.apply import Loader, PrunedTensor, kept_layer_types, pruned_tensors
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,10 @@ def _placeholder_mlp(layer: int, hidden: int, dtype: torch.dtype) -> list[Planne
             for kind, shape in shapes.items()]
 
 
-def _gguf_layout(load: Callable[[], torch.Tensor], n_heads: int | None) -> torch.Tensor:
+def _gguf_layout(load: Callable[[], torch.Tensor], n_heads: int | None, shift: float = 0.0) -> torch.Tensor:
     t = load().detach()
+    if shift:  # in the stored dtype, as llama.cpp's converter adds it
+        t = t + shift
     return t if n_heads is None else rope_interleave(t, n_heads)
 
 
@@ -133,7 +135,8 @@ def _planned(tensors: list[PrunedTensor], layers: list[LayerShape], config: Any,
     for t in tensors:
         rope = interleave and t.name.endswith(QK_ROWS)
         out.append(PlannedTensor(family.gguf_name(t.name), t.shape, t.source_dtype,
-                                 partial(_gguf_layout, t.read, t.shape[0] // head_dim if rope else None)))
+                                 partial(_gguf_layout, t.read, t.shape[0] // head_dim if rope else None,
+                                         family.norm_shift(t.name))))
     dtype = out[0].source_dtype
     for i, s in enumerate(layers):
         if s.has_attention and not s.has_mlp:
@@ -249,10 +252,12 @@ def write_gguf(store: WeightStore, plan: Plan, tokenizer: TokenizerSpec, path: P
     """Write `store`'s model with `plan` applied to `path` (atomically), one tensor in memory at a time:
     the family's architecture for its layers (see `architecture`). `dtype`: one of DTYPES. `overrides`: HF
     names of the pruned model -> loaders of tensors that replace the sliced ones (sparsified weights)."""
-    layers = plan.layer_shapes(ModelShape.from_config(store.config))
-    arch = architecture(store.config, layers)
-    tensors = _planned(pruned_tensors(store, plan, overrides), layers, store.config, arch)
-    _write(path, store.config, layers, arch, tensors, tokenizer, dtype, provenance, name)
+    shape = ModelShape.from_config(store.config)
+    layers = plan.layer_shapes(shape)
+    config = kept_layer_types(store.config, plan.kept_layers(shape))  # Gemma 3 writes their pattern
+    arch = architecture(config, layers)
+    tensors = _planned(pruned_tensors(store, plan, overrides), layers, config, arch)
+    _write(path, config, layers, arch, tensors, tokenizer, dtype, provenance, name)
 
 
 def export_gguf(

@@ -22,13 +22,17 @@ LLAMA3_DEFAULTS = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.
                    "original_max_position_embeddings": 8192}
 
 
-def rope_parameters(config: Any) -> dict[str, Any]:
-    """transformers 5 keeps RoPE settings in `rope_parameters`; older configs in `rope_scaling`."""
-    return dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+def rope_parameters(config: Any, layer_type: str = "full_attention") -> dict[str, Any]:
+    """transformers 5 keeps RoPE settings in `rope_parameters`; older configs in `rope_scaling`. A
+    config whose layer types differ (Gemma 3) keeps one set per type: `layer_type`'s, the global
+    layers' by default (llama.cpp's freq_base; the sliding layers' is freq_base_swa)."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    nested = params.get(layer_type)
+    return dict(nested) if isinstance(nested, dict) else params
 
 
-def rope_theta(config: Any) -> float:
-    return float(rope_parameters(config).get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+def rope_theta(config: Any, layer_type: str = "full_attention") -> float:
+    return float(rope_parameters(config, layer_type).get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
 def rope_type(config: Any) -> str:

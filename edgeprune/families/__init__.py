@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.families import gemma3 as _gemma3  # noqa: F401  (registers "gemma3")
 from edgeprune.families import llama as _llama  # noqa: F401  (registers "llama")
 from edgeprune.families import phi3 as _phi3  # noqa: F401  (registers "phi3")
 from edgeprune.families import qwen2 as _qwen2  # noqa: F401  (registers "qwen2")

@@ -81,6 +81,14 @@ class Family:
             shapes.pop("lm_head.weight", None)
         return shapes
 
+    def embedding_scale(self, config: Any) -> float:
+        """What the model multiplies embedding rows by before layer 0 (Gemma: sqrt(hidden))."""
+        return 1.0
+
+    def real_buffers(self, model: Any) -> None:
+        """Compute for real the non-persistent buffers a model built on the meta device lacks."""
+        model.model.rotary_emb = self.rotary_embedding(model.config)
+
     def final_norm(self, config: Any) -> Any:
         """The module the family normalises the last hidden state with (weights to be loaded)."""
         return self._hf("RMSNorm")(config.hidden_size, eps=config.rms_norm_eps)
@@ -92,6 +100,11 @@ class Family:
     def normalize_config(self, config: Any, where: str) -> Any:
         """The config edgeprune works with, for a config of one of `model_types` (`where` names the source)."""
         return config
+
+    def checkpoint_name(self, stored: str) -> str | None:
+        """The name edgeprune gives a tensor stored under `stored` in an HF checkpoint (that of the
+        family's ForCausalLM), or None for a tensor outside the language model (a vision tower)."""
+        return stored
 
     # -- GGUF --------------------------------------------------------------------------------------
     def holds(self, n_head: int, shape: Any) -> bool:
@@ -121,6 +134,10 @@ class Family:
         if name is None:
             raise EdgepruneError(f"The model has a tensor edgeprune cannot place in a {self.name} GGUF: {hf_name}.")
         return name
+
+    def norm_shift(self, hf_name: str) -> float:
+        """What llama.cpp's converter adds to tensor `hf_name` (Gemma's norms store weight - 1)."""
+        return 0.0
 
     def rope_dims(self, config: Any) -> int:
         """Dimensions of each head that RoPE rotates (`rope.dimension_count`)."""

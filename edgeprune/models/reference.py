@@ -85,25 +85,11 @@ def _readable(files: list[Path]) -> list[Path]:
     return files
 
 
-def _checkpoint_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes from the safetensors headers (no weights are read)."""
-    from safetensors import SafetensorError, safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                for name in handle.keys():
-                    shapes[name] = tuple(handle.get_slice(name).get_shape())
-        except (SafetensorError, OSError) as e:
-            raise EdgepruneError(f"Cannot read the weights file {path}: {e}".rstrip(".") + ".") from None
-    return {k: v for k, v in shapes.items() if not IGNORED.search(k)}
-
-
-def check_weights(directory: Path, config: Any) -> None:
+def check_weights(directory: Path, store: SafetensorsStore) -> None:
     """Refuse weights that disagree with config.json, before transformers would silently
     random-initialise missing tensors or fail deep in load_state_dict."""
-    found = _checkpoint_shapes(weight_files(directory))
+    config = store.config
+    found = {name: store.shape(name) for name in store.names()}
     expected = {k: v for k, v in family_of(config).tensor_shapes(config).items() if not IGNORED.search(k)}
     layers = {int(m.group(1)) for name in found if (m := _LAYER_INDEX.match(name))}
     n_layers = max(layers) + 1 if layers else 0
@@ -144,9 +130,10 @@ def _hf_store(directory: Path, trust_remote_code: bool) -> tuple[SafetensorsStor
     except (OSError, ValueError) as e:
         raise EdgepruneError(f"Cannot read the model config of {directory}: {e}".rstrip(".") + ".") from None
     config = family_config(config, str(directory))
-    check_weights(directory, config)
+    store = SafetensorsStore(weight_files(directory), config)
+    check_weights(directory, store)
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    return SafetensorsStore(weight_files(directory), config), tokenizer
+    return store, tokenizer
 
 
 def gguf_config(reader: Any, where: str) -> Any:

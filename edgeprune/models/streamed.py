@@ -26,7 +26,7 @@ from torch import nn
 
 from edgeprune.memory import return_freed_memory
 from edgeprune.models.weights import FINAL_NORM, ModuleStore, WeightStore
-from edgeprune.prune.apply import prune_layer
+from edgeprune.prune.apply import kept_layer_types, prune_layer
 from edgeprune.prune.plan import LayerShape, ModelShape, Plan
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,21 @@ class _StopForward(Exception):
     pass
 
 
+class _CaptureLayer(nn.Module):
+    """Stands in for a decoder layer of the skeleton: records the keyword arguments the model calls
+    it with and passes the hidden states on; the last one wanted stops the forward."""
+
+    def __init__(self, captured: list[dict[str, Any]], last: bool) -> None:
+        super().__init__()
+        self.captured, self.last = captured, last
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        self.captured.append(kwargs | {"hidden_states": hidden_states})
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
 class DecoderStream:
     """The decoder of `store`'s model with `plan` applied, one layer at a time, computing in `dtype`.
 
@@ -144,44 +159,49 @@ class DecoderStream:
         self.kept = self.plan.kept_layers(self.shape)
         self.layer_shapes = self.plan.layer_shapes(self.shape)
         # A skeleton on the meta device settles config details (attention implementation) exactly as
-        # a loaded model would, and computes the first layer's keyword arguments (RoPE, mask).
+        # a loaded model would, and computes each layer's keyword arguments (RoPE, mask).
         with torch.device("meta"):
             self._skeleton = family_of(store.config).causal_lm(store.config)
         self.config = self._skeleton.config
+        # Kept layer i is built as layer i of the pruned model: its attention type is the original's.
+        self._kept_config = kept_layer_types(self.config, self.kept)
         self.n_layers = len(self.kept)
 
     # -- what enters layer 0 -------------------------------------------------------------------
     def embed(self, windows: torch.Tensor) -> torch.Tensor:
-        return self.store.rows("model.embed_tokens.weight", windows.reshape(-1)).reshape(
+        from edgeprune.families import family_of
+
+        rows = self.store.rows("model.embed_tokens.weight", windows.reshape(-1)).reshape(
             *windows.shape, -1).to(self.dtype)
+        scale = family_of(self.config).embedding_scale(self.config)
+        # As transformers scales: by the scale rounded to the weights' dtype.
+        return rows if scale == 1.0 else rows * torch.tensor(scale, dtype=self.dtype)
 
     @torch.no_grad()
-    def first_inputs(self, windows: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Hidden states and keyword arguments entering decoder layer 0 for one batch of windows.
-        The model's own forward builds the arguments, so every layer is called as the model calls it."""
+    def first_inputs(self, windows: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """Hidden states entering decoder layer 0 for one batch of windows, and the keyword arguments
+        of each kept layer. The model's own forward builds them, so every layer is called as the model
+        calls it: layers of another attention type (Gemma 3's sliding and global layers) get another
+        mask and other rotary embeddings."""
         from edgeprune.families import family_of
 
         model = self._skeleton.model
         if not hasattr(self, "_rotary"):
             self._rotary = family_of(self.config).rotary_embedding(self.config)  # buffers computed for real
-        captured: dict[str, Any] = {}
-
-        def catch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            captured.update(kwargs)
-            captured["hidden_states"] = args[0] if args else kwargs["hidden_states"]
-            raise _StopForward
-
-        meta_rotary, model.rotary_emb = model.rotary_emb, self._rotary
-        handle = model.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+        captured: list[dict[str, Any]] = []
+        last = self.kept[-1] if self.kept else 0
+        meta_layers, meta_rotary = model.layers, model.rotary_emb
+        model.layers = nn.ModuleList(_CaptureLayer(captured, i == last) for i in range(len(meta_layers)))
+        model.rotary_emb = self._rotary
         try:
             model(inputs_embeds=self.embed(windows), use_cache=False)
         except _StopForward:
             pass
         finally:
-            handle.remove()
-            model.rotary_emb = meta_rotary
-        hidden = captured.pop("hidden_states")
-        return hidden, captured
+            model.layers, model.rotary_emb = meta_layers, meta_rotary
+        hidden = captured[0]["hidden_states"]
+        kwargs = [{k: v for k, v in captured[old].items() if k != "hidden_states"} for old in self.kept]
+        return hidden, kwargs
 
     # -- one layer -----------------------------------------------------------------------------
     def load(self, i: int) -> nn.Module:
@@ -192,7 +212,7 @@ class DecoderStream:
         for name in tensors:
             if prefix + name in self.overrides:
                 tensors[name] = self.overrides[prefix + name]()
-        layer = empty_layer(self.config, self.layer_shapes[i], i)
+        layer = empty_layer(self._kept_config, self.layer_shapes[i], i)
         layer.load_state_dict({k: v.to(self.dtype) for k, v in tensors.items()}, strict=True, assign=True)
         return layer.eval()
 
@@ -260,7 +280,7 @@ class SequentialPass:
         self.stream, self.windows, self.batch_size, self.budget = stream, windows, batch_size, budget
         self.label = label
         self.hidden: Activations | None = None
-        self.kwargs: list[dict[str, Any]] = []
+        self.kwargs: list[list[dict[str, Any]]] = []  # per batch, per layer
         self.spilled = 0
 
     def __iter__(self) -> Iterator[LayerStep]:
@@ -274,7 +294,7 @@ class SequentialPass:
                 self.kwargs.append(kw)
             layers = range(self.stream.n_layers)
             for i in progress(layers, self.label, total=len(layers)) if self.label else layers:
-                step = LayerStep(i, self.stream.load(i), hidden, self.kwargs)
+                step = LayerStep(i, self.stream.load(i), hidden, [kw[i] for kw in self.kwargs])
                 yield step
                 if step.outputs is None:
                     step.advance()

@@ -1,4 +1,4 @@
-"""Random-weight checkpoints of real shapes (Llama, Qwen2.5, Qwen3), for measuring memory and time at scale.
+"""Random-weight checkpoints of real shapes (Llama, Qwen2.5, Qwen3, Gemma 3), for measuring memory and time at scale.
 
 `write_checkpoint("llama-3.1-8b", dir)` writes what the hub ships for that model -- config.json,
 bf16 safetensors sharded the hub's way (5 GB shards) with model.safetensors.index.json -- but with
@@ -51,7 +51,12 @@ class Preset:
     rope_theta: float = 500000.0
     rope_scaling: dict[str, Any] | None = None
     max_positions: int = 131072
-    family: str = "llama"  # "qwen2": q/k/v biases; "qwen3": per-head q/k norms
+    family: str = "llama"  # "qwen2": q/k/v biases; "qwen3": per-head q/k norms; "gemma3": those and four norms
+    sliding_window: int | None = None  # Gemma 3: five sliding-window layers, then a global one
+
+    @property
+    def model_type(self) -> str:
+        return "gemma3_text" if self.family == "gemma3" else self.family
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         """(name, shape) of every tensor, in the order the hub's checkpoints store them."""
@@ -68,12 +73,16 @@ class Preset:
             if self.family == "qwen2":
                 out += [(p + "self_attn.q_proj.bias", (q,)), (p + "self_attn.k_proj.bias", (kv,)),
                         (p + "self_attn.v_proj.bias", (kv,))]
-            if self.family == "qwen3":
+            if self.family in ("qwen3", "gemma3"):
                 out += [(p + "self_attn.q_norm.weight", (self.head_dim,)),
                         (p + "self_attn.k_norm.weight", (self.head_dim,))]
             out += [
                 (p + "self_attn.o_proj.weight", (h, q)),
                 (p + "post_attention_layernorm.weight", (h,)),
+            ]
+            if self.family == "gemma3":
+                out += [(p + "pre_feedforward_layernorm.weight", (h,)), (p + "post_feedforward_layernorm.weight", (h,))]
+            out += [
                 (p + "mlp.gate_proj.weight", (self.ffn, h)),
                 (p + "mlp.up_proj.weight", (self.ffn, h)),
                 (p + "mlp.down_proj.weight", (h, self.ffn)),
@@ -105,6 +114,8 @@ class Preset:
 
     def config(self, bos_id: int | None, eos_id: int | None) -> dict[str, Any]:
         """config.json as the hub ships it, with the special token ids of the tokenizer written alongside."""
+        if self.family == "gemma3":
+            return self._gemma3_config(bos_id, eos_id)
         if self.family != "llama":
             return self._qwen_config(bos_id, eos_id)
         return {
@@ -164,6 +175,38 @@ class Preset:
             config |= {"attention_bias": False, "head_dim": self.head_dim}
         return config
 
+    def _gemma3_config(self, bos_id: int | None, eos_id: int | None) -> dict[str, Any]:
+        assert self.sliding_window is not None
+        return {
+            "architectures": ["Gemma3ForCausalLM"],
+            "model_type": "gemma3_text",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "attn_logit_softcapping": None,
+            "bos_token_id": bos_id,
+            "eos_token_id": eos_id,
+            "final_logit_softcapping": None,
+            "head_dim": self.head_dim,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "hidden_size": self.hidden,
+            "initializer_range": 0.02,
+            "intermediate_size": self.ffn,
+            "max_position_embeddings": self.max_positions,
+            "num_attention_heads": self.heads,
+            "num_hidden_layers": self.layers,
+            "num_key_value_heads": self.kv_heads,
+            "query_pre_attn_scalar": self.head_dim,
+            "rms_norm_eps": 1e-06,
+            "rope_local_base_freq": 10000.0,
+            "rope_scaling": None,
+            "rope_theta": self.rope_theta,
+            "sliding_window": self.sliding_window,
+            "sliding_window_pattern": 6,
+            "torch_dtype": "bfloat16",
+            "use_cache": True,
+            "vocab_size": self.vocab,
+        }
+
 
 def _llama3_rope(factor: float) -> dict[str, Any]:
     return {"factor": factor, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
@@ -184,6 +227,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
            tied=False, rope_theta=1000000.0, max_positions=32768, family="qwen2"),
     Preset("qwen3-1.7b", hidden=2048, layers=28, heads=16, kv_heads=8, head_dim=128, ffn=6144, vocab=151936,
            tied=True, rope_theta=1000000.0, max_positions=40960, family="qwen3"),
+    Preset("gemma3-1b", hidden=1152, layers=26, heads=4, kv_heads=1, head_dim=256, ffn=6912, vocab=262144,
+           tied=True, rope_theta=1000000.0, max_positions=32768, family="gemma3", sliding_window=512),
     # For CI: 0.43B parameters (0.86 GB bf16), widths K-quant friendly, the embedded model's vocabulary.
     Preset("synthetic-0.5b", hidden=1536, layers=14, heads=24, kv_heads=8, head_dim=64, ffn=4096, vocab=49152,
            tied=True, rope_theta=100000.0, max_positions=8192),

@@ -115,6 +115,7 @@ class TokenizerSpec:
     chat_template: str | None
     scores: list[float] | None = None  # SentencePiece only: llama.cpp merges pieces by score
     add_space_prefix: bool | None = None  # "▁" before the text (SentencePiece); None: not written
+    mask_id: int | None = None  # Gemma's tokenizers name one
 
     @classmethod
     def from_gguf(cls, reader: gguf.GGUFReader) -> TokenizerSpec:
@@ -139,6 +140,7 @@ class TokenizerSpec:
             eos_id=get(K.EOS_ID),
             unk_id=get(K.UNK_ID),
             pad_id=get(K.PAD_ID),
+            mask_id=get(K.MASK_ID),
             add_bos=bool(get(K.ADD_BOS, False)),
             add_eos=bool(get(K.ADD_EOS, False)),
             chat_template=get(K.CHAT_TEMPLATE),
@@ -202,6 +204,7 @@ class TokenizerSpec:
             (K.EOS_ID, self.eos_id),
             (K.UNK_ID, self.unk_id),
             (K.PAD_ID, self.pad_id),
+            (K.MASK_ID, self.mask_id),
         ):
             if value is not None:
                 writer.add_uint32(key, value)
@@ -225,7 +228,7 @@ def _special_tokens(tokenizer: Any, vocab_size: int, model_config: Any) -> dict[
     """Special ids (the tokenizer's, else config.json's, as the converter does) and whether
     encoding adds BOS/EOS (probed, so it is what the HF tokenizer really does)."""
     ids = {}
-    for kind in ("bos", "eos", "unk", "pad"):
+    for kind in ("bos", "eos", "unk", "pad", "mask"):
         token_id = getattr(tokenizer, f"{kind}_token_id", None)
         if token_id is None:
             token_id = getattr(model_config, f"{kind}_token_id", None)
@@ -336,11 +339,11 @@ def _spm_spec(tokenizer: Any, vocab_size: int, model_config: Any) -> TokenizerSp
     for i in range(n_pieces):
         tokens[i], scores[i], types[i] = sp.IdToPiece(i), float(sp.GetScore(i)), _piece_type(sp, i)
     added = _file_added_tokens(path.parent)
-    # Tokens added after the SentencePiece model (e.g. chat markers) that the files above do not
-    # list (transformers 5 no longer writes added_tokens_decoder): the converter would leave them
-    # as [PADn]; take them from the HF tokenizer instead.
+    # Added tokens the files above do not list (transformers 5 no longer writes added_tokens_decoder):
+    # the converter would leave those past the SentencePiece model as [PADn] and those inside it (Gemma's
+    # turn markers) as normal pieces llama.cpp never matches whole; take them from the HF tokenizer.
     for i, token in tokenizer.added_tokens_decoder.items():
-        if i >= n_pieces and i not in added:
+        if i not in added:
             added[i] = _added_entry(token.content, token.special)
     for i, (text, kind) in added.items():
         if i < vocab_size:

@@ -91,27 +91,33 @@ class SafetensorsStore(WeightStore):
     def __init__(self, files: list[Path], config: Any) -> None:
         from safetensors import SafetensorError, safe_open
 
+        from edgeprune.families import family_of
+
         self.config = config
+        family = family_of(config)
         self._file_of: dict[str, Path] = {}
+        self._stored: dict[str, str] = {}  # our name -> the checkpoint's (see Family.checkpoint_name)
         self._shape: dict[str, tuple[int, ...]] = {}
         self._dtype: dict[str, torch.dtype] = {}
         for path in files:
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    for name in f.keys():
-                        if IGNORED.search(name):
+                    for stored in f.keys():
+                        name = family.checkpoint_name(stored)
+                        if name is None or IGNORED.search(name):
                             continue
-                        piece = f.get_slice(name)
+                        piece = f.get_slice(stored)
                         dtype = _SAFETENSORS_DTYPES.get(piece.get_dtype())
                         if dtype is None:
                             raise EdgepruneError(f"{path}: tensor {name} is stored as {piece.get_dtype()}, which "
                                                  "edgeprune cannot read; convert the checkpoint to bf16, fp16 or fp32.")
                         self._file_of[name], self._shape[name] = path, tuple(piece.get_shape())
+                        self._stored[name] = stored
                         self._dtype[name] = dtype
             except (SafetensorError, OSError) as e:
                 raise EdgepruneError(f"Cannot read the weights file {path}: {e}".rstrip(".") + ".") from None
         if getattr(config, "tie_word_embeddings", False):
-            for table in (self._file_of, self._shape, self._dtype):
+            for table in (self._file_of, self._stored, self._shape, self._dtype):
                 table.pop(LM_HEAD, None)  # tied: transformers ignores a stored copy, and so do we
 
     def names(self) -> list[str]:
@@ -127,7 +133,7 @@ class SafetensorsStore(WeightStore):
         from safetensors import safe_open
 
         with safe_open(str(self._file_of[name]), framework="pt") as f:
-            return f.get_tensor(name)
+            return f.get_tensor(self._stored[name])
 
     def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
         from safetensors import safe_open
@@ -135,7 +141,7 @@ class SafetensorsStore(WeightStore):
         # Read only the rows asked for: an 8B model's embedding is 1 GiB, a batch needs a few thousand rows.
         unique, inverse = torch.unique(index, return_inverse=True)
         with safe_open(str(self._file_of[name]), framework="pt") as f:
-            piece = f.get_slice(name)
+            piece = f.get_slice(self._stored[name])
             rows = torch.stack([piece[int(r) : int(r) + 1][0] for r in unique])
         return rows[inverse]
 
@@ -143,7 +149,7 @@ class SafetensorsStore(WeightStore):
         from safetensors import safe_open
 
         with safe_open(str(self._file_of[name]), framework="pt") as f:
-            return f.get_slice(name)[start:stop]
+            return f.get_slice(self._stored[name])[start:stop]
 
 
 def reverse_rope_interleave(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -153,8 +159,9 @@ def reverse_rope_interleave(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 class GGUFStore(WeightStore):
-    """A llama GGUF, memory-mapped by gguf-py; each read dequantizes one tensor to fp32 and puts
-    Q/K rows back in HF order (what transformers' GGUF loader does, tensor by tensor)."""
+    """A GGUF of a family edgeprune reads, memory-mapped by gguf-py; each read dequantizes one tensor
+    to fp32, puts Q/K rows back in HF order and undoes the converter's norm shift (what transformers'
+    GGUF loader does, tensor by tensor)."""
 
     def __init__(self, path: Path, config: Any, reader: Any = None) -> None:
         import gguf
@@ -201,7 +208,8 @@ class GGUFStore(WeightStore):
         if self._interleaved and name.endswith(QK_ROWS):
             heads = self.config.num_attention_heads if "q_proj" in name else self.config.num_key_value_heads
             data = reverse_rope_interleave(data, heads)
-        return _owned(data)
+        shift = self.family.norm_shift(name)
+        return _owned(data - np.asarray(shift, dtype=data.dtype) if shift else data)
 
     def _row_data(self, name: str, rows: Any) -> torch.Tensor:
         """Rows of a tensor whose rows are stored in HF order (not Q/K), dequantized alone: gguf-py

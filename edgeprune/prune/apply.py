@@ -44,9 +44,17 @@ def pruned_config(config: Any, plan: Plan) -> Any:
     new.intermediate_size = uniform.ffn
     # head_dim no longer follows from hidden_size / heads once heads are removed.
     new.head_dim = shape.head_dim
-    if getattr(new, "layer_types", None) is not None:
-        new.layer_types = [new.layer_types[i] for i in plan.kept_layers(shape)]
-    return new
+    return kept_layer_types(new, plan.kept_layers(shape))
+
+
+def kept_layer_types(config: Any, kept: list[int]) -> Any:
+    """`config` with the attention types of the `kept` layers only, renumbered (Gemma 3's sliding and
+    global layers); widths stay as they are."""
+    if getattr(config, "layer_types", None) is None:
+        return config
+    out = copy.deepcopy(config)
+    out.layer_types, out.num_hidden_layers = [config.layer_types[i] for i in kept], len(kept)
+    return out
 
 
 def _head_rows(heads: tuple[int, ...], head_dim: int) -> torch.Tensor:

@@ -43,8 +43,8 @@ def materialize(store: WeightStore, plan: Plan | None = None, overrides: dict | 
         model.lm_head.weight = model.model.embed_tokens.weight
     else:
         model.lm_head.weight = torch.nn.Parameter(store.read(LM_HEAD).to(dtype))
-    # RoPE frequencies are non-persistent buffers computed at construction: build them for real.
-    model.model.rotary_emb = family_of(config).rotary_embedding(config)
+    # RoPE frequencies (and Gemma's embedding scale) are non-persistent buffers computed at construction.
+    family_of(config).real_buffers(model)
     return model.eval()
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from edgeprune.runtimes.threads import thread_counts
+
 if TYPE_CHECKING:
     from edgeprune.config import SearchSettings, Target
     from edgeprune.devices.base import Device
@@ -101,6 +103,11 @@ class Runtime(ABC):
     def traffic(self, model: Path) -> ModelTraffic:
         """Bytes read and FLOPs per token of one model file."""
 
+    def settings_space(self, cores: int) -> dict[str, tuple[Any, ...]]:
+        """The runtime settings the search times on a device of `cores` cores, each with its values,
+        the default first (`Workload.settings`)."""
+        return {"threads": thread_counts(cores)}
+
     @abstractmethod
     def search_quant(self, settings: SearchSettings) -> str:
         """The quantization a profile's search gives this runtime's candidates."""
@@ -136,9 +143,9 @@ class Runtime(ABC):
         """`target_programs`' output as a device of `arch` runs it (`runner(binaries=...)`)."""
 
     @abstractmethod
-    def package(self, out: Path, model: str, target: Target, programs: Any) -> dict[str, Any]:
-        """Put `programs` and the scripts that run `model` into the bundle directory `out`; return the
-        manifest's record of how the programs were made."""
+    def package(self, out: Path, model: str, target: Target, programs: Any, settings: dict[str, Any]) -> dict[str, Any]:
+        """Put `programs` and the scripts that run `model` with `settings` (chosen by the search) into
+        the bundle directory `out`; return the manifest's record of how the programs were made."""
 
     @abstractmethod
     def card(self, programs: Any) -> list[str]:

@@ -35,7 +35,7 @@ def main() -> None:
     model = Path(request["model"])
     runtime = engine_module(model)
     t0 = time.perf_counter()
-    engine = runtime.load(model, n_ctx, threads)
+    engine = runtime.load(model, n_ctx, threads, request.get("settings") or {})
     load_s = time.perf_counter() - t0
     tokens: list[int] = []
     for i in range(request["warmup"]):
@@ -45,7 +45,7 @@ def main() -> None:
     baseline = None
     if request.get("baseline"):
         path = Path(request["baseline"])
-        baseline = engine_module(path).load(path, n_ctx, threads)
+        baseline = engine_module(path).load(path, n_ctx, threads, request.get("baseline_settings") or {})
         for _ in range(request["warmup"]):
             baseline.timed_generation(prompt, answer)
 
@@ -63,7 +63,7 @@ def main() -> None:
             "baseline_runs": baseline_runs,
             "load_s": load_s,
             "peak_rss_bytes": peak_rss,
-            "threads": threads,
+            "threads": (request.get("settings") or {}).get("threads", threads),
             "runtime": runtime.version(),
             "system_info": runtime.system_info(),
             "cpu": cpu_model(),

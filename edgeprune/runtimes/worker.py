@@ -58,12 +58,13 @@ class WorkerRunner(Runner):
     def alternate(self, model: Path, workload: Workload, baseline: Path) -> BenchmarkRecord:
         """One model per process, alternating: each run loads (and warms up) its model afresh."""
         once = replace(workload, repetitions=1)
+        alone = replace(once, settings=workload.baseline_settings)  # the baseline's process, with its settings
         mine, theirs = [], []
         for _ in range(workload.repetitions):
             mine.append(self._run(model, once, None, self.ram_cap))
             if mine[-1].ram_cap_exceeded:
                 return mine[-1]
-            theirs.append(self._run(baseline, once, None, None))  # the cap judges the candidate alone
+            theirs.append(self._run(baseline, alone, None, None))  # the cap judges the candidate alone
         return alternated(mine, theirs)
 
     def _together(self, model: Path, baseline: Path) -> bool:

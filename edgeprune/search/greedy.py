@@ -11,13 +11,17 @@ speed without the 10-20% noise of a shared machine, which would otherwise pick s
 when two of them save about as much. When a round lands within budget, also try the depths a
 depth step skipped, and follow the most efficient step one layer at a time while its quality is
 still better than the best candidate within budget (a bound: going deeper only loses quality).
+When the candidate limit is reached with nothing within budget, the path's last candidate loses
+more layers: the deepest the limits allow first, then, if that meets the budget, a bisection for
+the shallowest depth that does. The limit counts the exploring; a budget that depth can meet is met.
 Every candidate is timed alternating with the unpruned baseline,
 so speed-ups are ratios of runs taken side by side; before a candidate is selected, its verdict is
 confirmed by a second such measurement, pooled with the first: one noisy run never decides.
 
-With a predictor (search/predict.py), a built candidate whose predicted latency clearly misses the
-budget is not timed, the candidates of a round are timed fastest-predicted first, and the depths a
-refinement would try are predicted from their neighbours before anything is built.
+With a predictor (search/predict.py), a built candidate whose predicted latency misses the budget
+by more than the errors measured on its kinds of step is not timed, the candidates of a round are
+timed fastest-predicted first, and the depths a refinement would try are predicted from their
+neighbours before anything is built.
 
 A candidate's model file is released once judged, unless it is the baseline (timed beside every
 candidate) or the best within budget (confirmed, then shipped). An evaluator short of disk (`evicts`)
@@ -29,11 +33,14 @@ a whole round's.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from edgeprune.config import SLO
 from edgeprune.evaluate import Quality
+from edgeprune.events import CANDIDATE, SEARCH, event
 from edgeprune.latency import Prediction
 from edgeprune.measure import BenchmarkRecord
 from edgeprune.prune import Plan
@@ -59,6 +66,7 @@ class Candidate:
     verdict: str = ""
     confirmed: bool = False
     prediction: Prediction | None = None  # on the device, before timing (with a calibrated predictor)
+    predicted_speedup: float | None = None  # over the baseline, from the same prediction
 
     @property
     def meets(self) -> bool:
@@ -111,6 +119,8 @@ class _Search:
         self.released: set[str] = set()
         self.skipped: list[dict[str, str]] = []
         self.budget = Budget.from_slo(slo)
+        self.started = time.perf_counter()
+        self.followed = False  # the depth path past the candidate limit
         self.baseline: Candidate | None = None  # timed alone, then beside every other candidate
         baseline = self.build(space.baseline())
         self.time(baseline)
@@ -118,7 +128,10 @@ class _Search:
 
     def build(self, state: State) -> Candidate:
         if state not in self.seen:
-            self.seen[state] = self.evaluate.build(state, self.space.plan(state), f"c{len(self.seen):02d}")
+            cid = f"c{len(self.seen):02d}"
+            event(log, CANDIDATE, "%s %s: building, then its quality", cid, state.describe(), id=cid,
+                  step=state.describe(), phase="building")
+            self.seen[state] = self.evaluate.build(state, self.space.plan(state), cid)
         return self.seen[state]
 
     def time(self, cand: Candidate) -> None:
@@ -127,22 +140,57 @@ class _Search:
             return
         # Sparse candidates are always timed: the roofline models dense kernels, and a target that
         # opts in to sparsity says its runtime is not one.
-        if self.predictor is not None and self.baseline is not None and cand.state.sparse is None:
-            cand.prediction = self.predictor.predict(self.predictor.traffic_of(cand.model))
-            reason = self.predictor.skip_reason(cand.prediction, self.budget,
-                                                self.predictor.traffic_of(self.baseline.model))
+        p = self.predictor
+        if p is not None and self.baseline is not None and cand.state.sparse is None:
+            traffic, baseline = p.traffic_of(cand.model), p.traffic_of(self.baseline.model)
+            cand.prediction, cand.predicted_speedup = p.predict(traffic), p.speedup(traffic, baseline)
+            reason = p.skip_reason(cand.prediction, self.budget, baseline, self.space.kinds(cand.state))
             if reason:
                 cand.verdict = f"{NOT_MEASURED} ({reason})"
-                log.info("%s %-26s KLD %.3f  not timed: %s", cand.id, cand.state.describe(), cand.quality.mean_kld,
-                         reason)
+                event(log, CANDIDATE, "%s %-26s KLD %.3f  not timed: %s", cand.id, cand.state.describe(),
+                      cand.quality.mean_kld, reason, **self._fields(cand, "skipped"))
+                self.progress()
                 return
         cand.bench = self.evaluate.benchmark(cand, self.baseline)
         cand.verdict = self.budget.verdict(cand.bench)
-        if self.predictor is not None:
-            self.predictor.observe(cand.model, cand.bench)
-        log.info("%s %-26s p50 %.3f s  p90 %.3f s  %.2fx  KLD %.3f  %s", cand.id, cand.state.describe(),
-                 cand.bench.latency_p50, cand.bench.latency_p90, cand.bench.speedup, cand.quality.mean_kld,
-                 cand.verdict)
+        if p is not None:
+            if cand.predicted_speedup is not None and cand.bench.baseline_runs:
+                p.learn_error(self.space.kinds(cand.state), cand.predicted_speedup, cand.bench.speedup)
+            p.observe(cand.model, cand.bench)
+        event(log, CANDIDATE, "%s %-26s p50 %.3f s  p90 %.3f s  %.2fx  KLD %.3f  %s", cand.id,
+              cand.state.describe(), cand.bench.latency_p50, cand.bench.latency_p90, cand.bench.speedup,
+              cand.quality.mean_kld, cand.verdict, **self._fields(cand, "timed"))
+        self.progress()
+
+    @staticmethod
+    def _fields(cand: Candidate, phase: str) -> dict[str, Any]:
+        return {"id": cand.id, "step": cand.state.describe(), "phase": phase, "verdict": cand.verdict,
+                "kld": cand.quality.mean_kld, "speedup": cand.bench.speedup if cand.measured else None,
+                "latency_p90_s": cand.bench.latency_p90 if cand.measured else None,
+                "predicted_speedup": cand.predicted_speedup}
+
+    def progress(self) -> None:
+        """Where the search stands: candidates built and timed, the best so far, and how long the
+        rest can take at most (the mean time per candidate so far, times what the limit leaves)."""
+        built = len(self.seen)
+        timed = sum(c.measured for c in self.seen.values())
+        elapsed = time.perf_counter() - self.started
+        if self.followed:  # past the limit, only the depth path: a bisection of its depths
+            left = max(1, math.ceil(math.log2(max(self.space.max_layers, 2))))
+        else:
+            left = max(self.max_candidates - built, 0)
+        eta = elapsed / built * left
+        best = self.best_within()
+        timed_ones = [c for c in self.seen.values() if c.measured and c is not self.baseline]
+        closest = min(timed_ones, key=lambda c: self.budget.shortfall(c.bench)) if timed_ones else None
+        where = (f"best within budget {best.id} (KLD {best.quality.mean_kld:.3f}, {best.bench.speedup:.2f}x)" if best
+                 else f"none within budget yet (closest {closest.id}, {closest.bench.speedup:.2f}x)" if closest
+                 else "none within budget yet")
+        event(log, SEARCH, "search: %d built (limit %d%s), %d timed; %s; %.1f min so far, at most ~%.0f min more",
+              built, self.max_candidates, ", passed: following the depth path" if self.followed else "", timed,
+              where, elapsed / 60, eta / 60, built=built, limit=self.max_candidates, timed=timed,
+              best=best.id if best else None, closest=closest.id if closest else None, elapsed_s=round(elapsed, 1),
+              eta_s=round(eta, 1), depth_path=self.followed)
 
     def release_unneeded(self) -> None:
         """Release every judged candidate's file but the baseline's and the best's."""
@@ -192,13 +240,13 @@ class _Search:
                  cand.verdict)
         self.release_unneeded()
 
-    def refine_depth(self, base: Candidate, measured: list[Candidate]) -> None:
+    def refine_depth(self, base: Candidate, measured: list[Candidate], limited: bool = True) -> None:
         """A depth step of several layers may overshoot: try the skipped depths, shallowest first."""
         for cand in measured:
             if not cand.meets or cand.state.layers_dropped - base.state.layers_dropped <= 1:
                 continue
             for n in range(base.state.layers_dropped + 1, cand.state.layers_dropped):
-                if len(self.seen) >= self.max_candidates:
+                if limited and len(self.seen) >= self.max_candidates:
                     return
                 state = replace(cand.state, layers_dropped=n)
                 reason = self.predicted_out(state, base, cand)
@@ -216,7 +264,8 @@ class _Search:
         p, (a, b) = self.predictor, (shallow.state.layers_dropped, deep.state.layers_dropped)
         traffic = interpolated(p.traffic_of(shallow.model), p.traffic_of(deep.model),
                                (state.layers_dropped - a) / (b - a), state.describe())
-        return p.skip_reason(p.predict(traffic), self.budget, p.traffic_of(self.baseline.model))
+        return p.skip_reason(p.predict(traffic), self.budget, p.traffic_of(self.baseline.model),
+                             self.space.kinds(state))
 
     def follow_efficient_path(self, cand: Candidate) -> None:
         """Remove one more layer at a time from `cand` while it could still beat the best."""
@@ -227,6 +276,30 @@ class _Search:
                 return
             cand = self.measure(nxt)
 
+    def follow_depth(self, cand: Candidate) -> None:
+        """At the candidate limit with nothing within budget: the path's last candidate goes on
+        losing layers (the budget or the depth limit ends a path, not the count). The deepest the
+        limits allow is tried first, and if it meets the budget, the depths between are bisected for
+        the shallowest that meets (speed grows with depth removed); those predicted to miss are not built."""
+        deepest = self.space.deeper(cand.state, step=self.space.max_layers)
+        if deepest is None:
+            return
+        shallow, deep = cand, self.measure(deepest)
+        missing = shallow.state.layers_dropped  # the deepest depth known (measured or predicted) to miss
+        while deep.meets and deep.state.layers_dropped - missing > 1:
+            state = replace(cand.state, layers_dropped=(missing + deep.state.layers_dropped) // 2)
+            reason = self.predicted_out(state, shallow, deep)
+            if reason:
+                self.skipped.append({"step": state.describe(), "reason": reason})
+                log.info("%-26s not built: %s", state.describe(), reason)
+                missing = state.layers_dropped
+                continue
+            mid = self.measure(state)
+            if mid.meets:
+                deep = mid
+            else:
+                shallow, missing = mid, state.layers_dropped
+
     def run(self) -> SearchOutcome:
         current = self.baseline
         while True:
@@ -236,7 +309,10 @@ class _Search:
                 continue
             if best is not None:
                 unpruned = best is self.baseline
-                stop = "the unpruned model meets the budget" if unpruned else "found a candidate within budget"
+                stop = ("the unpruned model meets the budget" if unpruned
+                        else "found a candidate within budget on the depth path past the candidate limit"
+                        if self.followed
+                        else "found a candidate within budget")
                 break
             space, state = self.space, current.state
             # Sparse first: a target that opts in wants it measured, and it never wins on bytes saved.
@@ -245,9 +321,15 @@ class _Search:
                      *space.in_other_runtimes(state)]
             steps = [s for s in steps if s]
             steps = [s for s in steps if s not in self.seen][: max(0, self.max_candidates - len(self.seen))]
+            full = len(self.seen) >= self.max_candidates
+            if not steps and full and not self.followed:
+                self.followed = True
+                self.follow_depth(current)
+                continue
             if not steps:
-                full = len(self.seen) >= self.max_candidates
-                stop = "candidate limit reached" if full else "search limits reached (max layers / heads removed)"
+                stop = ("candidate limit reached, and the depth path past it reached the depth limit" if self.followed
+                        else "candidate limit reached" if full
+                        else "search limits reached (max layers / heads removed)")
                 break
             measured = self.measure_round(steps)
             base = current

@@ -7,16 +7,23 @@ candidate's prediction differs from theirs only through what its model file read
 Each runtime is fitted to its own measurements: llama.cpp and ONNX Runtime reach different shares
 of the roofline on the same device. Until `MIN_OBSERVATIONS_TO_SKIP` candidates of a runtime are
 timed, none of its candidates is skipped; after that a candidate is
-skipped only when its prediction misses the budget by more than `margin`. The margin is wide
-because the roofline counts bytes, not the fixed cost of each layer's operations: on the embedded
-model (135M, 2 threads) it predicts the speed-up of removing 12 layers as 1.40x where 1.54x is
-measured, and of removing 28 attention sublayers as 1.23x where 1.54x is measured
-(benchmarks/structured.py); per kernel type it is off by up to a third (benchmarks/latency.py).
+skipped only when its prediction misses the budget by more than `margin`, widened by the errors
+measured on its kinds of step. The roofline counts bytes, not the fixed cost of each layer's
+operations nor how fast each quantization type's kernels run: on the embedded model (135M, 2
+threads) it predicts the speed-up of removing 12 layers as 1.40x where 1.54x is measured, of
+removing 28 attention sublayers as 1.23x where 1.54x is measured (benchmarks/structured.py), and
+of the iq4_nl-narrow-keep-v recipe as 1.09x where 1.45x is measured; per kernel type it is off by
+up to a third (benchmarks/latency.py). So each kind of step (`SearchSpace.kinds`: layers, heads, a
+recipe, a runtime...) keeps the largest under-prediction measured on a candidate that has it, its
+prediction made before it was timed (a candidate of several kinds credits each with what the
+others' known errors leave unexplained); a candidate is never skipped while one of its kinds has
+no such measurement, and otherwise its kinds' errors multiply into its margin.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +49,8 @@ class SearchPredictor:
     traffic_of: Callable[[object], ModelTraffic]  # a candidate's model -> its per-token costs
     margin: float = DEFAULT_MARGIN
     observations: list[Observation] = field(default_factory=list)
+    # Per kind of step: the largest measured/predicted speed-up of a candidate that has it (>= 1).
+    under_prediction: dict[str, float] = field(default_factory=dict)
     _fitted: dict[str, LatencyModel] = field(default_factory=dict)  # by runtime
 
     def observe(self, model: object, record: BenchmarkRecord) -> None:
@@ -62,10 +71,29 @@ class SearchPredictor:
     def predict(self, traffic: ModelTraffic) -> Prediction:
         return self.fitted_for(traffic.runtime).predict(traffic, len(self.workload.prompt), self.workload.answer_tokens)
 
-    def skip_reason(self, prediction: Prediction, budget: Budget, baseline: ModelTraffic | None) -> str | None:
-        """Why timing this candidate would be wasted (its prediction clearly misses the budget), or None."""
+    def speedup(self, traffic: ModelTraffic, baseline: ModelTraffic) -> float:
+        return self.predict(baseline).latency_s / self.predict(traffic).latency_s
+
+    def learn_error(self, kinds: frozenset[str], predicted_speedup: float, measured_speedup: float) -> None:
+        """A candidate with these kinds of step was predicted, then timed: each kind takes what of the
+        error its other kinds' known errors do not explain (all of it, for a kind's first candidate)."""
+        error = measured_speedup / predicted_speedup
+        known = dict(self.under_prediction)
+        for kind in kinds:
+            explained = math.prod(known[k] for k in kinds if k != kind and k in known)
+            self.under_prediction[kind] = max(known.get(kind, 1.0), error / explained, 1.0)
+
+    def skip_reason(self, prediction: Prediction, budget: Budget, baseline: ModelTraffic | None,
+                    kinds: frozenset[str]) -> str | None:
+        """Why timing a candidate with these kinds of step would be wasted (its prediction misses
+        the budget by more than the margin and its kinds' measured errors), or None."""
+        if any(kind not in self.under_prediction for kind in kinds):
+            return None  # the model's error on this kind of step is not known yet
+        widened = 1.0 + self.margin
+        for kind in kinds:
+            widened *= self.under_prediction[kind]
         return hopeless(prediction, latency_budget_s=budget.latency_s, speedup=budget.speedup,
-                        baseline=self.predict(baseline) if baseline is not None else None, margin=self.margin)
+                        baseline=self.predict(baseline) if baseline is not None else None, margin=widened - 1.0)
 
 
 def interpolated(a: ModelTraffic, b: ModelTraffic, t: float, name: str) -> ModelTraffic:

@@ -134,6 +134,20 @@ class SearchSpace:
         """The unpruned model in the first runtime: what every candidate is timed beside."""
         return State(0, runtime=next(iter(self.runtimes)))
 
+    def kinds(self, state: State) -> frozenset[str]:
+        """What `state` changes from the unpruned model, one name per kind of step: the latency
+        model errs differently for each (a recipe's quantization types above all)."""
+        changed = {
+            "layers": state.layers_dropped > 0,
+            "attention sublayers": state.attention_removed > 0,
+            "heads": state.heads is not None,
+            "FFN width": state.ffn is not None,
+            f"recipe {state.recipe}": state.recipe != "default",
+            "sparsity": state.sparse is not None,
+            f"runtime {state.runtime}": state.runtime != self.baseline().runtime,
+        }
+        return frozenset(kind for kind, on in changed.items() if on)
+
     def in_other_runtimes(self, state: State) -> list[State]:
         """The same structure realised in each other allowed runtime (its default recipe where
         llama.cpp's recipes do not apply)."""

@@ -19,6 +19,7 @@ import numpy as np
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.runtimes import isolated
+from edgeprune.runtimes.llamacpp.settings import LlamaSettings
 
 log = logging.getLogger(__name__)
 _log_callback: Any = None  # keep the ctypes callback alive for the process lifetime
@@ -54,25 +55,25 @@ def system_info() -> str:
 
 
 def load(path: Path, n_ctx: int, threads: int, logits_all: bool = False, f32_kv_cache: bool = False,
-         n_batch: int | None = None) -> Any:
+         n_batch: int | None = None, settings: LlamaSettings | None = None) -> Any:
     """Load a GGUF. The KV cache is F16 as deployed, unless `f32_kv_cache` (for parity checks:
     F16 K/V rounding alone moves a pruned model's logits by up to ~0.2). `n_batch` (default
-    `n_ctx`) bounds the tokens of one decode call, and with them the output and compute buffers."""
+    `n_ctx`) bounds the tokens of one decode call, and with them the output and compute buffers.
+    `settings`: threads, flash attention and physical batch, as a benchmark or a bundle runs them
+    (default: `threads`, no flash attention, each decode call computed whole)."""
     import llama_cpp
 
     route_logs_to_python()
+    settings = settings or LlamaSettings(threads, ubatch=n_batch or n_ctx)
     try:
         return llama_cpp.Llama(
             model_path=str(path),
             n_ctx=n_ctx,
-            n_batch=n_batch or n_ctx,
-            n_ubatch=n_batch or n_ctx,
-            n_threads=threads,
-            n_threads_batch=threads,
             logits_all=logits_all,
             type_k=llama_cpp.GGML_TYPE_F32 if f32_kv_cache else None,
             type_v=llama_cpp.GGML_TYPE_F32 if f32_kv_cache else None,
             verbose=False,
+            **settings.context_kwargs(n_batch or n_ctx),
         )
     except (ValueError, RuntimeError) as e:
         raise EdgepruneError(f"llama.cpp cannot load {path.name}: {e}") from None

@@ -10,15 +10,16 @@ from typing import Any
 
 from edgeprune import __version__
 from edgeprune.config import Target
+from edgeprune.runtimes.llamacpp.settings import LlamaSettings
 from edgeprune.toolchain import TOOLS, Binaries
 
 
-def package(out: Path, model: str, target: Target, binaries: Binaries) -> dict[str, Any]:
+def package(out: Path, model: str, target: Target, binaries: Binaries, settings: LlamaSettings) -> dict[str, Any]:
     (out / "bin").mkdir()
     for tool in TOOLS:
         shutil.copy2(binaries.path(tool), out / "bin" / tool)
-    _write_script(out / "run.sh", run_script(model, target))
-    _write_script(out / "serve.sh", serve_script(model, target))
+    _write_script(out / "run.sh", run_script(model, target, settings))
+    _write_script(out / "serve.sh", serve_script(model, target, settings))
     return toolchain_summary(binaries)
 
 
@@ -35,6 +36,10 @@ def toolchain_summary(binaries: Binaries) -> dict[str, Any]:
     return {k: binaries.info[k] for k in keep}
 
 
+def _describe(settings: LlamaSettings) -> str:
+    return ", ".join(f"{k} {v}" for k, v in settings.to_dict().items())
+
+
 def _write_script(path: Path, text: str) -> None:
     path.write_text(text)
     path.chmod(0o755)
@@ -42,38 +47,39 @@ def _write_script(path: Path, text: str) -> None:
 
 _SCRIPT_HEAD = """#!/bin/sh
 # {what}
-# Built by edgeprune {version} for target {target} ({arch}, {threads} threads).
+# Built by edgeprune {version} for target {target} ({arch}); llama.cpp settings as the search chose them
+# on the device ({settings}): options given after them override them.
 set -eu
 here=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
 """
 
 
-def run_script(model: str, target: Target) -> str:
-    threads = target.hardware.cores
+def run_script(model: str, target: Target, settings: LlamaSettings) -> str:
     # llama-completion in single-turn chat mode prints just the answer on stdout (llama-cli, the
     # interactive chat, prints a banner there); llama.cpp's log goes to stderr.
     head = _SCRIPT_HEAD.format(
         what='One chat answer on stdout, then exit (the log goes to stderr). Usage: ./run.sh "your question" '
              "[llama-completion options]",
-        version=__version__, target=target.name, arch=target.hardware.arch, threads=threads)
+        version=__version__, target=target.name, arch=target.hardware.arch, settings=_describe(settings))
+    options = shlex.join(settings.cli_args())
     return head + f"""if [ $# -lt 1 ]; then
   echo 'usage: ./run.sh "your question" [llama-completion options]' >&2
   exit 2
 fi
 question=$1
 shift
-exec "$here/bin/llama-completion" -m "$here/"{shlex.quote(model)} -t {threads} -n {target.slo.answer_tokens} \\
+exec "$here/bin/llama-completion" -m "$here/"{shlex.quote(model)} {options} -n {target.slo.answer_tokens} \\
   --conversation --single-turn --no-display-prompt --simple-io -p "$question" "$@"
 """
 
 
-def serve_script(model: str, target: Target) -> str:
-    threads = target.hardware.cores
+def serve_script(model: str, target: Target, settings: LlamaSettings) -> str:
     head = _SCRIPT_HEAD.format(
         what="llama-server (OpenAI-compatible HTTP API) on 127.0.0.1. Usage: ./serve.sh [PORT] [llama-server options]; "
              "add --host 0.0.0.0 to listen on every interface.",
-        version=__version__, target=target.name, arch=target.hardware.arch, threads=threads)
+        version=__version__, target=target.name, arch=target.hardware.arch, settings=_describe(settings))
+    options = shlex.join(settings.cli_args())
     return head + f"""port=${{1:-8080}}
 [ $# -gt 0 ] && shift
-exec "$here/bin/llama-server" -m "$here/"{shlex.quote(model)} -t {threads} --host 127.0.0.1 --port "$port" "$@"
+exec "$here/bin/llama-server" -m "$here/"{shlex.quote(model)} {options} --host 127.0.0.1 --port "$port" "$@"
 """

@@ -13,8 +13,9 @@ from edgeprune.latency.traffic import ModelTraffic
 from edgeprune.quantize.llamacpp import QUANT_FTYPES
 from edgeprune.runtimes import isolated, llamacpp
 from edgeprune.runtimes.base import AnswerCheck, Programs, Runner, Runtime
-from edgeprune.runtimes.llamacpp import answers, package
+from edgeprune.runtimes.llamacpp import answers, package, settings
 from edgeprune.runtimes.llamacpp.gguf_format import GGUF
+from edgeprune.runtimes.llamacpp.settings import LlamaSettings
 from edgeprune.runtimes.llamacpp.tools import ToolsRunner
 from edgeprune.runtimes.worker import WorkerRunner
 from edgeprune.toolchain import Binaries, check_buildable, ensure_binaries, spec_for
@@ -68,8 +69,12 @@ class LlamaCpp(Runtime):
     def runnable(self, programs: Binaries, arch: str) -> Programs:
         return Programs(programs.bin, arch)
 
-    def package(self, out: Path, model: str, target: Target, programs: Binaries) -> dict[str, Any]:
-        return package.package(out, model, target, programs)
+    def settings_space(self, cores: int) -> dict[str, tuple[Any, ...]]:
+        return settings.space(cores)
+
+    def package(self, out: Path, model: str, target: Target, programs: Binaries,
+                chosen: dict[str, Any]) -> dict[str, Any]:
+        return package.package(out, model, target, programs, LlamaSettings.of(chosen, target.hardware.cores))
 
     def card(self, programs: Binaries) -> list[str]:
         return package.card(programs)

@@ -14,6 +14,7 @@ from edgeprune.devices.base import Device, DeviceError
 from edgeprune.errors import EdgepruneError
 from edgeprune.measure import BenchmarkRecord, Workload
 from edgeprune.runtimes.base import Programs, Runner
+from edgeprune.runtimes.llamacpp.settings import LlamaSettings
 
 # POSIX sh, so it runs on a bare controller: start the program, poll its VmHWM (peak RSS) until it
 # exits, report it on stderr. Polling misses nothing: VmHWM only grows while the process lives.
@@ -47,10 +48,11 @@ def run_with_peak_rss(device: Device, argv: list[str], what: str) -> tuple[str, 
     return proc.stdout.decode(errors="replace"), _PEAK.sub("", stderr), int(m.group(1)) * 1024 if m else 0
 
 
-def _bench_once(device: Device, bench: str, model: str, workload: Workload) -> tuple[dict[str, float], list, int]:
+def _bench_once(device: Device, bench: str, model: str, workload: Workload,
+                settings: LlamaSettings) -> tuple[dict[str, float], list, int]:
     n, m = len(workload.prompt), workload.answer_tokens
-    argv = [bench, "-m", model, "-p", str(n), "-n", str(m), "-pg", f"{n},{m}", "-r", "1",
-            "-t", str(workload.threads), "-o", "jsonl", "--no-warmup"]
+    argv = [bench, "-m", model, "-p", str(n), "-n", str(m), "-pg", f"{n},{m}", "-r", "1", *settings.cli_args(),
+            "-o", "jsonl", "--no-warmup"]
     out, _, peak = run_with_peak_rss(device, argv, "llama-bench")
     try:
         records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -95,13 +97,15 @@ class ToolsRunner(Runner):
         device = self.device
         bench = self.tool_path("llama-bench")
         paths = [device.stage(model)] + ([device.stage(baseline)] if baseline else [])
+        settings = [LlamaSettings.of(workload.settings, workload.threads),
+                    LlamaSettings.of(workload.baseline_settings, workload.threads)]
         runs: list[list[dict[str, float]]] = [[] for _ in paths]
         raw: list[dict[str, Any]] = []
         peak, timed = 0, 0.0
         t0 = time.perf_counter()
         for i in range(workload.warmup + workload.repetitions):
             for k, path in enumerate(paths):
-                run, records, rss = _bench_once(device, bench, path, workload)
+                run, records, rss = _bench_once(device, bench, path, workload, settings[k])
                 timed += sum(r["samples_ns"][0] for r in records) / 1e9
                 if k == 0:
                     peak = max(peak, rss)
@@ -117,7 +121,7 @@ class ToolsRunner(Runner):
             peak_rss_bytes=peak,
             # Not reported by llama-bench: wall time left over after the timed tests, per invocation.
             load_s=max(0.0, (time.perf_counter() - t0 - timed) / invocations),
-            threads=workload.threads,
+            threads=settings[0].threads,
             runtime=f"llama.cpp {first.get('build_commit', '?')} (build {first.get('build_number', '?')}), llama-bench",
             system_info=f"backends {first.get('backends', '?')}",
             runner="llama-bench",

@@ -66,7 +66,7 @@ class OnnxRuntime(Runtime):
     def runnable(self, programs: Any, arch: str) -> Programs:
         raise EdgepruneError(NO_BUNDLE + ".")
 
-    def package(self, out: Path, model: str, target: Target, programs: Any) -> dict[str, Any]:
+    def package(self, out: Path, model: str, target: Target, programs: Any, settings: dict[str, Any]) -> dict[str, Any]:
         raise EdgepruneError(NO_BUNDLE + ".")
 
     def card(self, programs: Any) -> list[str]:
