@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeprune.build import measuring
 from edgeprune.config import Target
+from edgeprune.fleet import open_fleet
 from edgeprune.gguf_file import read_gguf
 from edgeprune.latency import LatencyModel, ModelTraffic, Observation, host_profile, roofline_fraction
 from edgeprune.measure import BenchmarkRecord, Workload
@@ -58,8 +58,8 @@ def bench(model: Path, target: Target, cache_dir: Path, baseline: Path | None = 
             read_gguf(path)  # a missing or broken file is one sentence here, not a runner's traceback
     slo = target.slo
     runtime = get_runtime()
-    with measuring(target, cache_dir, [runtime], judging=False) as timers:
-        timer = timers[runtime.name]
+    with open_fleet(target, cache_dir, [runtime], judging=False) as fleet:
+        timer = fleet.primary[runtime.name]
         device = timer.device
         threads = min(target.hardware.cores, device.cores)
         workload = Workload(prompt_tokens(model, slo.prompt_tokens), slo.answer_tokens, threads, warmup, repetitions)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,11 +19,12 @@ from edgeprune import __version__
 from edgeprune.bundle import check_output_dir, write_output
 from edgeprune.config import Profile, SearchSettings, SparsitySpec, Target
 from edgeprune.data import HFDataset, TextSplits
-from edgeprune.devices import Device, get_device
+from edgeprune.devices import Device
 from edgeprune.devices.local import LocalDevice
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate import Quality
 from edgeprune.events import STAGE, event
+from edgeprune.fleet import Fleet, open_fleet
 from edgeprune.footprint import Estimate, Work, compared
 from edgeprune.latency import ModelTraffic, Prediction, host_profile
 from edgeprune.measure import BenchmarkRecord, Workload
@@ -105,7 +104,7 @@ class CandidateEvaluator:
 
     reference: Reference
     runner: StageRunner
-    timers: dict[str, Runner]  # by runtime name: how the target's device times that runtime's files
+    fleet: Fleet  # the target's device(s): how each times each runtime's files
     workload: Workload
     splits: TextSplits
     ref_logps: np.ndarray  # memory-mapped from the stage cache
@@ -115,6 +114,16 @@ class CandidateEvaluator:
     evicts: bool = False  # delete released candidates' files: the disk cannot hold them all
     _built: dict[str, tuple[CandidateModel, StageOutput]] = field(default_factory=dict)  # by candidate id
     _held: dict[str, set[str]] = field(default_factory=dict)  # cache key -> ids of candidates using its file
+
+    @property
+    def timers(self) -> dict[str, Runner]:
+        """By runtime name: how the first device still in the fleet times that runtime's files."""
+        return self.fleet.primary
+
+    @property
+    def parallel(self) -> int:
+        """How many candidates can be timed at once: one per device."""
+        return self.fleet.size
 
     def runtime(self, name: str) -> Runtime:
         runtime = self.timers[name].runtime
@@ -151,11 +160,18 @@ class CandidateEvaluator:
         )
 
     def benchmark(self, candidate: Candidate, baseline: Candidate | None) -> BenchmarkRecord:
+        return self.benchmark_all([candidate], baseline)[0]
+
+    def benchmark_all(self, candidates: list[Candidate], baseline: Candidate | None) -> list[BenchmarkRecord]:
+        """Each candidate timed on one device of the fleet, alongside `baseline` on that device."""
+        def time_one(timers: dict[str, Runner], candidate: Candidate) -> BenchmarkRecord:
+            return timers[candidate.state.runtime].benchmark(candidate.model, self.workload,
+                                                             baseline.model if baseline else None)
+
         t0 = time.perf_counter()
-        timer = self.timers[candidate.state.runtime]
-        bench = timer.benchmark(candidate.model, self.workload, baseline.model if baseline else None)
+        records = self.fleet.map(time_one, candidates)
         self.runner.timings["benchmark"] = self.runner.timings.get("benchmark", 0.0) + time.perf_counter() - t0
-        return bench
+        return records
 
     def release(self, candidate: Candidate) -> None:
         _, model = self._built[candidate.id]
@@ -282,42 +298,15 @@ def build(config: BuildConfig) -> BuildResult:
     work = Work.for_build(profile.search, self_generated=config.calib is None, bench_tokens=bench_tokens,
                           sparse=target.sparsity.method if target.sparsity else None)
     memory = preflight(weights, profile.calibration, work, config.cache_dir, config.output_dir)
-    with TreeSampler() as measured, measuring(target, config.cache_dir, runtimes) as timers:
-        result = _build(config, source, weights, target, profile, timers, excluded, t_start, memory, measured)
+    with TreeSampler() as measured, open_fleet(target, config.cache_dir, runtimes) as fleet:
+        result = _build(config, source, weights, target, profile, fleet, excluded, t_start, memory, measured)
     return result
 
 
-@contextlib.contextmanager
-def measuring(target: Target, cache_dir: Path, runtimes: list[Runtime],
-              judging: bool = True) -> Iterator[dict[str, Runner]]:
-    """How the target's device times each runtime's models (by runtime name): its programs for the
-    device's architecture where it runs them (built once and cached), the RAM cap where asked for.
-    `judging`: the timings will decide a budget, which an emulator's cannot."""
-    with get_device(target.device) as device:
-        if judging and device.emulated:
-            raise EdgepruneError(
-                f"{device.url} times under emulation, which cannot judge a budget: search on local or ssh://, then "
-                "check the bundle with `edgeprune verify BUNDLE --device qemu-aarch64`.")
-        cap = None
-        if isinstance(device, LocalDevice) and target.device.ram_cap:
-            cap = int(target.slo.ram_ceiling_gib * (1 << 30))
-        timers = {}
-        for runtime in runtimes:
-            programs = None
-            if runtime.needs_binaries(device):
-                if device.arch != target.hardware.arch:
-                    raise EdgepruneError(
-                        f"{device.url} is {device.arch} and target {target.name} is {target.hardware.arch}: the "
-                        f"target's {runtime.name} build cannot run there; measure on a device of the target's "
-                        "architecture.")
-                programs = runtime.runnable(runtime.target_programs(target, cache_dir), target.hardware.arch)
-            timers[runtime.name] = runtime.runner(device, programs, cap)
-        yield timers
-
-
 def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, target: Target, profile: Profile,
-           timers: dict[str, Runner], excluded: dict[str, str], t_start: float, memory: Estimate,
+           fleet: Fleet, excluded: dict[str, str], t_start: float, memory: Estimate,
            measured: TreeSampler) -> BuildResult:
+    timers = fleet.primary
     baseline_runtime = next(iter(timers))
     device = timers[baseline_runtime].device
     threads = min(target.hardware.cores, device.cores)
@@ -338,7 +327,7 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
     workload = _workload(target, profile, splits, threads)
     sparsity = target.sparsity.spec() if target.sparsity else None
     evaluate = CandidateEvaluator(
-        reference, runner, timers, workload, splits, ref_logps, profile.search, threads, sparsity, memory.evicts
+        reference, runner, fleet, workload, splits, ref_logps, profile.search, threads, sparsity, memory.evicts
     )
     runtimes = tuple(SearchRuntime(n, evaluate.runtime(n).recipes) for n in timers)
     space = SearchSpace(shape, importance, profile.search, sparsity, runtimes)
@@ -387,6 +376,8 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
             "cores": device.cores,
             "runner": timers[baseline_runtime].name,
             "is_target_arch": device.arch == target.hardware.arch,
+            # Every device that timed candidates, each alongside the baseline on itself; and any that dropped out.
+            "fleet": {"urls": list(target.device.fleet), "dropped": dict(fleet.dropped)},
         },
         "verified_on_target": outcome.selected is not None and device.arch == target.hardware.arch,
         "calibration": splits.to_dict() | {"reference_perplexity": ref_perplexity},

@@ -1,13 +1,13 @@
 """The build's output directory, a deployable bundle — written atomically.
 
 The model file (model-<name>-<quant>.gguf), what the runtime puts beside it to run it on the
-target (llama.cpp's: bin/, run.sh, serve.sh), README.md (model card), report.json, report.md
+target (llama.cpp's: bin/, run.sh, serve.sh), README.md (model card), report.json, report.md, report.html
 and manifest.json (sha256 of every file). Everything is
 assembled in a temporary sibling directory and renamed into place when complete, so a failed or
 interrupted build never leaves a half-written output.
 
 Rebuilding from the same inputs gives the same manifest except its `run` field: the timestamp
-and the hashes of the files that carry measured timings (report.json, report.md, README.md).
+and the hashes of the files that carry measured timings (report.json, its renderings, README.md).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from edgeprune.config import SLO, Hardware, Target
 from edgeprune.errors import EdgepruneError, naming_refusals
 from edgeprune.hashing import sha256_file
 from edgeprune.models import Reference
-from edgeprune.report import render_markdown
+from edgeprune.report import render_reports
 from edgeprune.runtimes.base import Runtime
 from edgeprune.search import SearchOutcome
 from edgeprune.signing import SIGNATURE_SUFFIX, sign_file
@@ -40,7 +40,7 @@ MANIFEST = "manifest.json"
 SIGNATURE = MANIFEST + SIGNATURE_SUFFIX
 # Files whose content depends on measured timings: rebuilding changes them, so the manifest keeps
 # their hashes apart from the reproducible ones, in its `run` field.
-MEASURED_FILES = ("README.md", "report.json", "report.md")
+MEASURED_FILES = ("README.md", "report.json", "report.md", "report.html")
 MIB = 1 << 20
 
 
@@ -175,7 +175,8 @@ def write_output(out: Path, outcome: SearchOutcome, report: dict[str, Any], refe
         if model is not None and programs is not None:
             report["toolchain"] = runtime.package(tmp, model, target, programs, settings)
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
-        (tmp / "report.md").write_text(render_markdown(report))
+        for name, text in render_reports(report).items():
+            (tmp / name).write_text(text)
         if model is not None:
             card = runtime.card(programs) if programs is not None else []
             (tmp / "README.md").write_text(model_card(report, target, card))

@@ -51,7 +51,7 @@ def cli() -> None:
               help="A runtime to search (repeatable; the first times the baseline): replaces the target's "
                    "[runtime] allowed list. Runtimes: llama.cpp, onnxruntime.")
 @input_options
-@device_options
+@device_options(fleet=True)
 @logging_options
 def build(target_name: str, model: str | None, calib: Path | HFDataset | None, output_dir: Path | None,
           latency_budget: float | None, speedup: float | None, profile_name: str, sign_key: Path | None,
@@ -90,12 +90,15 @@ def build(target_name: str, model: str | None, calib: Path | HFDataset | None, o
     result = run_build(config)
     print_summary(result)
     if not result.budget_met:
-        closest = result.outcome.closest
+        outcome = result.outcome
+        closest, limits = outcome.closest, outcome.limits_to_raise
+        widen = (f"raise the profile's [search] {limits}" if limits else "widen the profile's search space")
         raise BudgetNotMet(
-            f"No candidate within the search limits meets the budget ({result.outcome.budget.describe()}): "
+            f"No candidate within the search limits meets the budget ({outcome.budget.describe()}): "
             f"the closest is {closest.id} ({closest.state.describe()}) at p90 {closest.bench.latency_p90:.3f} s, "
-            f"{closest.bench.speedup:.2f}x faster than the unpruned model; relax --latency-budget/--speedup or "
-            f"widen the profile's search limits (report: {result.output_dir}/report.md)."
+            f"{closest.bench.speedup:.2f}x faster than the unpruned model, measured; the search stopped: "
+            f"{outcome.stop_reason}; relax --latency-budget/--speedup or {widen} "
+            f"(report: {result.output_dir}/report.html)."
         )
 
 

@@ -133,19 +133,28 @@ def with_calibration(profile: Profile, overrides: dict) -> Profile:
     return profile.model_copy(update={"calibration": settings})
 
 
-def device_options(command):
-    """Where to measure, overriding the target's [device] table: the same keys as kebab-case flags."""
+def device_options(command=None, *, fleet: bool = False):
+    """Where to measure, overriding the target's [device] table: the same keys as kebab-case flags.
+    `fleet`: the command times on several devices at once when --device is given more than once."""
+    if command is None:
+        return functools.partial(device_options, fleet=fleet)
 
     @functools.wraps(command)
-    def wrapper(*args, device: str | None, identity: Path | None, known_hosts: Path | None,
+    def wrapper(*args, device: tuple[str, ...], identity: Path | None, known_hosts: Path | None,
                 ssh_config: Path | None, accept_new_host_key: bool, ram_cap: bool, **kwargs):
-        overrides = {"url": device, "identity": identity, "known_hosts": known_hosts, "ssh_config": ssh_config,
+        if len(device) > 1 and not fleet:
+            raise EdgepruneError(f"--device is given {len(device)} times, but this command runs on one device; "
+                                 "give one (only build times candidates on a fleet).")
+        overrides = {"url": device[0] if device else None, "urls": device if len(device) > 1 else None,
+                     "identity": identity, "known_hosts": known_hosts, "ssh_config": ssh_config,
                      "accept_new_host_key": accept_new_host_key, "ram_cap": ram_cap}
         return command(*args, device_overrides=overrides, **kwargs)
 
+    where = ("local, ssh://[user@]host[:port] or qemu-aarch64" + (
+        "; given more than once, a fleet of devices of the same hardware timing candidates in parallel" if fleet
+        else "") + ". Default: the target's [device] url (or urls).")
     for option in reversed([
-        click.option("-d", "--device", default=None,
-                     help="local, ssh://[user@]host[:port] or qemu-aarch64. Default: the target's [device] url."),
+        click.option("-d", "--device", multiple=True, help=where),
         click.option("--identity", type=click.Path(path_type=Path, dir_okay=False), default=None,
                      help="ssh: private key file (default: OpenSSH's own choice: ~/.ssh/config, agent, id_*)."),
         click.option("--known-hosts", type=click.Path(path_type=Path, dir_okay=False), default=None,

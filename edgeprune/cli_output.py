@@ -22,7 +22,7 @@ def print_summary(result) -> None:
     echo(f"Candidates: {built} built, {timed} timed{skipped}; budget: {search['budget']['description']}")
     if sel is None:
         echo(f"SLO:        NOT met ({where})")
-        echo(f"Report:     {result.output_dir / 'report.md'}")
+        echo(f"Report:     {result.output_dir / 'report.html'} (plots; tables in report.md)")
         return
     artifact = result.output_dir / report["artifact"]
     echo(f"Artifact:   {artifact} ({artifact.stat().st_size / MIB:.1f} MiB)")
@@ -32,7 +32,7 @@ def print_summary(result) -> None:
          f"model timed alongside ({where})")
     echo(f"Quality:    mean KLD {sel['mean_kld']:.3f}, top-1 agreement {sel['top1_agreement'] * 100:.1f}%, "
          f"perplexity {sel['perplexity']:.2f} (reference {report['calibration']['reference_perplexity']:.2f})")
-    echo(f"Report:     {result.output_dir / 'report.md'}")
+    echo(f"Report:     {result.output_dir / 'report.html'} (plots; tables in report.md)")
 
 
 def print_bench(r) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -108,6 +108,9 @@ class DeviceConfig(Strict):
     """Where candidates are measured (a target's [device] table; `--device` and friends override it)."""
 
     url: str = Field(default="local", description="local, ssh://[user@]host[:port], or qemu-aarch64")
+    urls: tuple[str, ...] = Field(
+        default=(), description="a fleet: several devices of the same hardware (local or ssh://) that time candidates "
+        "in parallel; replaces url")
     # local
     pin: bool = Field(default=True, description="pin the runner to as many cores as it has threads")
     ram_cap: bool = Field(default=False, description="kill a run that exceeds the SLO's RAM ceiling (a verdict)")
@@ -129,15 +132,47 @@ class DeviceConfig(Strict):
             return url
         raise ValueError(f"device '{url}' is none of local, ssh://[user@]host[:port], qemu-aarch64")
 
+    @field_validator("urls")
+    @classmethod
+    def _a_fleet(cls, urls: tuple[str, ...]) -> tuple[str, ...]:
+        for url in urls:
+            if url != "local" and not url.startswith("ssh://"):
+                raise ValueError(f"a fleet's devices are local or ssh://[user@]host[:port], not '{url}'")
+        if len(set(urls)) != len(urls):
+            raise ValueError("a device is listed twice in urls")
+        return urls
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_of_the_fleet(cls, data: Any) -> Any:
+        """With urls, url is the first device's: it times what is timed one at a time."""
+        if isinstance(data, dict) and data.get("urls"):
+            first = tuple(data["urls"])[0]
+            if data.get("url", first) != first:
+                raise ValueError("give either url (one device) or urls (a fleet), not both")
+            data = data | {"url": first}
+        return data
+
     @model_validator(mode="after")
     def _options_fit_the_kind(self) -> DeviceConfig:
         ssh_only = ("identity", "known_hosts", "ssh_config", "accept_new_host_key", "python")
         given = sorted(k for k in ssh_only if k in self.model_fields_set and getattr(self, k))
-        if given and not self.url.startswith("ssh://"):
+        if given and not any(u.startswith("ssh://") for u in self.fleet):
             raise ValueError(f"{', '.join(given)} apply to ssh:// devices only, not to '{self.url}'")
-        if self.ram_cap and self.url != "local":
-            raise ValueError(f"ram_cap applies to the local device only, not to '{self.url}'")
+        if self.ram_cap and self.fleet != ("local",):
+            raise ValueError(f"ram_cap applies to the local device only, not to '{', '.join(self.fleet)}'")
         return self
+
+    @property
+    def fleet(self) -> tuple[str, ...]:
+        """Every device's URL, the first one's first."""
+        return self.urls or (self.url,)
+
+    def members(self) -> list[DeviceConfig]:
+        """One table per device of the fleet, each with this table's options."""
+        if not self.urls:
+            return [self]
+        return [self.model_copy(update={"url": url, "urls": ()}) for url in self.urls]
 
     def overridden(self, url: str | None = None, **options: object) -> DeviceConfig:
         """This table with command-line options on top; a different URL starts from a fresh table."""

@@ -13,6 +13,7 @@ from typing import Any
 STAGE = "stage"  # name: calibration, importance, reference, search, settings, bundle
 CANDIDATE = "candidate"  # id, step, phase (building, built, timed, skipped), and the figures known
 SEARCH = "search"  # built, limit, timed, best, closest, elapsed_s, eta_s
+DEVICE = "device"  # url, phase (dropped), reason: a fleet's device leaving the build
 ERROR = "error"  # the one-sentence error a command ends with
 
 _json = False
@@ -21,6 +22,11 @@ _json = False
 def event(logger: logging.Logger, kind: str, message: str, /, *args: Any, **fields: Any) -> None:
     """Log `message` (for people) as an event of `kind` with `fields` (for programs)."""
     logger.info(message, *args, extra={"event": kind, "fields": fields})
+
+
+def warning_event(logger: logging.Logger, kind: str, message: str, /, *args: Any, **fields: Any) -> None:
+    """An event that is also a warning: shown even with -q."""
+    logger.warning(message, *args, extra={"event": kind, "fields": fields})
 
 
 class JsonLines(logging.Formatter):

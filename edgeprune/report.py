@@ -1,4 +1,5 @@
-"""report.json (every candidate, the selection, the verdict) and its human rendering, report.md."""
+"""report.json (every candidate, the selection, the verdict) and its human renderings: report.md, and
+report.html (report_html.py) with the plots."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def candidate_to_dict(c: Candidate, selected: Candidate | None, estimate: Predic
         "prefill_tok_s": s.get("prefill_tok_s_p50"),
         "decode_tok_s": s.get("decode_tok_s_p50"),
         "peak_rss_bytes": c.bench.peak_rss_bytes if c.measured else None,
+        "device": c.bench.device if c.measured else None,  # which device of a fleet timed it
         **c.quality.to_dict(),
         "verdict": c.verdict,
         "confirmed": c.confirmed,
@@ -99,6 +101,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", f"Budget: {search['budget']['description']}. Search stopped: {search['stop_reason']}.", "",
               "## Where this was measured", ""]
     lines += [f"- {n}" for n in report["notes"]]
+    fleet = device.get("fleet", {"urls": [device["url"]], "dropped": {}})
+    if len(fleet["urls"]) > 1:
+        lines.append(f"- Timed on a fleet of {len(fleet['urls'])} devices of the same hardware in parallel ("
+                     + ", ".join(f"`{u}`" for u in fleet["urls"]) + "), each candidate alongside the unpruned model "
+                     "on the device that timed it" + "".join(f"; `{u}` dropped out: {why}"
+                                                            for u, why in fleet["dropped"].items()) + ".")
     lines += [
         f"- Device `{device['url']}` ({device['arch']}), {report['workload']['threads']} threads; workload "
         f"{report['workload']['prompt_tokens']}-token prompt + {report['workload']['answer_tokens']}-token answer, "
@@ -193,3 +201,10 @@ def _verifications(verifications: list[dict[str, Any]]) -> list[str]:
               + (" (the speed-up criterion needs the unpruned model timed alongside: judged by `build` only)."
                  if verifications[-1]["speedup_not_judged"] else "."), ""]
     return lines
+
+
+def render_reports(report: dict[str, Any]) -> dict[str, str]:
+    """Every rendering of report.json, by file name: written by a build, rewritten by `verify`."""
+    from edgeprune.report_html import render_html  # matplotlib: only when a report is written
+
+    return {"report.md": render_markdown(report), "report.html": render_html(report)}

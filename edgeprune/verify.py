@@ -39,7 +39,7 @@ from edgeprune.devices import Device, get_device, host_arch
 from edgeprune.errors import EdgepruneError, VerificationFailed
 from edgeprune.hashing import sha256_file
 from edgeprune.measure import Workload
-from edgeprune.report import render_markdown
+from edgeprune.report import render_reports
 from edgeprune.runtimes.base import AnswerCheck, Programs, Runner, Runtime
 from edgeprune.runtimes.registry import get_runtime
 from edgeprune.search.budget import MEETS, Budget
@@ -215,14 +215,14 @@ def _check_slo(timer: Runner, model: Path, target: ManifestTarget, settings: dic
 
 
 def write_back(bundle: Path, manifest: dict[str, Any], verification: dict[str, Any]) -> None:
-    """Record the device's figures in report.json / report.md and their new hashes in the manifest.
+    """Record the device's figures in report.json and its renderings, and their new hashes in the manifest.
     Each file is replaced whole (written aside, then renamed), the manifest last."""
     report_path = bundle / "report.json"
     report = json.loads(report_path.read_text())
     report.setdefault("verifications", []).append(verification)
     run_files = manifest.setdefault("run", {}).setdefault("files", {})
-    for name, text in (("report.json", json.dumps(report, indent=1)), ("report.md", render_markdown(report)),
-                       (MANIFEST, None)):
+    renderings = {"report.json": json.dumps(report, indent=1), **render_reports(report), MANIFEST: None}
+    for name, text in renderings.items():
         if text is None:
             text = json.dumps(manifest, indent=1)
         write_atomic(bundle / name, text.encode())

@@ -40,13 +40,18 @@ def keygen(path: Path) -> str:
     return path.with_suffix(".pub").read_text().split()[1]
 
 
-def start_sshd(root: Path) -> Sshd:
+def start_sshd(root: Path, keys_of: Sshd | None = None) -> Sshd:
+    """`keys_of`: another server whose host key and user key this one shares (a fleet of two
+    devices one key and one known_hosts file reach: it lists both)."""
     if not Path(SSHD).exists():
         raise RuntimeError("sshd is missing: install the Debian package openssh-server (.ci/run does).")
     root.mkdir(parents=True, exist_ok=True)
-    host_key, user_key = root / "host_key", root / "user_key"
-    host_pub = keygen(host_key)
-    keygen(user_key)
+    if keys_of is None:
+        host_key, user_key = root / "host_key", root / "user_key"
+        host_pub = keygen(host_key)
+        keygen(user_key)
+    else:
+        host_key, user_key, host_pub = keys_of.identity.parent / "host_key", keys_of.identity, keys_of.host_pub
     (root / "authorized_keys").write_text(user_key.with_suffix(".pub").read_text())
     port = free_port()
     (root / "sshd_config").write_text(
@@ -54,7 +59,8 @@ def start_sshd(root: Path) -> Sshd:
         f"PidFile {root}/sshd.pid\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
         "StrictModes no\nPermitRootLogin prohibit-password\n")
     known = root / "known_hosts"
-    known.write_text(f"[127.0.0.1]:{port} ssh-ed25519 {host_pub}\n")
+    others = keys_of.known_hosts.read_text() if keys_of else ""
+    known.write_text(others + f"[127.0.0.1]:{port} ssh-ed25519 {host_pub}\n")
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(root / "sshd_config")], stderr=open(root / "sshd.log", "w"))

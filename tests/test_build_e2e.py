@@ -56,13 +56,16 @@ def test_build_prunes_until_the_speedup_is_met(tmp_path, cache_dir, embedded_ref
     manifest = json.loads((out / "manifest.json").read_text())
     files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
     # A native target's bundle carries llama.cpp built for this machine's architecture.
-    assert set(manifest_hashes(manifest)) == files == {report["artifact"], "report.json", "report.md", "README.md",
-                                                       "run.sh", "serve.sh", *(f"bin/{t}" for t in TOOLS)}
+    assert set(manifest_hashes(manifest)) == files == {report["artifact"], "report.json", "report.md", "report.html",
+                                                       "README.md", "run.sh", "serve.sh", *(f"bin/{t}" for t in TOOLS)}
     for name, digest in manifest_hashes(manifest).items():
         assert sha256_file(out / name) == digest
     assert manifest["plan"] == sel["plan"] and manifest["model"]["sha256"] == report["model"]["sha256"]
     assert "llama.cpp" in manifest["tools"] and manifest["target"]["name"] == "demo"
     assert sel["id"] in (out / "report.md").read_text()
+    page = (out / "report.html").read_text()  # every candidate a point, timed or placed at its prediction
+    plotted = [c["id"] for c in candidates if c["measured"] or c["predicted_speedup"] is not None]
+    assert re.findall(r'id="candidate-(c\d+)"', page) == plotted and 'id="budget-line"' in page
     # The runtime settings timed on the device for the selected candidate are what the bundle runs with.
     tuning = report["runtime_settings"]
     assert set(tuning["chosen"]) == {"threads", "flash_attn", "ubatch"} and tuning["default"]["threads"] == 2
@@ -99,10 +102,14 @@ def test_unreachable_budget_fails_naming_the_closest_candidate(tmp_path, cache_d
     assert all(r["eta_s"] >= 0 for r in records if r.get("event") == "search")
     assert records[-1]["event"] == "error" and records[-1]["exit_code"] == 1
     assert re.search(r"the closest is c0\d .* at p90 \d+\.\d+ s", records[-1]["message"]), records[-1]
+    # The limit that ended the search, named as the profile setting to raise.
+    assert "the search stopped: candidate limit reached" in records[-1]["message"]
+    assert "raise the profile's [search] max_" in records[-1]["message"]
     report = json.loads((out / "report.json").read_text())
     assert not report["search"]["budget_met"] and report["search"]["selected"] is None
     assert not report["device"]["is_target_arch"]  # arm16g measured on this x86 machine: a stand-in
     assert "stand-in" in (out / "report.md").read_text()
+    assert "estimated, not measured on the target" in (out / "report.html").read_text()
     assert not list(out.glob("*.gguf"))
     # Each timed candidate carries the target's latency, estimated from the stand-in's measurements.
     timed = [c for c in report["search"]["candidates"] if c["measured"]]

@@ -54,7 +54,7 @@ def test_bundle_holds_model_binaries_scripts_card_and_manifest(bundle):
     manifest = json.loads((bundle / "manifest.json").read_text())
     report = json.loads((bundle / "report.json").read_text())
     files = {str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()} - {"manifest.json"}
-    assert files == {report["artifact"], "README.md", "report.json", "report.md", "run.sh", "serve.sh",
+    assert files == {report["artifact"], "README.md", "report.json", "report.md", "report.html", "run.sh", "serve.sh",
                      *(f"bin/{tool}" for tool in TOOLS)}
     assert set(manifest_hashes(manifest)) == files
     for name, digest in manifest_hashes(manifest).items():

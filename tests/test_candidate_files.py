@@ -11,6 +11,7 @@ from edgeprune.build import CandidateEvaluator
 from edgeprune.config import CalibrationSettings, load_profile
 from edgeprune.data import from_file
 from edgeprune.devices import get_device
+from edgeprune.fleet import Fleet
 from edgeprune.hashing import sha256_file
 from edgeprune.measure import Workload
 from edgeprune.models import load_reference, resolve_source
@@ -30,8 +31,8 @@ def evaluator(tmp_path) -> CandidateEvaluator:
     splits = from_file(calib, reference.tokenizer, CalibrationSettings(samples=4, heldout_samples=2, seq_len=32))
     ref_logps, _ = reference_logprobs(reference, splits, runner)
     with get_device("local") as device:
-        timers = {"llama.cpp": get_runtime().runner(device)}
-        yield CandidateEvaluator(reference, runner, timers, Workload((1, 2), 2, 1, 0, 3), splits, ref_logps,
+        fleet = Fleet([{"llama.cpp": get_runtime().runner(device)}])
+        yield CandidateEvaluator(reference, runner, fleet, Workload((1, 2), 2, 1, 0, 3), splits, ref_logps,
                                  load_profile("quick").search, threads=2, evicts=True)
 
 

@@ -36,9 +36,11 @@ class Synthetic:
     """Latency proportional to kept layers (+ a fixed cost), heads cheaper; KLD grows with pruning.
     A fifth of each run is prefill, the rest decoding: what a roofline model can fit exactly."""
 
-    def __init__(self, evicts: bool = False):
+    def __init__(self, evicts: bool = False, parallel: int = 1):
         self.timed = []
         self.evicts = evicts
+        self.parallel = parallel
+        self.batches: list[list[str]] = []  # ids timed together
         self.held: set[str] = set()  # ids whose model file exists
         self.most_held = 0
         self.restored: list[str] = []
@@ -69,6 +71,11 @@ class Synthetic:
         assert candidate.id in self.held and (baseline is None or baseline.id in self.held), "timing a removed file"
         self.timed.append(candidate.id)
         return self.record(candidate.state, baseline is not None)
+
+    def benchmark_all(self, candidates, baseline):
+        assert 0 < len(candidates) <= self.parallel
+        self.batches.append([c.id for c in candidates])
+        return [self.benchmark(c, baseline) for c in candidates]
 
     def _hold(self, cid: str) -> None:
         self.held.add(cid)
@@ -142,6 +149,17 @@ def test_selects_the_best_quality_candidate_within_the_speedup():
     depth_only = {c.state.layers_dropped: c for c in out.candidates if c.state.heads is None}
     shallowest = min(d for d, c in depth_only.items() if c.meets)
     assert depth_only[shallowest - 1].bench.speedup < 1.3
+
+
+@pytest.mark.parametrize("slo", [SLO(prompt_tokens=8, answer_tokens=8, speedup=1.3),
+                                 SLO(prompt_tokens=8, answer_tokens=ANSWER, latency_budget_s=0.8)])
+def test_a_fleet_of_two_times_rounds_two_at_a_time_and_chooses_the_same(slo):
+    one, two = Synthetic(), Synthetic(parallel=2)
+    alone = greedy_search(space(), one, slo, 16, SearchPredictor(LatencyModel(10.0, 30.0), WORKLOAD, one.traffic))
+    out = greedy_search(space(), two, slo, 16, SearchPredictor(LatencyModel(10.0, 30.0), WORKLOAD, two.traffic))
+    assert out.selected.state == alone.selected.state and out.selected.confirmed
+    assert any(len(b) == 2 for b in two.batches), two.batches  # a round's candidates timed side by side
+    assert len(two.timed) <= len(one.timed) + 2  # the predictions, brought up to date between batches, skip alike
 
 
 @pytest.mark.parametrize("slo", [SLO(prompt_tokens=8, answer_tokens=8, speedup=1.3),

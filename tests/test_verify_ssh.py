@@ -62,6 +62,7 @@ def test_verify_over_ssh_passes_and_writes_the_figures_back(native_bundle, sshd,
     report = json.loads((bundle / "report.json").read_text())
     assert report["verifications"][-1]["summary"] == slo["summary"]
     assert "## Verified on the device" in (bundle / "report.md").read_text()
+    assert "Not yet verified" not in (bundle / "report.html").read_text()  # re-rendered with the figures
     # The rewritten report is in the manifest: the bundle is still intact.
     manifest = json.loads((bundle / "manifest.json").read_text())
     for name, digest in manifest_hashes(manifest).items():

@@ -37,6 +37,11 @@ class DeviceError(EdgepruneError):
     """The device could not be reached or could not run what it was asked to."""
 
 
+class DeviceUnreachable(DeviceError):
+    """The device stopped answering (its reconnection attempts spent): a fleet drops it, where a
+    program failing on it would fail on any device."""
+
+
 @dataclass
 class WorkerRun:
     returncode: int  # negative: the signal that ended it

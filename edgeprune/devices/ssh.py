@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from edgeprune.config import DeviceConfig
-from edgeprune.devices.base import TIMEOUT_S, Device, DeviceError, normalize_arch
+from edgeprune.devices.base import TIMEOUT_S, Device, DeviceError, DeviceUnreachable, normalize_arch
 from edgeprune.errors import EdgepruneError
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,8 @@ class SshDevice(Device):
                     proc = subprocess.run([*self.ssh_argv(), command], input=stdin or b"", capture_output=True,
                                           timeout=timeout)
             except subprocess.TimeoutExpired:
-                raise DeviceError(f"{what} did not finish within {timeout:g} s on {self.url}; {_RESUME}.") from None
+                raise DeviceUnreachable(
+                    f"{what} did not finish within {timeout:g} s on {self.url}; {_RESUME}.") from None
             except FileNotFoundError:
                 raise EdgepruneError("The OpenSSH client (ssh) is not installed: install the Debian package "
                                      "openssh-client.") from None
@@ -139,7 +140,7 @@ class SshDevice(Device):
             if not _looks_like_connection_failure(stderr):
                 break  # the remote program itself exited 255
             if attempt == attempts:
-                raise DeviceError(f"Cannot reach {self.url} after {attempts} attempt(s): {last}. Check that the "
+                raise DeviceUnreachable(f"Cannot reach {self.url} after {attempts} attempt(s): {last}. Check that the "
                                   f"device is on and sshd listens there; {_RESUME}.")
             log.warning("ssh to %s failed (%s); retrying (%d/%d)", self.url, last, attempt, attempts - 1)
             time.sleep(min(2.0 ** (attempt - 1), 10.0))

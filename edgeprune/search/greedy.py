@@ -79,12 +79,16 @@ class Candidate:
 
 class Evaluator(Protocol):
     evicts: bool  # deletes released model files (and so wants each candidate timed as soon as built)
+    parallel: int  # candidates it can time at once (the devices of a fleet)
 
     def build(self, state: State, plan: Plan, cid: str) -> Candidate:
         """Build a candidate and measure its quality (not its speed)."""
 
     def benchmark(self, candidate: Candidate, baseline: Candidate | None) -> BenchmarkRecord:
         """Time a built candidate (alongside `baseline`, if given)."""
+
+    def benchmark_all(self, candidates: list[Candidate], baseline: Candidate | None) -> list[BenchmarkRecord]:
+        """Time candidates, as many at once as `parallel`, each alongside `baseline` on its device."""
 
     def release(self, candidate: Candidate) -> None:
         """The search no longer needs the candidate's model file (its figures stay)."""
@@ -101,6 +105,22 @@ class SearchOutcome:
     closest: Candidate  # nearest to meeting the budget, for the failure message
     stop_reason: str
     skipped: list[dict[str, str]]  # states never built: predicted out of budget from their neighbours
+
+    @property
+    def limits_to_raise(self) -> str | None:
+        """The profile's `[search]` settings that ended a search without a pick (None: it was not a limit)."""
+        return LIMITS.get(self.stop_reason)
+
+
+# Why a search ends without a pick, and the `[search]` settings that would let it go further.
+CANDIDATE_LIMIT = "candidate limit reached"
+DEPTH_LIMIT = "candidate limit reached, and the depth path past it reached the depth limit"
+SPACE_LIMIT = "search limits reached (max layers / heads removed)"
+LIMITS = {
+    CANDIDATE_LIMIT: "max_candidates",
+    DEPTH_LIMIT: "max_layer_fraction (the depth limit), or max_candidates",
+    SPACE_LIMIT: "max_layer_fraction, max_head_fraction, max_ffn_fraction or max_attention_fraction",
+}
 
 
 def _efficiency(base: Candidate, step: Candidate) -> float:
@@ -136,30 +156,60 @@ class _Search:
 
     def time(self, cand: Candidate) -> None:
         """Time a built candidate alongside the baseline, unless its prediction clearly misses."""
-        if cand.verdict:
+        if not self.skipped_by_prediction(cand):
+            self.judge(cand, self.evaluate.benchmark(cand, self.baseline))
+
+    def time_all(self, cands: list[Candidate]) -> None:
+        """Time candidates in order; on a fleet, as many at once as it has devices, the predictions
+        (and what the latency model learns) brought up to date between batches."""
+        width = max(1, self.evaluate.parallel)
+        if width == 1:
+            for cand in cands:
+                self.time(cand)
             return
+        queue = list(cands)
+        while queue:
+            batch = []
+            while queue and len(batch) < width:
+                cand = queue.pop(0)
+                if not self.skipped_by_prediction(cand):
+                    batch.append(cand)
+            for cand, bench in zip(batch, self.evaluate.benchmark_all(batch, self.baseline), strict=True):
+                self.judge(cand, bench)
+
+    def skipped_by_prediction(self, cand: Candidate) -> bool:
+        """Predict the candidate's speed; judge it without timing if the prediction clearly misses
+        (or if it was judged already)."""
+        if cand.verdict:
+            return True
         # Sparse candidates are always timed: the roofline models dense kernels, and a target that
         # opts in to sparsity says its runtime is not one.
         p = self.predictor
-        if p is not None and self.baseline is not None and cand.state.sparse is None:
-            traffic, baseline = p.traffic_of(cand.model), p.traffic_of(self.baseline.model)
-            cand.prediction, cand.predicted_speedup = p.predict(traffic), p.speedup(traffic, baseline)
-            reason = p.skip_reason(cand.prediction, self.budget, baseline, self.space.kinds(cand.state))
-            if reason:
-                cand.verdict = f"{NOT_MEASURED} ({reason})"
-                event(log, CANDIDATE, "%s %-26s KLD %.3f  not timed: %s", cand.id, cand.state.describe(),
-                      cand.quality.mean_kld, reason, **self._fields(cand, "skipped"))
-                self.progress()
-                return
-        cand.bench = self.evaluate.benchmark(cand, self.baseline)
-        cand.verdict = self.budget.verdict(cand.bench)
+        if p is None or self.baseline is None or cand.state.sparse is not None:
+            return False
+        traffic, baseline = p.traffic_of(cand.model), p.traffic_of(self.baseline.model)
+        cand.prediction, cand.predicted_speedup = p.predict(traffic), p.speedup(traffic, baseline)
+        reason = p.skip_reason(cand.prediction, self.budget, baseline, self.space.kinds(cand.state))
+        if not reason:
+            return False
+        cand.verdict = f"{NOT_MEASURED} ({reason})"
+        event(log, CANDIDATE, "%s %-26s KLD %.3f  not timed: %s", cand.id, cand.state.describe(),
+              cand.quality.mean_kld, reason, **self._fields(cand, "skipped"))
+        self.progress()
+        return True
+
+    def judge(self, cand: Candidate, bench: BenchmarkRecord) -> None:
+        """A timed candidate's verdict; the latency model learns from it."""
+        cand.bench = bench
+        cand.verdict = self.budget.verdict(bench)
+        p = self.predictor
         if p is not None:
-            if cand.predicted_speedup is not None and cand.bench.baseline_runs:
-                p.learn_error(self.space.kinds(cand.state), cand.predicted_speedup, cand.bench.speedup)
-            p.observe(cand.model, cand.bench)
+            if cand.predicted_speedup is not None and bench.baseline_runs:
+                p.learn_error(self.space.kinds(cand.state), cand.predicted_speedup, bench.speedup)
+            p.observe(cand.model, bench)
         event(log, CANDIDATE, "%s %-26s p50 %.3f s  p90 %.3f s  %.2fx  KLD %.3f  %s", cand.id,
-              cand.state.describe(), cand.bench.latency_p50, cand.bench.latency_p90, cand.bench.speedup,
-              cand.quality.mean_kld, cand.verdict, **self._fields(cand, "timed"))
+              cand.state.describe(), bench.latency_p50, bench.latency_p90, bench.speedup,
+              cand.quality.mean_kld, cand.verdict, **self._fields(cand, "timed"), device=bench.device)
         self.progress()
 
     @staticmethod
@@ -218,8 +268,7 @@ class _Search:
         order = cands
         if self.predictor is not None and len(self.predictor.observations) > 0:
             order = sorted(cands, key=lambda c: self.predictor.predict(self.predictor.traffic_of(c.model)).latency_s)
-        for cand in order:
-            self.time(cand)
+        self.time_all(order)
         self.release_unneeded()
         return cands
 
@@ -327,9 +376,7 @@ class _Search:
                 self.follow_depth(current)
                 continue
             if not steps:
-                stop = ("candidate limit reached, and the depth path past it reached the depth limit" if self.followed
-                        else "candidate limit reached" if full
-                        else "search limits reached (max layers / heads removed)")
+                stop = DEPTH_LIMIT if self.followed else CANDIDATE_LIMIT if full else SPACE_LIMIT
                 break
             measured = self.measure_round(steps)
             base = current
