@@ -117,7 +117,7 @@ def test_verify_under_qemu_matches_the_host(bundle):
     assert result["device_decode_tok_s"] > 0
     assert result["host_text"].strip()
     assert set(result["programs"]) == set(TOOLS) and result["runtime"] == "llama.cpp"
-    assert result["files_checked"] == len(TOOLS) + 6
+    assert result["files_checked"] == len(TOOLS) + 7  # model, README, 3 reports, 2 scripts
     assert result["slo"] is None and "emulated" in result["slo_skipped"] and result["passed"]
 
 
