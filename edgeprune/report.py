@@ -56,6 +56,11 @@ def outcome_to_dict(outcome: SearchOutcome, estimates: dict[str, Prediction] | N
     }
 
 
+def fleet_of(device: dict[str, Any]) -> dict[str, Any]:
+    """The devices that timed candidates (a report written before fleets names one)."""
+    return device.get("fleet", {"urls": [device["url"]], "dropped": {}})
+
+
 def _figure(value: float | None, fmt: str, scale: float = 1.0) -> str:
     return "not timed" if value is None else format(value * scale, fmt)
 
@@ -101,7 +106,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", f"Budget: {search['budget']['description']}. Search stopped: {search['stop_reason']}.", "",
               "## Where this was measured", ""]
     lines += [f"- {n}" for n in report["notes"]]
-    fleet = device.get("fleet", {"urls": [device["url"]], "dropped": {}})
+    fleet = fleet_of(device)
     if len(fleet["urls"]) > 1:
         lines.append(f"- Timed on a fleet of {len(fleet['urls'])} devices of the same hardware in parallel ("
                      + ", ".join(f"`{u}`" for u in fleet["urls"]) + "), each candidate alongside the unpruned model "

@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # before any backend is touched: never a display
 from matplotlib.figure import Figure  # noqa: E402
 
+from edgeprune.report import fleet_of  # noqa: E402
+
 MIB = 1 << 20
 # Fixed ids and no date: the same report renders to the same bytes.
 SVG_STYLE = {"svg.hashsalt": "edgeprune", "svg.fonttype": "none", "font.size": 9}
@@ -266,7 +268,7 @@ def render_html(report: dict[str, Any]) -> str:
         tradeoff = tradeoff_plot(candidates, axis)
         trajectory = trajectory_plot(candidates, axis)
         predictions = prediction_plot(candidates)
-    fleet = device.get("fleet", {"urls": [device["url"]], "dropped": {}})
+    fleet = fleet_of(device)
     measured_on = f"{', '.join(fleet['urls'])} ({device['arch']})" + "".join(
         f"; {url} dropped out: {why}" for url, why in fleet["dropped"].items())
     estimated = any(c.get("estimate_on_target") for c in candidates)

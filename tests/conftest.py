@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -167,3 +168,26 @@ def build_verified_bundle(out: Path, model: Path, calib: Path, cache_dir: Path):
     proc = edgeprune("verify", str(out))
     assert proc.returncode == 0 and "PASS" in proc.stdout, proc.stderr
     return report, gguf.GGUFReader(str(out / report["artifact"]))
+
+
+def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
+    """A transformers model's logits for one batch of token ids, as float32."""
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens)).logits[0].float().numpy()
+
+
+def llama_cpp_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
+    """llama.cpp's logits for the same ids, with an F32 KV cache (the parity tests' bound assumes it)."""
+    from edgeprune.runtimes import llamacpp
+
+    return next(llamacpp.sequence_logits(path, tokens, threads=2, f32_kv_cache=True))
+
+
+def gguf_contents(path: Path, prefixes: tuple[str, ...]) -> tuple[dict, dict]:
+    """A GGUF's metadata under `prefixes`, and every tensor as (shape, type, data)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith(prefixes)}
+    tensors = {t.name: (tuple(int(x) for x in t.shape), t.tensor_type.name, np.array(t.data)) for t in reader.tensors}
+    return fields, tensors

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_converter
+from conftest import llama_cpp_logits, run_converter, torch_logits
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import Provenance, export_gguf
 from edgeprune.export.rope import ROPE_FREQS, llama3_rope_factors, write_rope
@@ -29,7 +29,6 @@ from edgeprune.models import load_reference, resolve_source
 from edgeprune.models.source import ModelSource
 from edgeprune.models.tokenizer import TokenizerSpec
 from edgeprune.prune.modules import materialize
-from edgeprune.runtimes import llamacpp
 
 ADDED = ("<|im_start|>", "<|im_end|>")  # chat markers added after the SentencePiece model
 PLAIN_TEXTS = [
@@ -161,15 +160,6 @@ def _tokens(sp_path: Path, n: int = 40) -> np.ndarray:
     return np.array([ids[:n]])
 
 
-def _torch_logits(model, tokens: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(tokens)).logits[0].float().numpy()
-
-
-def _llama_cpp_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
-    return next(llamacpp.sequence_logits(path, tokens, threads=2, f32_kv_cache=True))
-
-
 def _export(model, spec: TokenizerSpec, path: Path) -> Path:
     export_gguf(model, spec, path, "F32", Provenance("tiny", "0" * 64, {}), "tiny")
     return path
@@ -178,7 +168,7 @@ def _export(model, spec: TokenizerSpec, path: Path) -> Path:
 def _assert_parity(expected: np.ndarray, ours: Path, theirs: Path, tokens: np.ndarray) -> tuple[float, float]:
     """Our GGUF's llama.cpp logits match torch at least as well as the converter's (see module doc)."""
     def compare(path: Path) -> tuple[float, float]:
-        got = _llama_cpp_logits(path, tokens)
+        got = llama_cpp_logits(path, tokens)
         return float((expected.argmax(-1) == got.argmax(-1)).mean()), float(np.abs(expected - got).max())
 
     (top1, maxdiff), (ref_top1, ref_maxdiff) = compare(ours), compare(theirs)
@@ -225,11 +215,11 @@ def test_llama3_rope_scaling_matches_the_converter_and_torch(tmp_path, sp_model,
     assert (factors == 1.0).any() and (factors == 8.0).any() and ((factors > 1.0) & (factors < 8.0)).any()
 
     tokens = _tokens(sp_model)
-    expected = _torch_logits(model, tokens)
+    expected = torch_logits(model, tokens)
     unscaled = LlamaForCausalLM(_config(LlamaConfig, vocab, tied=tied, head_dim=32)).eval()
     unscaled.load_state_dict(model.state_dict())
     spread = float(expected.max() - expected.min())
-    assert np.abs(_torch_logits(unscaled, tokens) - expected).max() > 0.01 * spread, "scaling has no effect here"
+    assert np.abs(torch_logits(unscaled, tokens) - expected).max() > 0.01 * spread, "scaling has no effect here"
 
     hf_dir = _save_hf_dir(model, _hf_tokenizer(sp_model), sp_model, tmp_path / "hf")
     theirs = tmp_path / "converter.gguf"
@@ -252,11 +242,11 @@ def test_pruned_llama3_exports_as_deci_with_its_rope_factors(tmp_path, sp_model)
     vocab = _sp(sp_model).vocab_size() + len(ADDED)
     model = apply_plan(_llama3(vocab, tied=False), Plan(heads=((0, (0, 2)), (2, (2, 3)))))
     tokens = _tokens(sp_model)
-    expected = _torch_logits(model, tokens)
+    expected = torch_logits(model, tokens)
     path = _export(model, _spm_spec(sp_model, tmp_path / "tok", vocab), tmp_path / "deci.gguf")
     assert _reader_fields(path, "general.architecture")["general.architecture"] == "deci"
     np.testing.assert_array_equal(_tensor(path, ROPE_FREQS), llama3_rope_factors(model.config))
-    got = _llama_cpp_logits(path, tokens)
+    got = llama_cpp_logits(path, tokens)
     spread = float(expected.max() - expected.min())
     assert spread > 5.0
     assert (got.argmax(-1) == expected.argmax(-1)).all() and np.abs(got - expected).max() <= 1e-4 * spread
@@ -381,7 +371,7 @@ def test_sentencepiece_models_export_and_match_torch(tmp_path, sp_model, llama_c
     hf_dir = _save_hf_dir(model, _hf_tokenizer(sp_model), sp_model, tmp_path / "hf")
     ref = load_reference(resolve_source(str(hf_dir)), tmp_path / "cache")
     tokens = _tokens(sp_model)
-    expected = _torch_logits(model, tokens)
+    expected = torch_logits(model, tokens)
     theirs = tmp_path / "converter.gguf"
     run_converter(llama_cpp_src, hf_dir, theirs)
     ours = _export(materialize(ref.weights), ref.tokenizer_spec, tmp_path / "ours.gguf")
@@ -426,8 +416,8 @@ def test_mistral_config_loads_as_llama_and_matches_torch(tmp_path, sp_model, lla
                for r in caplog.records)
 
     tokens = _tokens(sp_model)  # shorter than the window: Mistral and Llama attention agree
-    expected = _torch_logits(mistral, tokens)
-    np.testing.assert_allclose(_torch_logits(materialize(ref.weights), tokens), expected, rtol=0, atol=1e-5)
+    expected = torch_logits(mistral, tokens)
+    np.testing.assert_allclose(torch_logits(materialize(ref.weights), tokens), expected, rtol=0, atol=1e-5)
     theirs = tmp_path / "converter.gguf"
     run_converter(llama_cpp_src, hf_dir, theirs)
     ours = _export(materialize(ref.weights), ref.tokenizer_spec, tmp_path / "ours.gguf")

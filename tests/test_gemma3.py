@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_converter
+from conftest import gguf_contents, llama_cpp_logits, run_converter, torch_logits
 from edgeprune.export import Provenance, export_gguf
 from edgeprune.families import family_of
 from edgeprune.models.reference import open_weights
@@ -27,8 +27,8 @@ from edgeprune.models.weights import ModuleStore
 from edgeprune.prune import ModelShape, Plan, PlanError, apply_plan
 from edgeprune.prune.apply import pruned_config
 from edgeprune.prune.modules import materialize
-from edgeprune.runtimes import llamacpp
 
+GGUF_KEYS = ("gemma3.", "tokenizer.", "general.architecture")  # compared with the converter's
 TOKENS = np.array([[1, 504, 2432, 28, 3300, 17, 33, 34, 35, 216, 4389, 29, 44, 9000, 12, 77, 6345, 2]])
 S, G = "sliding_attention", "full_attention"
 LAYER_TYPES = [S, S, S, S, S, G]
@@ -70,23 +70,6 @@ def tiny(*, vocab: int = 49152, seed: int = 0):
     return model.eval()
 
 
-def _logits(model) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(TOKENS)).logits[0].numpy()
-
-
-def _llama_cpp(path) -> np.ndarray:
-    return next(llamacpp.sequence_logits(path, TOKENS, threads=2, f32_kv_cache=True))
-
-
-def _contents(path) -> tuple[dict, dict]:
-    reader = gguf.GGUFReader(str(path))
-    fields = {k: f.contents() for k, f in reader.fields.items()
-              if k.startswith(("gemma3.", "tokenizer.", "general.architecture"))}
-    tensors = {t.name: (tuple(int(x) for x in t.shape), t.tensor_type.name, np.array(t.data)) for t in reader.tensors}
-    return fields, tensors
-
-
 def _export(model, tokenizer, tmp_path):
     hf_dir = tmp_path / "hf"
     model.save_pretrained(hf_dir)
@@ -115,7 +98,7 @@ def test_the_window_matters():
     full.config.sliding_window = 64
     for layer in full.model.layers:
         layer.self_attn.sliding_window = 64
-    assert not np.allclose(_logits(model), _logits(full), atol=1e-3)
+    assert not np.allclose(torch_logits(model, TOKENS), torch_logits(full, TOKENS), atol=1e-3)
 
 
 @pytest.mark.parametrize("plan_name", list(PLANS))
@@ -123,12 +106,12 @@ def test_export_matches_the_converter_and_torch(tmp_path, plan_name, llama_cpp_s
     model = apply_plan(tiny(), PLANS[plan_name])
     assert type(model).__name__ == "Gemma3ForCausalLM" and model.config.layer_types == LAYER_TYPES
     hf_dir, spec, ours = _export(model, embedded_reference.tokenizer, tmp_path)
-    maxdiff, spread = _check_logits(_logits(model), _llama_cpp(ours))
+    maxdiff, spread = _check_logits(torch_logits(model, TOKENS), llama_cpp_logits(ours, TOKENS))
 
     theirs = tmp_path / "theirs.gguf"
     run_converter(llama_cpp_src, hf_dir, theirs, pre=spec.pre)  # a test vocabulary: no known hash
-    our_fields, our_tensors = _contents(ours)
-    their_fields, their_tensors = _contents(theirs)
+    our_fields, our_tensors = gguf_contents(ours, GGUF_KEYS)
+    their_fields, their_tensors = gguf_contents(theirs, GGUF_KEYS)
     for key, value in their_fields.items():
         assert key in our_fields, f"we do not write {key}"
         assert our_fields[key] == value, key
@@ -139,7 +122,7 @@ def test_export_matches_the_converter_and_torch(tmp_path, plan_name, llama_cpp_s
     for name, (shape, dtype, data) in their_tensors.items():
         assert our_tensors[name][:2] == (shape, dtype), name
         assert np.array_equal(our_tensors[name][2], data), name
-    ref_maxdiff = float(np.abs(_logits(model) - _llama_cpp(theirs)).max())
+    ref_maxdiff = float(np.abs(torch_logits(model, TOKENS) - llama_cpp_logits(theirs, TOKENS)).max())
     assert maxdiff <= ref_maxdiff + 1e-4 * spread, (maxdiff, ref_maxdiff)
 
 
@@ -151,7 +134,7 @@ def converter_error(tmp_path_factory, llama_cpp_src, embedded_reference) -> floa
     hf_dir, spec, _ = _export(model, embedded_reference.tokenizer, tmp_path_factory.mktemp("gemma3"))
     theirs = hf_dir.parent / "theirs.gguf"
     run_converter(llama_cpp_src, hf_dir, theirs, pre=spec.pre)
-    return float(np.abs(_logits(model) - _llama_cpp(theirs)).max())
+    return float(np.abs(torch_logits(model, TOKENS) - llama_cpp_logits(theirs, TOKENS)).max())
 
 
 @pytest.mark.parametrize("plan_name", list(DEPTH_PLANS))
@@ -165,7 +148,7 @@ def test_depth_plans_write_the_kept_layers_pattern_and_match_torch(tmp_path, pla
     assert model.config.layer_types == kept
     _, _, ours = _export(model, embedded_reference.tokenizer, tmp_path)
     assert _pattern(ours) == [t == S for t in kept]
-    maxdiff, spread = _check_logits(_logits(model), _llama_cpp(ours))
+    maxdiff, spread = _check_logits(torch_logits(model, TOKENS), llama_cpp_logits(ours, TOKENS))
     assert maxdiff <= converter_error + 1e-4 * spread, (maxdiff, converter_error)
 
 
@@ -217,7 +200,8 @@ def test_a_gguf_source_reads_back_the_models_tensors(tmp_path, embedded_tokenize
     for name in source.names():
         torch.testing.assert_close(store.read(name), source.read(name), rtol=0, atol=1e-6, msg=name)
     reread = materialize(store)
-    torch.testing.assert_close(torch.from_numpy(_logits(reread)), torch.from_numpy(_logits(model)))
+    torch.testing.assert_close(torch.from_numpy(torch_logits(reread, TOKENS)),
+                               torch.from_numpy(torch_logits(model, TOKENS)))
 
 
 def test_layers_of_different_shapes_are_refused_in_one_sentence():
@@ -250,9 +234,9 @@ def test_soft_capped_logits_match_llama_cpp(tmp_path, embedded_tokenizer_spec, c
     path = tmp_path / "capped.gguf"
     export_gguf(model, embedded_tokenizer_spec, path, "F32", Provenance("t", "0" * 64, {}), "t")
     assert gguf.GGUFReader(str(path)).get_field("gemma3.final_logit_softcapping").contents() == 4.0
-    expected = _logits(model)
+    expected = torch_logits(model, TOKENS)
     assert np.abs(expected).max() < 4.0
-    maxdiff, spread = _check_logits(expected, _llama_cpp(path))
+    maxdiff, spread = _check_logits(expected, llama_cpp_logits(path, TOKENS))
     assert maxdiff <= converter_error + 1e-4 * spread, (maxdiff, converter_error)
 
 
@@ -356,8 +340,8 @@ def test_a_gemma_tokenizer_is_written_as_the_converter_writes_it(tmp_path, gemma
     export_gguf(gemma_dirs["text_model"], spec, ours, "F32", Provenance("t", "0" * 64, {}), "t")
     theirs = tmp_path / "theirs.gguf"
     run_converter(llama_cpp_src, gemma_dirs["text"], theirs)
-    our_fields, _ = _contents(ours)
-    their_fields, _ = _contents(theirs)
+    our_fields, _ = gguf_contents(ours, GGUF_KEYS)
+    their_fields, _ = gguf_contents(theirs, GGUF_KEYS)
     tokenizer_keys = [k for k in their_fields if k.startswith("tokenizer.ggml.")]
     assert "tokenizer.ggml.add_space_prefix" in tokenizer_keys and "tokenizer.ggml.scores" in tokenizer_keys
     for key in tokenizer_keys:
@@ -388,7 +372,8 @@ def test_a_multimodal_checkpoint_is_read_as_its_language_model(tmp_path, gemma_d
     write_gguf(ref.weights, Plan(), ref.tokenizer_spec, ours, "F32", Provenance("t", "0" * 64, {}), "t")
     theirs = tmp_path / "theirs.gguf"
     run_converter(llama_cpp_src, gemma_dirs["multimodal"], theirs)
-    (our_fields, our_tensors), (their_fields, their_tensors) = _contents(ours), _contents(theirs)
+    our_fields, our_tensors = gguf_contents(ours, GGUF_KEYS)
+    their_fields, their_tensors = gguf_contents(theirs, GGUF_KEYS)
     assert {k: v for k, v in our_fields.items() if k in their_fields} == their_fields
     assert set(our_tensors) == set(their_tensors)
     for name, (shape, dtype, data) in their_tensors.items():

@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import calibration_text, run_converter
+from conftest import calibration_text, gguf_contents, llama_cpp_logits, run_converter, torch_logits
 from edgeprune.export import Provenance, export_gguf
 from edgeprune.models.reference import open_weights
 from edgeprune.models.source import ModelSource
 from edgeprune.models.tokenizer import PRE_TOKENIZERS, TokenizerSpec
 from edgeprune.prune import ModelShape, Plan, PlanError, apply_plan
-from edgeprune.runtimes import llamacpp
 
 TOKENS = np.array([[1, 504, 2432, 28, 3300, 17, 33, 34, 35, 216, 4389, 29, 44, 9000, 12, 77, 6345, 2]])
 CHANNELS = tuple(range(128))
@@ -66,22 +65,6 @@ def tiny(*, partial: float = 1.0, tied: bool = False, longrope: bool = False, vo
     return model.eval()
 
 
-def _logits(model) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(TOKENS)).logits[0].numpy()
-
-
-def _llama_cpp(path) -> np.ndarray:
-    return next(llamacpp.sequence_logits(path, TOKENS, threads=2, f32_kv_cache=True))
-
-
-def _contents(path, prefixes: tuple[str, ...]) -> tuple[dict, dict]:
-    reader = gguf.GGUFReader(str(path))
-    fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith(prefixes)}
-    tensors = {t.name: (tuple(int(x) for x in t.shape), t.tensor_type.name, np.array(t.data)) for t in reader.tensors}
-    return fields, tensors
-
-
 def _hf_dir(model, tokenizer, directory):
     """As Phi-4-mini ships it: tokenizer_config.json names GPT2Tokenizer (the converter reads tokenizer.json)."""
     model.save_pretrained(directory)
@@ -106,8 +89,8 @@ def test_export_equals_the_converters_and_matches_torch(tmp_path, variant, plan_
     theirs = tmp_path / "theirs.gguf"
     run_converter(llama_cpp_src, hf_dir, theirs, pre=spec.pre)  # a test vocabulary: no known hash
 
-    our_fields, our_tensors = _contents(ours, ("phi3.", "tokenizer.", "general.architecture"))
-    their_fields, their_tensors = _contents(theirs, ("phi3.", "tokenizer.", "general.architecture"))
+    our_fields, our_tensors = gguf_contents(ours, ("phi3.", "tokenizer.", "general.architecture"))
+    their_fields, their_tensors = gguf_contents(theirs, ("phi3.", "tokenizer.", "general.architecture"))
     assert our_fields["general.architecture"] == "phi3"
     for key, value in their_fields.items():
         assert key in our_fields, f"we do not write {key}"
@@ -118,8 +101,8 @@ def test_export_equals_the_converters_and_matches_torch(tmp_path, variant, plan_
         assert our_tensors[name][:2] == (shape, dtype), name
         assert np.array_equal(our_tensors[name][2], data), name
 
-    expected = _logits(model)
-    got, reference = _llama_cpp(ours), _llama_cpp(theirs)
+    expected = torch_logits(model, TOKENS)
+    got, reference = llama_cpp_logits(ours, TOKENS), llama_cpp_logits(theirs, TOKENS)
     spread = float(expected.max() - expected.min())
     assert spread > 5.0, "test model too flat for top-1 to mean anything"
     assert (expected.argmax(-1) == got.argmax(-1)).all()

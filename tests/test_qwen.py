@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import calibration_text, run_converter
+from conftest import calibration_text, gguf_contents, llama_cpp_logits, run_converter, torch_logits
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import Provenance, export_gguf
 from edgeprune.families import family_of
@@ -24,7 +24,6 @@ from edgeprune.models.reference import open_weights
 from edgeprune.models.source import ModelSource
 from edgeprune.models.tokenizer import TokenizerSpec, pre_tokenizer_name
 from edgeprune.prune import ModelShape, Plan, PlanError, apply_plan
-from edgeprune.runtimes import llamacpp
 
 TOKENS = np.array([[1, 504, 2432, 28, 3300, 17, 33, 34, 35, 216, 4389, 29, 44, 9000, 12, 77, 6345, 2]])
 CHANNELS = tuple(range(128))
@@ -66,22 +65,6 @@ def tiny(family: str, *, tied: bool = True, vocab: int = 49152, seed: int = 0):
     return model.eval()
 
 
-def _logits(model) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(TOKENS)).logits[0].numpy()
-
-
-def _llama_cpp(path) -> np.ndarray:
-    return next(llamacpp.sequence_logits(path, TOKENS, threads=2, f32_kv_cache=True))
-
-
-def _contents(path, prefixes: tuple[str, ...]) -> tuple[dict, dict]:
-    reader = gguf.GGUFReader(str(path))
-    fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith(prefixes)}
-    tensors = {t.name: (tuple(int(x) for x in t.shape), t.tensor_type.name, np.array(t.data)) for t in reader.tensors}
-    return fields, tensors
-
-
 def _hf_dir(model, tokenizer, directory):
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -104,8 +87,8 @@ def test_export_matches_the_converter_and_torch(tmp_path, family, plan_name, lla
     ours = tmp_path / "ours.gguf"
     export_gguf(model, spec, ours, "F32", Provenance("t", "0" * 64, {}), "t")
     arch = gguf.GGUFReader(str(ours)).get_field("general.architecture").contents()
-    expected = _logits(model)
-    got = _llama_cpp(ours)
+    expected = torch_logits(model, TOKENS)
+    got = llama_cpp_logits(ours, TOKENS)
     spread = float(expected.max() - expected.min())
     assert spread > 5.0, "test model too flat for top-1 to mean anything"
     assert (expected.argmax(-1) == got.argmax(-1)).all()
@@ -118,8 +101,8 @@ def test_export_matches_the_converter_and_torch(tmp_path, family, plan_name, lla
     theirs = tmp_path / "theirs.gguf"
     run_converter(llama_cpp_src, hf_dir, theirs, pre=spec.pre)  # a test vocabulary: no known hash
     prefixes = (f"{family}.", "tokenizer.", "general.architecture")
-    our_fields, our_tensors = _contents(ours, prefixes)
-    their_fields, their_tensors = _contents(theirs, prefixes)
+    our_fields, our_tensors = gguf_contents(ours, prefixes)
+    their_fields, their_tensors = gguf_contents(theirs, prefixes)
     for key, value in their_fields.items():
         assert key in our_fields, f"we do not write {key}"
         assert our_fields[key] == value, key
@@ -127,7 +110,7 @@ def test_export_matches_the_converter_and_torch(tmp_path, family, plan_name, lla
     for name, (shape, dtype, data) in their_tensors.items():
         assert our_tensors[name][:2] == (shape, dtype), name
         assert np.array_equal(our_tensors[name][2], data), name
-    ref_maxdiff = float(np.abs(expected - _llama_cpp(theirs)).max())
+    ref_maxdiff = float(np.abs(expected - llama_cpp_logits(theirs, TOKENS)).max())
     assert maxdiff <= ref_maxdiff + 1e-4 * spread, (maxdiff, ref_maxdiff)
 
 
@@ -146,7 +129,7 @@ def test_qwen2_per_layer_plans_export_as_deci_and_match_torch(tmp_path, plan_nam
     path = tmp_path / "deci.gguf"
     export_gguf(model, embedded_tokenizer_spec, path, "F32", Provenance("t", "0" * 64, {}), "t")
     assert gguf.GGUFReader(str(path)).get_field("general.architecture").contents() == "deci"
-    expected, got = _logits(model), _llama_cpp(path)
+    expected, got = torch_logits(model, TOKENS), llama_cpp_logits(path, TOKENS)
     spread = float(expected.max() - expected.min())
     assert (expected.argmax(-1) == got.argmax(-1)).all()
     assert float(np.abs(expected - got).max()) <= 1e-4 * spread

@@ -163,10 +163,6 @@ class _Search:
         """Time candidates in order; on a fleet, as many at once as it has devices, the predictions
         (and what the latency model learns) brought up to date between batches."""
         width = max(1, self.evaluate.parallel)
-        if width == 1:
-            for cand in cands:
-                self.time(cand)
-            return
         queue = list(cands)
         while queue:
             batch = []
@@ -174,8 +170,9 @@ class _Search:
                 cand = queue.pop(0)
                 if not self.skipped_by_prediction(cand):
                     batch.append(cand)
-            for cand, bench in zip(batch, self.evaluate.benchmark_all(batch, self.baseline), strict=True):
-                self.judge(cand, bench)
+            if batch:
+                for cand, bench in zip(batch, self.evaluate.benchmark_all(batch, self.baseline), strict=True):
+                    self.judge(cand, bench)
 
     def skipped_by_prediction(self, cand: Candidate) -> bool:
         """Predict the candidate's speed; judge it without timing if the prediction clearly misses
