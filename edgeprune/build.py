@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict
 
 from edgeprune import __version__
@@ -22,15 +23,18 @@ from edgeprune.data import HFDataset, TextSplits
 from edgeprune.devices import Device
 from edgeprune.devices.local import LocalDevice
 from edgeprune.errors import EdgepruneError
-from edgeprune.evaluate import Quality
+from edgeprune.evaluate import Quality, kl_divergence, reference_log_probs
 from edgeprune.events import STAGE, event
 from edgeprune.fleet import Fleet, open_fleet
 from edgeprune.footprint import Estimate, Work, compared
+from edgeprune.journal import BenchmarkJournal
 from edgeprune.latency import ModelTraffic, Prediction, host_profile
+from edgeprune.latency.planned import TrafficPlanner
 from edgeprune.measure import BenchmarkRecord, Workload
 from edgeprune.memory import TreeSampler
 from edgeprune.models import ModelSource, Reference, load_reference, resolve_source
 from edgeprune.models.reference import open_weights
+from edgeprune.models.streamed import DecoderStream
 from edgeprune.models.weights import WeightStore
 from edgeprune.pipeline import (
     CandidateModel,
@@ -42,7 +46,7 @@ from edgeprune.pipeline import (
 )
 from edgeprune.preflight import preflight
 from edgeprune.prune import ModelShape, Plan
-from edgeprune.quantize import QuantSpec
+from edgeprune.quantize import RECIPES, QuantSpec
 from edgeprune.report import outcome_to_dict
 from edgeprune.runtimes.base import Runner, Runtime
 from edgeprune.runtimes.registry import DEFAULT, get_runtime
@@ -53,7 +57,7 @@ from edgeprune.search import (
     SearchRuntime,
     SearchSpace,
     State,
-    greedy_search,
+    run_search,
 )
 from edgeprune.search.predict import device_latency_model, target_estimates
 from edgeprune.search.tuning import tune
@@ -61,6 +65,8 @@ from edgeprune.signing import check_signing_key
 from edgeprune.stages import StageOutput, StageRunner
 
 log = logging.getLogger(__name__)
+
+PROXY_WINDOWS = 2  # held-out windows the pareto strategy's torch proxy reads per plan
 
 
 class BuildConfig(BaseModel):
@@ -112,8 +118,14 @@ class CandidateEvaluator:
     threads: int
     sparsity: SparsitySpec | None = None  # the target's opt-in; applied to states marked sparse
     evicts: bool = False  # delete released candidates' files: the disk cannot hold them all
+    journal: BenchmarkJournal | None = None  # benchmarks taken, replayed by a rerun of a killed build
+    _planner: tuple[Path, TrafficPlanner] | None = None  # for the baseline file it was read from
     _built: dict[str, tuple[CandidateModel, StageOutput]] = field(default_factory=dict)  # by candidate id
     _held: dict[str, set[str]] = field(default_factory=dict)  # cache key -> ids of candidates using its file
+
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape.from_config(self.reference.config)
 
     @property
     def timers(self) -> dict[str, Runner]:
@@ -162,16 +174,48 @@ class CandidateEvaluator:
     def benchmark(self, candidate: Candidate, baseline: Candidate | None) -> BenchmarkRecord:
         return self.benchmark_all([candidate], baseline)[0]
 
+    def planned_traffic(self, baseline: Candidate, state: State, plan: Plan) -> ModelTraffic:
+        """A state's per-token costs on paper, from the baseline's GGUF (latency/planned.py)."""
+        if Path(baseline.model).suffix != ".gguf":
+            raise NotImplementedError("plans are costed from a GGUF baseline")
+        if self._planner is None or self._planner[0] != baseline.model:
+            quant = self.runtime(baseline.state.runtime).search_quant(self.settings)
+            self._planner = (baseline.model, TrafficPlanner(baseline.model, self.shape, quant))
+        return self._planner[1].traffic(plan, RECIPES[state.recipe], state.describe(), runtime=state.runtime)
+
+    def proxy_kld(self, plan: Plan) -> float:
+        """The plan's unquantized KLD to the reference on the first PROXY_WINDOWS held-out windows, in torch."""
+        windows = self.splits.heldout[:PROXY_WINDOWS]
+        logps = reference_log_probs(DecoderStream(self.reference.weights, plan), windows, label="proxy KLD")
+        ref = torch.from_numpy(np.array(self.ref_logps[: len(windows)]))  # a copy: the cache is read-only
+        vocab = ref.shape[-1]
+        return float(kl_divergence(ref.reshape(-1, vocab), torch.from_numpy(logps).reshape(-1, vocab)).mean())
+
     def benchmark_all(self, candidates: list[Candidate], baseline: Candidate | None) -> list[BenchmarkRecord]:
-        """Each candidate timed on one device of the fleet, alongside `baseline` on that device."""
+        """Each candidate timed on one device of the fleet, alongside `baseline` on that device (or
+        replayed from the journal of a killed run of this build)."""
         def time_one(timers: dict[str, Runner], candidate: Candidate) -> BenchmarkRecord:
             return timers[candidate.state.runtime].benchmark(candidate.model, self.workload,
                                                              baseline.model if baseline else None)
 
+        def key(candidate: Candidate) -> str:
+            pair = self._built[baseline.id][1].key if baseline is not None else None
+            return f"{candidate.state.runtime} {self._built[candidate.id][1].key} {pair}"
+
+        records: dict[str, BenchmarkRecord] = {}
+        for candidate in candidates:
+            replayed = self.journal.replay(key(candidate)) if self.journal is not None else None
+            if replayed is not None:
+                log.info("%s: timing replayed from the journal of a killed run of this build", candidate.id)
+                records[candidate.id] = replayed
+        todo = [c for c in candidates if c.id not in records]
         t0 = time.perf_counter()
-        records = self.fleet.map(time_one, candidates)
+        for candidate, record in zip(todo, self.fleet.map(time_one, todo) if todo else [], strict=True):
+            records[candidate.id] = record
+            if self.journal is not None:
+                self.journal.record(key(candidate), record)
         self.runner.timings["benchmark"] = self.runner.timings.get("benchmark", 0.0) + time.perf_counter() - t0
-        return records
+        return [records[c.id] for c in candidates]
 
     def release(self, candidate: Candidate) -> None:
         _, model = self._built[candidate.id]
@@ -326,8 +370,15 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
 
     workload = _workload(target, profile, splits, threads)
     sparsity = target.sparsity.spec() if target.sparsity else None
+    identity = config.model_dump(mode="json", exclude={"output_dir", "cache_dir", "force", "sign_key"})
+    journal = BenchmarkJournal.for_build(config.cache_dir, identity | {"reference": reference.sha256,
+                                                                        "version": __version__})
+    if journal.pending:
+        event(log, STAGE, "resuming a killed run of this build: %d benchmark(s) it took are replayed, not retimed",
+              journal.pending, name="resume", benchmarks=journal.pending)
     evaluate = CandidateEvaluator(
-        reference, runner, fleet, workload, splits, ref_logps, profile.search, threads, sparsity, memory.evicts
+        reference, runner, fleet, workload, splits, ref_logps, profile.search, threads, sparsity, memory.evicts,
+        journal,
     )
     runtimes = tuple(SearchRuntime(n, evaluate.runtime(n).recipes) for n in timers)
     space = SearchSpace(shape, importance, profile.search, sparsity, runtimes)
@@ -337,7 +388,8 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
                                 functools.lru_cache(maxsize=None)(evaluate.traffic))
     event(log, STAGE, "search on %s with %d threads (%s)", device.url, threads, ", ".join(timers), name="search",
           device=device.url, threads=threads, runtimes=list(timers))
-    outcome = greedy_search(space, evaluate, target.slo, profile.search.max_candidates, predictor)
+    outcome = run_search(profile.search.strategy, space, evaluate, target.slo, profile.search.max_candidates,
+                         predictor)
     stand_in = device.arch != target.hardware.arch or threads < target.hardware.cores
     estimates = {}
     if host is not None and stand_in:
@@ -410,4 +462,5 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
     event(log, STAGE, "writing %s", config.output_dir, name="output", path=str(config.output_dir))
     write_output(config.output_dir, outcome, report, reference, target, config.force, shipped, programs,
                  config.sign_key)
+    journal.finish()
     return BuildResult(config.output_dir, outcome, report)

@@ -50,13 +50,16 @@ def cli() -> None:
 @click.option("--runtime", "runtimes", multiple=True,
               help="A runtime to search (repeatable; the first times the baseline): replaces the target's "
                    "[runtime] allowed list. Runtimes: llama.cpp, onnxruntime.")
+@click.option("--strategy", default=None,
+              help="How the search walks the space: greedy (step by measured step) or pareto (predict every plan, "
+                   "build and time only what can win). Default: the profile's [search] strategy.")
 @input_options
 @device_options(fleet=True)
 @logging_options
 def build(target_name: str, model: str | None, calib: Path | HFDataset | None, output_dir: Path | None,
           latency_budget: float | None, speedup: float | None, profile_name: str, sign_key: Path | None,
-          runtimes: tuple[str, ...], cache_dir: Path | None, force: bool, trust_remote_code: bool,
-          device_overrides: dict, calibration_overrides: dict) -> None:
+          runtimes: tuple[str, ...], strategy: str | None, cache_dir: Path | None, force: bool,
+          trust_remote_code: bool, device_overrides: dict, calibration_overrides: dict) -> None:
     """Search pruning + quantization candidates until one meets the target's SLO; write it out.
 
     --latency-budget and --speedup replace the target's latency criteria (giving one drops the other).
@@ -65,7 +68,7 @@ def build(target_name: str, model: str | None, calib: Path | HFDataset | None, o
 
     from edgeprune.build import BuildConfig, default_cache_dir
     from edgeprune.build import build as run_build
-    from edgeprune.config import RuntimeTable, first_error
+    from edgeprune.config import RuntimeTable, SearchSettings, first_error
 
     target = with_device(load_target(target_name), device_overrides)
     if latency_budget is not None or speedup is not None:
@@ -75,9 +78,17 @@ def build(target_name: str, model: str | None, calib: Path | HFDataset | None, o
     except ValidationError as e:
         why = first_error(e).removeprefix("'allowed': ")
         raise EdgepruneError(f"Invalid --runtime: {why}.") from None
+    profile = with_calibration(load_profile(profile_name), calibration_overrides)
+    if strategy is not None:
+        try:
+            search = SearchSettings.model_validate(profile.search.model_dump() | {"strategy": strategy})
+        except ValidationError as e:
+            why = first_error(e).removeprefix("'strategy': ")
+            raise EdgepruneError(f"Invalid --strategy: {why}.") from None
+        profile = profile.model_copy(update={"search": search})
     config = BuildConfig(
         target=target,
-        profile=with_calibration(load_profile(profile_name), calibration_overrides),
+        profile=profile,
         model=model,
         calib=calib,
         output_dir=output_dir or Path("out") / target.name,
@@ -93,11 +104,13 @@ def build(target_name: str, model: str | None, calib: Path | HFDataset | None, o
         outcome = result.outcome
         closest, limits = outcome.closest, outcome.limits_to_raise
         widen = (f"raise the profile's [search] {limits}" if limits else "widen the profile's search space")
+        reachable = (f"; the best speed-up predicted within the search limits is {outcome.reachable:.2f}x"
+                     if outcome.reachable is not None else "")
         raise BudgetNotMet(
             f"No candidate within the search limits meets the budget ({outcome.budget.describe()}): "
             f"the closest is {closest.id} ({closest.state.describe()}) at p90 {closest.bench.latency_p90:.3f} s, "
-            f"{closest.bench.speedup:.2f}x faster than the unpruned model, measured; the search stopped: "
-            f"{outcome.stop_reason}; relax --latency-budget/--speedup or {widen} "
+            f"{closest.bench.speedup:.2f}x faster than the unpruned model, measured{reachable}; the search "
+            f"stopped: {outcome.stop_reason}; relax --latency-budget/--speedup or {widen} "
             f"(report: {result.output_dir}/report.html)."
         )
 

@@ -263,6 +263,19 @@ class SearchSettings(Strict):
     depth_method: str = Field(default="block-influence", description="ranks layers and attention sublayers")
     width_method: str = Field(default="wanda-sp", description="ranks query heads and FFN channels")
     max_candidates: int = Field(ge=1)
+    max_timed: int = Field(default=8, ge=2, description="pareto: device benchmarks at most, the baseline's and "
+                           "the pick's confirmation included")
+    strategy: str = Field(default="pareto", description="pareto: predict every plan, build and time only what "
+                          "can win; greedy: step by measured step")
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, name: str) -> str:
+        from edgeprune.search import STRATEGIES
+
+        if name not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {name!r}")
+        return name
 
     @field_validator("depth_method", "width_method")
     @classmethod

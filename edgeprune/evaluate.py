@@ -68,7 +68,8 @@ class QualityTally:
 
 
 @torch.no_grad()
-def reference_log_probs(source: Any, windows: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
+def reference_log_probs(source: Any, windows: torch.Tensor, out: np.ndarray | None = None,
+                        label: str = "reference log-probs") -> np.ndarray:
     """The reference's log-probabilities for every held-out window, [n, len, vocab] float32, computed
     one layer at a time and written into `out` (a memory-mapped file, so they live on disk) or a
     new array. `source`: a WeightStore, a DecoderStream, or a model in memory."""
@@ -76,7 +77,7 @@ def reference_log_probs(source: Any, windows: torch.Tensor, out: np.ndarray | No
 
     stream = as_stream(source)
     # One window per batch, as the model would be run on each alone.
-    passes = SequentialPass(stream, windows, batch_size=1, label="reference log-probs")
+    passes = SequentialPass(stream, windows, batch_size=1, label=label)
     hidden = passes.run()
     norm = stream.final_norm()
     normed = [norm(hidden[i])[0] for i in range(len(windows))]

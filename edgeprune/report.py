@@ -38,6 +38,7 @@ def candidate_to_dict(c: Candidate, selected: Candidate | None, estimate: Predic
         "selected": c is selected,
         "predicted_on_device": c.prediction.to_dict() if c.prediction else None,
         "predicted_speedup": c.predicted_speedup,
+        "predicted_kld": c.predicted_kld,
         "estimate_on_target": estimate.to_dict() if estimate else None,
         "benchmark": c.bench.to_dict() if c.measured else None,
     }
@@ -53,6 +54,9 @@ def outcome_to_dict(outcome: SearchOutcome, estimates: dict[str, Prediction] | N
         "closest": outcome.closest.id,
         "budget_met": selected is not None,
         "not_built": outcome.skipped,
+        "strategy": outcome.strategy,
+        "reachable_speedup": outcome.reachable,  # without a pick: the best predicted within the limits
+        "strategy_details": outcome.details,
     }
 
 
@@ -103,7 +107,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{closest['id']} ({closest['step']}) at p90 {closest['latency_p90_s']:.3f} s, "
             f"{closest['speedup']:.2f}x faster than the unpruned model.",
         ]
-    lines += ["", f"Budget: {search['budget']['description']}. Search stopped: {search['stop_reason']}.", "",
+    reachable = search.get("reachable_speedup")
+    lines += ["", f"Budget: {search['budget']['description']}. Search ({search.get('strategy', 'greedy')}) stopped: "
+              f"{search['stop_reason']}."
+              + (f" The best speed-up predicted within the search limits: {reachable:.2f}x." if reachable else ""), "",
               "## Where this was measured", ""]
     lines += [f"- {n}" for n in report["notes"]]
     fleet = fleet_of(device)

@@ -195,7 +195,8 @@ def candidate_table(candidates: list[dict[str, Any]]) -> str:
             "decode tok/s", "peak RSS MiB"]
     if estimates:
         head.append('target s <span class="estimated">(estimated, not measured on the target)</span>')
-    head += ["KLD", "top-1", "PPL", "fate"]
+    predicted_kld = any(c.get("predicted_kld") is not None for c in candidates)
+    head += ["KLD", *(["predicted KLD"] if predicted_kld else []), "top-1", "PPL", "fate"]
     rows = ["<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
     for c in candidates:
         cls = "selected" if c["selected"] else ("" if c["measured"] else "untimed")
@@ -211,7 +212,10 @@ def candidate_table(candidates: list[dict[str, Any]]) -> str:
             est = c.get("estimate_on_target")
             cells.append(f'<td class="estimated">{est["latency_s"]:.3f}</td>' if est else "<td></td>")
         fate = c["verdict"] + ("; selected" if c["selected"] else "")
-        cells += [f"<td>{c['mean_kld']:.3f}</td>", f"<td>{c['top1_agreement'] * 100:.1f}%</td>",
+        cells.append(f"<td>{c['mean_kld']:.3f}</td>")
+        if predicted_kld:
+            cells.append(f"<td>{_num(c.get('predicted_kld'), '.3f')}</td>")
+        cells += [f"<td>{c['top1_agreement'] * 100:.1f}%</td>",
                   f"<td>{c['perplexity']:.2f}</td>", f'<td class="text">{_e(fate)}</td>']
         rows.append(f'<tr class="{cls}" id="row-{_e(c["id"])}">' + "".join(cells) + "</tr>")
     return '<table id="candidates">' + "".join(rows) + "</table>"
@@ -233,6 +237,11 @@ def _summary(report: dict[str, Any]) -> str:
     speed = f", {c['speedup']:.2f}x faster than the unpruned model" if c["speedup"] is not None else ""
     return (f'<p class="verdict-not-met">Budget not met: the closest candidate was {_e(c["id"])} '
             f"({_e(c['step'])}){speed}.</p>")
+
+
+def _reachable(search: dict[str, Any]) -> str:
+    speedup = search.get("reachable_speedup")
+    return f" The best speed-up predicted within the search limits: {speedup:.2f}x." if speedup else ""
 
 
 def _not_built(search: dict[str, Any]) -> str:
@@ -280,7 +289,8 @@ def render_html(report: dict[str, Any]) -> str:
         f"<h1>edgeprune build: {_e(report['model']['id'])} for target <code>{_e(target['name'])}</code></h1>",
         f"<p><em>{_e(target['description'])}</em></p>",
         _summary(report),
-        f"<p>Budget: {_e(search['budget']['description'])}. Search stopped: {_e(search['stop_reason'])}.</p>",
+        f"<p>Budget: {_e(search['budget']['description'])}. Search ({_e(search.get('strategy', 'greedy'))}) "
+        f"stopped: {_e(search['stop_reason'])}.{_reachable(search)}</p>",
         f"<p>Measured on {_e(measured_on)}.</p>",
     ]
     if estimated:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -105,6 +107,7 @@ def test_unreachable_budget_fails_naming_the_closest_candidate(tmp_path, cache_d
     # The limit that ended the search, named as the profile setting to raise.
     assert "the search stopped: candidate limit reached" in records[-1]["message"]
     assert "raise the profile's [search] max_" in records[-1]["message"]
+    assert re.search(r"the best speed-up predicted within the search limits is \d+\.\d\dx", records[-1]["message"])
     report = json.loads((out / "report.json").read_text())
     assert not report["search"]["budget_met"] and report["search"]["selected"] is None
     assert not report["device"]["is_target_arch"]  # arm16g measured on this x86 machine: a stand-in
@@ -115,6 +118,51 @@ def test_unreachable_budget_fails_naming_the_closest_candidate(tmp_path, cache_d
     timed = [c for c in report["search"]["candidates"] if c["measured"]]
     assert timed and all(c["estimate_on_target"]["label"] == "estimated" for c in timed)
     assert report["latency_model"]["estimated_for_target"] and "target s (est.)" in (out / "report.md").read_text()
+
+
+def test_pareto_predicts_every_plan_and_a_killed_build_resumes_without_retiming(tmp_path, cache_dir):
+    profile = tmp_path / "pareto.toml"
+    quick = (REPO / "profiles" / "quick.toml").read_text()
+    profile.write_text(quick.replace('strategy = "greedy"', 'strategy = "pareto"\nmax_timed = 6')
+                       .replace("repetitions = 3", "repetitions = 3\ntune_settings = false"))
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "edgeprune", "build", "--target", "demo", "--profile", str(profile), "--speedup",
+            "1.3", "-o", str(out), "--cache-dir", str(cache_dir), "--log-json"]
+    # Killed (with its workers) once the baseline and a first candidate are timed.
+    killed = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    timed_before = {}
+    for line in killed.stderr:
+        record = json.loads(line)
+        if record.get("event") == "candidate" and record.get("phase") == "timed":
+            timed_before[record["id"]] = record["latency_p90_s"]
+            if len(timed_before) == 2:
+                os.killpg(killed.pid, signal.SIGKILL)
+                break
+    killed.wait()
+    assert len(timed_before) == 2 and not out.exists()
+
+    proc = subprocess.run(args, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stderr.strip().splitlines()]
+    (resume,) = [r for r in records if r.get("event") == "stage" and r.get("name") == "resume"]
+    assert resume["benchmarks"] == 2
+    assert sum("timing replayed from the journal" in r.get("message", "") for r in records) == 2
+    search = json.loads((out / "report.json").read_text())["search"]
+    candidates = search["candidates"]
+    for cid, p90 in timed_before.items():  # the killed run's measurements, not new ones
+        assert next(c for c in candidates if c["id"] == cid)["latency_p90_s"] == p90
+
+    assert search["strategy"] == "pareto" and search["budget_met"]
+    assert search["strategy_details"]["plans_predicted"] > 100  # every plan within the limits, on paper
+    benchmarks = sum(c["measured"] for c in candidates) + sum(c["confirmed"] for c in candidates)
+    assert benchmarks <= 6
+    (sel,) = [c for c in candidates if c["selected"]]
+    assert sel["confirmed"] and sel["speedup"] >= 1.3 and sel["step"] != "unpruned"
+    # Each candidate's KLD was predicted before it was built, from the torch proxy and the quantization
+    # error measured so far: the same order of magnitude as the KLD llama.cpp then gave it.
+    for c in candidates[1:]:
+        assert 0.5 * c["mean_kld"] <= c["predicted_kld"] <= 2 * c["mean_kld"] + 0.05, c
+    assert "Search (pareto) stopped" in (out / "report.md").read_text()
 
 
 def test_build_from_hf_directory_with_calibration_file(tmp_path, cache_dir, embedded_reference):

@@ -80,6 +80,12 @@ def test_bad_budget_override(tmp_path):
     assert_clean_error(proc, "Invalid budget override", "speedup")
 
 
+def test_an_unknown_strategy(tmp_path):
+    proc = edgeprune("build", "--target", "demo", "--strategy", "random", "-o", str(tmp_path / "o"))
+    assert_clean_error(proc, "Invalid --strategy: strategy must be one of greedy, pareto, not 'random'.")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("runtime, message", [
     ("tvm", "--runtime names the unknown runtime 'tvm': edgeprune runs models with llama.cpp, onnxruntime."),
     ("onnxruntime", "onnxruntime cannot be searched for target demo: ONNX Runtime candidates cannot be bundled"),

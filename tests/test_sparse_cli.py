@@ -97,13 +97,16 @@ def test_a_target_that_opts_in_gets_sparse_candidates_measured(tmp_path, cache_d
     target.write_text((REPO / "targets" / "demo.toml").read_text() + (
         '\n[sparsity]\nmethod = "magnitude"\nsparsity = 0.5\n'
         'reason = "The controller vendor\'s runtime skips zero blocks."\n'))
+    # A space of one depth step (3 layers) and no recipe: the sparse step, then the depth path.
     profile = tmp_path / "tiny-search.toml"
-    profile.write_text((REPO / "profiles" / "quick.toml").read_text().replace("max_candidates = 10",
-                                                                               "max_candidates = 3"))
+    profile.write_text((REPO / "profiles" / "quick.toml").read_text()
+                       .replace("max_candidates = 10", "max_candidates = 2")
+                       .replace("max_layer_fraction = 0.5", "max_layer_fraction = 0.1")
+                       .replace('recipes = ["default", "iq4_nl-narrow-keep-v"]', 'recipes = ["default"]'))
     out = tmp_path / "out"
     proc = edgeprune("build", "--target", str(target), "--profile", str(profile), "--speedup", "3", "-o", str(out),
                      "--cache-dir", str(cache_dir), "-q")
-    assert proc.returncode == 1, proc.stderr  # 3x is out of reach in three candidates
+    assert proc.returncode == 1, proc.stderr  # 3x is out of reach of 3 layers
     report = json.loads((out / "report.json").read_text())
     base, sparse = report["search"]["candidates"][:2]
     assert sparse["step"] == "magnitude 50% sparse" and sparse["plan"] == base["plan"]
@@ -114,12 +117,14 @@ def test_a_target_that_opts_in_gets_sparse_candidates_measured(tmp_path, cache_d
 
 
 def test_a_target_without_opt_in_says_why_sparsity_is_not_searched(tmp_path, cache_dir):
+    # The unpruned model meets a generous latency budget: one candidate, nothing tuned.
     profile = tmp_path / "one.toml"
-    profile.write_text((REPO / "profiles" / "quick.toml").read_text().replace("max_candidates = 10",
-                                                                               "max_candidates = 1"))
+    profile.write_text((REPO / "profiles" / "quick.toml").read_text()
+                       .replace("repetitions = 3", "repetitions = 3\ntune_settings = false"))
     out = tmp_path / "out"
-    edgeprune("build", "--target", "demo", "--profile", str(profile), "-o", str(out), "--cache-dir", str(cache_dir),
-              "-q")
+    proc = edgeprune("build", "--target", "demo", "--profile", str(profile), "--latency-budget", "60", "-o", str(out),
+                     "--cache-dir", str(cache_dir), "-q")
+    assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
     assert all("sparse" not in c["step"] for c in report["search"]["candidates"])
     assert any(n.startswith("Sparsity was not searched") and "neither faster nor smaller" in n

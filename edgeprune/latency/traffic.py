@@ -18,7 +18,7 @@ from typing import Any
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.families import gguf_archs
-from edgeprune.gguf_file import Hparams, hparams, is_weight, read_gguf
+from edgeprune.gguf_file import hparams, is_weight, read_gguf
 
 TOKEN_EMBD, OUTPUT = "token_embd.weight", "output.weight"
 KV_BYTES = 2  # F16 K/V cache, llama.cpp's default (runtimes/llamacpp.load keeps it)
@@ -53,31 +53,38 @@ class ModelTraffic:
         if hp.arch not in gguf_archs():
             raise EdgepruneError(f"{path.name} is a GGUF of architecture {hp.arch!r}; the latency model knows "
                                  f"{', '.join(gguf_archs())}.")
-        tensors = {t.name: t for t in reader.tensors}
-        if TOKEN_EMBD not in tensors:
+        tensors = [TensorCost.of(t) for t in reader.tensors]
+        if TOKEN_EMBD not in {t.name for t in tensors}:
             raise EdgepruneError(f"{path.name} has no {TOKEN_EMBD}; it is not a complete model.")
-        tied = OUTPUT not in tensors
-        output = tensors[TOKEN_EMBD] if tied else tensors[OUTPUT]
+        kv_bytes, attn_flops = attention_costs(hp.heads, hp.kv_heads, hp.head_dim, hp.value_dim)
+        return cls.of_tensors(path.name, tensors, kv_bytes, attn_flops, path.stat().st_size)
+
+    @classmethod
+    def of_tensors(cls, name: str, tensors: list[TensorCost], kv_bytes_per_position: int,
+                   attention_flops_per_position: int, file_bytes: int, runtime: str = "llama.cpp") -> ModelTraffic:
+        """The per-token costs of a model made of `tensors` (see the module's docstring)."""
+        by_name = {t.name: t for t in tensors}
+        tied = OUTPUT not in by_name
+        output = by_name[TOKEN_EMBD] if tied else by_name[OUTPUT]
         weight_bytes = flops = 0
-        for t in reader.tensors:
+        for t in tensors:
             if t.name == TOKEN_EMBD and not tied:
-                rows = int(t.shape[-1])  # ggml order: [hidden, vocab]
-                weight_bytes += int(t.n_bytes) // rows  # one embedding row per token
+                weight_bytes += t.n_bytes // t.rows  # one embedding row per token
                 continue
-            weight_bytes += int(t.n_bytes)  # norms and RoPE factors too: read every token, small
-            if t is output or _MATMUL.match(t.name) or (is_weight(t) and not _NOT_MATMUL.search(t.name)):
-                flops += 2 * int(t.n_elements)
-        kv_bytes, attn_flops = _attention(hp)
+            weight_bytes += t.n_bytes  # norms and RoPE factors too: read every token, small
+            if t is output or t.matmul:
+                flops += 2 * t.elements
         return cls(
-            name=path.name,
+            name=name,
             weight_bytes_per_token=weight_bytes,
             flops_per_token=flops,
-            output_flops=2 * int(output.n_elements),
-            kv_bytes_per_position=kv_bytes,
-            attention_flops_per_position=attn_flops,
-            parameters=sum(int(t.n_elements) for t in reader.tensors),
-            file_bytes=path.stat().st_size,
+            output_flops=2 * output.elements,
+            kv_bytes_per_position=kv_bytes_per_position,
+            attention_flops_per_position=attention_flops_per_position,
+            parameters=sum(t.elements for t in tensors),
+            file_bytes=file_bytes,
             tied=tied,
+            runtime=runtime,
         )
 
     def kv_bytes_per_token(self, position: int) -> int:
@@ -99,10 +106,27 @@ class ModelTraffic:
         return asdict(self)
 
 
-def _attention(hp: Hparams) -> tuple[int, int]:
+@dataclass(frozen=True)
+class TensorCost:
+    """What one stored tensor weighs: its elements, its bytes as stored, its rows (the last ggml
+    dimension: an embedding's vocabulary) and whether decoding multiplies through it."""
+
+    name: str
+    elements: int
+    n_bytes: int
+    rows: int
+    matmul: bool
+
+    @classmethod
+    def of(cls, t: Any) -> TensorCost:
+        """A GGUF reader's tensor."""
+        matmul = bool(_MATMUL.match(t.name) or (is_weight(t) and not _NOT_MATMUL.search(t.name)))
+        return cls(t.name, int(t.n_elements), int(t.n_bytes), int(t.shape[-1]), matmul)
+
+
+def attention_costs(heads: list[int], kv_heads: list[int], k_dim: int, v_dim: int) -> tuple[int, int]:
     """(K+V cache bytes, attention FLOPs) per context position, summed over the layers that attend.
     A `deci` layer with head count 0 has no attention, so it neither caches nor reads K/V."""
-    k_dim, v_dim = hp.head_dim, hp.value_dim
-    kv_bytes = sum(kv * (k_dim + v_dim) * KV_BYTES for h, kv in zip(hp.heads, hp.kv_heads, strict=True) if h > 0)
-    flops = sum(2 * h * (k_dim + v_dim) for h in hp.heads)  # q.k over k_dim, then p.v over v_dim, per head
+    kv_bytes = sum(kv * (k_dim + v_dim) * KV_BYTES for h, kv in zip(heads, kv_heads, strict=True) if h > 0)
+    flops = sum(2 * h * (k_dim + v_dim) for h in heads)  # q.k over k_dim, then p.v over v_dim, per head
     return kv_bytes, flops

@@ -134,19 +134,54 @@ class SearchSpace:
         """The unpruned model in the first runtime: what every candidate is timed beside."""
         return State(0, runtime=next(iter(self.runtimes)))
 
-    def kinds(self, state: State) -> frozenset[str]:
-        """What `state` changes from the unpruned model, one name per kind of step: the latency
-        model errs differently for each (a recipe's quantization types above all)."""
-        changed = {
-            "layers": state.layers_dropped > 0,
-            "attention sublayers": state.attention_removed > 0,
-            "heads": state.heads is not None,
-            "FFN width": state.ffn is not None,
-            f"recipe {state.recipe}": state.recipe != "default",
-            "sparsity": state.sparse is not None,
-            f"runtime {state.runtime}": state.runtime != self.baseline().runtime,
+    def features(self, state: State) -> dict[str, float]:
+        """What `state` changes from the unpruned model, one name per kind of step (the latency
+        model errs differently for each, a recipe's quantization types above all), with how much:
+        the share of the model's layers, attention sublayers, query heads or FFN channels removed,
+        or 1 for a recipe, sparsity or another runtime."""
+        shape = self.shape
+        amounts = {
+            "layers": state.layers_dropped / shape.n_layers,
+            "attention sublayers": state.attention_removed / shape.n_layers,
+            "heads": 1 - state.heads.heads / shape.n_head if state.heads else 0.0,
+            "FFN width": 1 - state.ffn / shape.ffn if state.ffn else 0.0,
+            f"recipe {state.recipe}": float(state.recipe != "default"),
+            "sparsity": float(state.sparse is not None),
+            f"runtime {state.runtime}": float(state.runtime != self.baseline().runtime),
         }
-        return frozenset(kind for kind, on in changed.items() if on)
+        return {kind: amount for kind, amount in amounts.items() if amount}
+
+    def kinds(self, state: State) -> frozenset[str]:
+        return frozenset(self.features(state))
+
+    def _attention_levels(self, layers_dropped: int) -> list[int]:
+        step = self.settings.attention_step if self.shape.per_layer else 0
+        top = min(self.max_attention, max(self.shape.n_layers - layers_dropped - 2, 0)) if step else 0
+        return sorted(set(range(0, top + 1, step or 1)) | {top})
+
+    def _recipes(self, runtime: SearchRuntime) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(("default", *self.settings.recipes))) if runtime.recipes else ("default",)
+
+    def grid(self) -> list[State]:
+        """Every dense state within the limits, in every runtime: each depth (a layer at a time),
+        attention sublayers in the profile's steps (and its limit), each head structure, each FFN
+        width, each recipe of the profile where the runtime takes recipes."""
+        heads = [None, *self.head_structures] if self.shape.head_pruning else [None]
+        return [State(d, h, f, recipe, None, a, runtime.name)
+                for runtime in self.runtimes.values()
+                for recipe in self._recipes(runtime)
+                for d in range(self.max_layers + 1)
+                for a in self._attention_levels(d)
+                for h in heads
+                for f in [None, *self.ffn_widths]]
+
+    def corners(self) -> list[State]:
+        """The most-pruned state of each runtime and recipe: every limit reached."""
+        heads = self.head_structures[-1] if self.head_structures and self.shape.head_pruning else None
+        ffn = self.ffn_widths[-1] if self.ffn_widths else None
+        return [State(self.max_layers, heads, ffn, recipe, None, self._attention_levels(self.max_layers)[-1],
+                      runtime.name)
+                for runtime in self.runtimes.values() for recipe in self._recipes(runtime)]
 
     def in_other_runtimes(self, state: State) -> list[State]:
         """The same structure realised in each other allowed runtime (its default recipe where
