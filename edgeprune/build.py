@@ -7,66 +7,55 @@ import functools
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from edgeprune import __version__
 from edgeprune.bundle import check_output_dir, write_output
-from edgeprune.config import Profile, SearchSettings, SparsitySpec, Target
+from edgeprune.config import Profile, Target
 from edgeprune.data import HFDataset, TextSplits
 from edgeprune.devices import Device
 from edgeprune.devices.local import LocalDevice
 from edgeprune.errors import EdgepruneError
-from edgeprune.evaluate import Quality, kl_divergence, reference_log_probs
+from edgeprune.evaluator import CandidateEvaluator
 from edgeprune.events import STAGE, event
 from edgeprune.fleet import Fleet, open_fleet
 from edgeprune.footprint import Estimate, Work, compared
 from edgeprune.journal import BenchmarkJournal
-from edgeprune.latency import ModelTraffic, Prediction, host_profile
-from edgeprune.latency.planned import TrafficPlanner
-from edgeprune.measure import BenchmarkRecord, Workload
+from edgeprune.latency import Prediction, host_profile
+from edgeprune.measure import Workload
 from edgeprune.memory import TreeSampler
-from edgeprune.models import ModelSource, Reference, load_reference, resolve_source
+from edgeprune.models import ModelSource, load_reference, resolve_source
 from edgeprune.models.reference import open_weights
-from edgeprune.models.streamed import DecoderStream
 from edgeprune.models.weights import WeightStore
 from edgeprune.pipeline import (
-    CandidateModel,
-    CandidateQuality,
-    SparseWeights,
     calibration_splits,
     importance_of,
     reference_logprobs,
 )
 from edgeprune.preflight import preflight
-from edgeprune.prune import ModelShape, Plan
-from edgeprune.quantize import RECIPES, QuantSpec
+from edgeprune.prune import ModelShape
 from edgeprune.report import outcome_to_dict
-from edgeprune.runtimes.base import Runner, Runtime
+from edgeprune.runtimes.base import Runtime
 from edgeprune.runtimes.registry import DEFAULT, get_runtime
 from edgeprune.search import (
-    Candidate,
     SearchOutcome,
     SearchPredictor,
     SearchRuntime,
     SearchSpace,
-    State,
     run_search,
 )
 from edgeprune.search.predict import device_latency_model, target_estimates
 from edgeprune.search.tuning import tune
 from edgeprune.signing import check_signing_key
-from edgeprune.stages import StageOutput, StageRunner
+from edgeprune.stages import StageRunner
 
 log = logging.getLogger(__name__)
 
-PROXY_WINDOWS = 2  # held-out windows the pareto strategy's torch proxy reads per plan
 
 
 class BuildConfig(BaseModel):
@@ -102,133 +91,6 @@ def default_cache_dir() -> Path:
     if root:
         return Path(root)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgeprune"
-
-
-@dataclass
-class CandidateEvaluator:
-    """Plan -> a runtime's quantized model file -> quality vs the reference -> benchmark on the device."""
-
-    reference: Reference
-    runner: StageRunner
-    fleet: Fleet  # the target's device(s): how each times each runtime's files
-    workload: Workload
-    splits: TextSplits
-    ref_logps: np.ndarray  # memory-mapped from the stage cache
-    settings: SearchSettings
-    threads: int
-    sparsity: SparsitySpec | None = None  # the target's opt-in; applied to states marked sparse
-    evicts: bool = False  # delete released candidates' files: the disk cannot hold them all
-    journal: BenchmarkJournal | None = None  # benchmarks taken, replayed by a rerun of a killed build
-    _planner: tuple[Path, TrafficPlanner] | None = None  # for the baseline file it was read from
-    _built: dict[str, tuple[CandidateModel, StageOutput]] = field(default_factory=dict)  # by candidate id
-    _held: dict[str, set[str]] = field(default_factory=dict)  # cache key -> ids of candidates using its file
-
-    @property
-    def shape(self) -> ModelShape:
-        return ModelShape.from_config(self.reference.config)
-
-    @property
-    def timers(self) -> dict[str, Runner]:
-        """By runtime name: how the first device still in the fleet times that runtime's files."""
-        return self.fleet.primary
-
-    @property
-    def parallel(self) -> int:
-        """How many candidates can be timed at once: one per device."""
-        return self.fleet.size
-
-    def runtime(self, name: str) -> Runtime:
-        runtime = self.timers[name].runtime
-        if runtime is None:
-            raise ValueError("the evaluator times with runners made by runtimes (Runtime.runner)")
-        return runtime
-
-    def traffic(self, model: Path) -> ModelTraffic:
-        """Per-token costs of a candidate's file, read by the runtime of its format."""
-        (runtime,) = (self.runtime(n) for n in self.timers if self.runtime(n).format.suffix == Path(model).suffix)
-        return runtime.traffic(model)
-
-    def build(self, state: State, plan: Plan, cid: str) -> Candidate:
-        runtime = self.runtime(state.runtime)
-        quant = QuantSpec(runtime.search_quant(self.settings), state.recipe, self.settings.imatrix)
-        sparse = None
-        if state.sparse is not None:
-            sparse = self.runner.run(SparseWeights(self.reference, plan, self.sparsity, self.splits))
-        fmt = runtime.format
-        stage = CandidateModel(self.reference, plan, quant, self.splits, self.threads, sparse, fmt)
-        model = self.runner.run(stage)
-        self._built[cid] = (stage, model)
-        self._held.setdefault(model.key, set()).add(cid)
-        gguf = stage.file(model)
-        quality = self.runner.run(CandidateQuality(gguf, model.key, self.splits, self.ref_logps, self.threads, fmt))
-        return Candidate(
-            id=cid,
-            state=state,
-            plan=plan,
-            model=gguf,
-            size_bytes=model.result["size_bytes"],
-            parameters=model.result["parameters"],
-            quality=Quality(**quality.result),
-        )
-
-    def benchmark(self, candidate: Candidate, baseline: Candidate | None) -> BenchmarkRecord:
-        return self.benchmark_all([candidate], baseline)[0]
-
-    def planned_traffic(self, baseline: Candidate, state: State, plan: Plan) -> ModelTraffic:
-        """A state's per-token costs on paper, from the baseline's GGUF (latency/planned.py)."""
-        if Path(baseline.model).suffix != ".gguf":
-            raise NotImplementedError("plans are costed from a GGUF baseline")
-        if self._planner is None or self._planner[0] != baseline.model:
-            quant = self.runtime(baseline.state.runtime).search_quant(self.settings)
-            self._planner = (baseline.model, TrafficPlanner(baseline.model, self.shape, quant))
-        return self._planner[1].traffic(plan, RECIPES[state.recipe], state.describe(), runtime=state.runtime)
-
-    def proxy_kld(self, plan: Plan) -> float:
-        """The plan's unquantized KLD to the reference on the first PROXY_WINDOWS held-out windows, in torch."""
-        windows = self.splits.heldout[:PROXY_WINDOWS]
-        logps = reference_log_probs(DecoderStream(self.reference.weights, plan), windows, label="proxy KLD")
-        ref = torch.from_numpy(np.array(self.ref_logps[: len(windows)]))  # a copy: the cache is read-only
-        vocab = ref.shape[-1]
-        return float(kl_divergence(ref.reshape(-1, vocab), torch.from_numpy(logps).reshape(-1, vocab)).mean())
-
-    def benchmark_all(self, candidates: list[Candidate], baseline: Candidate | None) -> list[BenchmarkRecord]:
-        """Each candidate timed on one device of the fleet, alongside `baseline` on that device (or
-        replayed from the journal of a killed run of this build)."""
-        def time_one(timers: dict[str, Runner], candidate: Candidate) -> BenchmarkRecord:
-            return timers[candidate.state.runtime].benchmark(candidate.model, self.workload,
-                                                             baseline.model if baseline else None)
-
-        def key(candidate: Candidate) -> str:
-            pair = self._built[baseline.id][1].key if baseline is not None else None
-            return f"{candidate.state.runtime} {self._built[candidate.id][1].key} {pair}"
-
-        records: dict[str, BenchmarkRecord] = {}
-        for candidate in candidates:
-            replayed = self.journal.replay(key(candidate)) if self.journal is not None else None
-            if replayed is not None:
-                log.info("%s: timing replayed from the journal of a killed run of this build", candidate.id)
-                records[candidate.id] = replayed
-        todo = [c for c in candidates if c.id not in records]
-        t0 = time.perf_counter()
-        for candidate, record in zip(todo, self.fleet.map(time_one, todo) if todo else [], strict=True):
-            records[candidate.id] = record
-            if self.journal is not None:
-                self.journal.record(key(candidate), record)
-        self.runner.timings["benchmark"] = self.runner.timings.get("benchmark", 0.0) + time.perf_counter() - t0
-        return [records[c.id] for c in candidates]
-
-    def release(self, candidate: Candidate) -> None:
-        _, model = self._built[candidate.id]
-        holders = self._held[model.key]
-        holders.discard(candidate.id)
-        if self.evicts and not holders:  # two steps can make the same file (the same plan and recipe)
-            self.runner.discard(model)
-            log.info("%s: model file removed from the cache (rebuilt if needed again)", candidate.id)
-
-    def restore(self, candidate: Candidate) -> None:
-        stage, model = self._built[candidate.id]
-        self.runner.run(stage)  # rebuilt if removed; the same key, so the same path
-        self._held[model.key].add(candidate.id)
 
 
 def _tuned_settings(outcome: SearchOutcome, evaluate: CandidateEvaluator, runtime: Runtime, profile: Profile,

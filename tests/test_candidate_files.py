@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 
 from conftest import calibration_text, save_tiny_hf
-from edgeprune.build import CandidateEvaluator
 from edgeprune.config import CalibrationSettings, load_profile
 from edgeprune.data import from_file
 from edgeprune.devices import get_device
+from edgeprune.evaluator import CandidateEvaluator
 from edgeprune.fleet import Fleet
 from edgeprune.hashing import sha256_file
 from edgeprune.measure import Workload

@@ -118,7 +118,6 @@ LIMITS = {
 }
 
 
-
 class SearchLoop:
     """What every strategy shares: the baseline timed first, candidates built and timed (or judged
     from their prediction) with progress events, files released once judged, a pick confirmed by a
