@@ -4,13 +4,13 @@ Files: written aside under a reserved name, then renamed over the real one. The 
 keeps a temporary file from ever being mistaken for a real one (a bundle's checksums, say) when a
 killed process leaves it behind; `remove_leftovers` clears those.
 
-Directories: a writer fills a temporary sibling `<name>.tmp-<pid>-<random>` and renames it when
-complete, so
-readers never see a half-written directory. A cache entry is built under an exclusive lock on
+Directories: a writer fills a temporary sibling `<name>.tmp-<host>@<pid>-<random>` and renames it
+when complete, so readers never see a half-written directory. A cache entry is built under an exclusive lock on
 `<name>.lock` (fcntl.flock, released by the kernel when its holder dies, even by SIGKILL): two
 builds sharing a cache compute it once, the second waits and reuses it. Temporary directories whose
-writer is dead are swept by the next writer; the pid in the name says whose they are (one machine
-per cache directory: a pid from another machine or PID namespace cannot be checked).
+writer is dead are swept by the next writer on the same machine; the host and pid in the name say
+whose they are. A cache shared by several machines (a Ray cluster's nodes over NFS) is safe: a
+writer never sweeps another machine's temporary directories, whose pids it cannot check.
 """
 
 from __future__ import annotations
@@ -56,13 +56,14 @@ def remove_leftovers(directory: Path, legacy: tuple[str, ...] = ()) -> list[str]
 
 
 TMP = ".tmp-"
-_OWNER = re.compile(r"\.tmp-(\d+)-[a-z0-9_]+$")
+_OWNER = re.compile(r"\.tmp-(?:([A-Za-z0-9_.-]+)@)?(\d+)-[a-z0-9_]+$")  # no host: written by an older version
+_HOST = os.uname().nodename.replace("@", "_") or "localhost"
 
 
 def make_tmp(final: Path) -> Path:
     """An empty temporary sibling of `final` that names this process as its writer."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{final.name}{TMP}{os.getpid()}-", dir=final.parent))
+    return Path(tempfile.mkdtemp(prefix=f"{final.name}{TMP}{_HOST}@{os.getpid()}-", dir=final.parent))
 
 
 def sweep(directory: Path, prefix: str = "") -> int:
@@ -82,7 +83,9 @@ def _writer_alive(tmp: Path) -> bool:
     m = _OWNER.search(tmp.name)
     if m is None:  # written before the pid was recorded: nobody alive can be filling it
         return False
-    pid = int(m.group(1))
+    if m.group(1) not in (None, _HOST):  # another machine's: its pid cannot be checked from here
+        return True
+    pid = int(m.group(2))
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

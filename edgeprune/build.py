@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from edgeprune import __version__
 from edgeprune.bundle import check_output_dir, write_output
@@ -23,6 +23,7 @@ from edgeprune.devices.local import LocalDevice
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluator import CandidateEvaluator
 from edgeprune.events import STAGE, event
+from edgeprune.executors import BuildContext, Executor, InProcess, check_executor, open_executor
 from edgeprune.fleet import Fleet, open_fleet
 from edgeprune.footprint import Estimate, Work, compared
 from edgeprune.journal import BenchmarkJournal
@@ -73,6 +74,12 @@ class BuildConfig(BaseModel):
     force: bool = False
     sign_key: Path | None = None  # an OpenSSH private key: the bundle's manifest is signed with it
     runtimes: tuple[str, ...] = ()  # --runtime: replaces the target's [runtime] allowed list
+    executor: str = "local"  # --executor: where candidates are built (executors/base.py)
+
+    @field_validator("executor")
+    @classmethod
+    def _known_executor(cls, spec: str) -> str:
+        return check_executor(spec)
 
 
 @dataclass
@@ -204,13 +211,15 @@ def build(config: BuildConfig) -> BuildResult:
     work = Work.for_build(profile.search, self_generated=config.calib is None, bench_tokens=bench_tokens,
                           sparse=target.sparsity.method if target.sparsity else None)
     memory = preflight(weights, profile.calibration, work, config.cache_dir, config.output_dir)
-    with TreeSampler() as measured, open_fleet(target, config.cache_dir, runtimes) as fleet:
-        result = _build(config, source, weights, target, profile, fleet, excluded, t_start, memory, measured)
+    with TreeSampler() as measured, open_fleet(target, config.cache_dir, runtimes) as fleet, \
+            open_executor(config.executor) as executor:
+        result = _build(config, source, weights, target, profile, fleet, executor, excluded, t_start, memory,
+                        measured)
     return result
 
 
 def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, target: Target, profile: Profile,
-           fleet: Fleet, excluded: dict[str, str], t_start: float, memory: Estimate,
+           fleet: Fleet, executor: Executor, excluded: dict[str, str], t_start: float, memory: Estimate,
            measured: TreeSampler) -> BuildResult:
     timers = fleet.primary
     baseline_runtime = next(iter(timers))
@@ -238,10 +247,12 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
     if journal.pending:
         event(log, STAGE, "resuming a killed run of this build: %d benchmark(s) it took are replayed, not retimed",
               journal.pending, name="resume", benchmarks=journal.pending)
-    evaluate = CandidateEvaluator(
-        reference, runner, fleet, workload, splits, ref_logps, profile.search, threads, sparsity, memory.evicts,
-        journal,
-    )
+    context = BuildContext.here(reference, runner, splits, ref_logps, config.cache_dir, config.trust_remote_code)
+    if not isinstance(executor, InProcess):
+        event(log, STAGE, "candidates are built on %s", executor.describe(), name="executor",
+              executor=executor.describe())
+    evaluate = CandidateEvaluator(context, fleet, workload, profile.search, threads, sparsity, memory.evicts,
+                                  journal, executor)
     runtimes = tuple(SearchRuntime(n, evaluate.runtime(n).recipes) for n in timers)
     space = SearchSpace(shape, importance, profile.search, sparsity, runtimes)
     local = isinstance(device, LocalDevice)
@@ -304,6 +315,7 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
             "repetitions": workload.repetitions,
         },
         "runtime_settings": runtime_settings,
+        "executor": executor.describe(),  # where candidates were built
         "search": outcome_to_dict(outcome, estimates) | {
             "candidate_files": "removed once judged: the cache could not hold them all" if memory.evicts
             else "kept in the cache"},

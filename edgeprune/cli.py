@@ -53,12 +53,17 @@ def cli() -> None:
 @click.option("--strategy", default=None,
               help="How the search walks the space: greedy (step by measured step) or pareto (predict every plan, "
                    "build and time only what can win). Default: the profile's [search] strategy.")
+@click.option("--executor", default="local", show_default=True,
+              help="Where candidates are built: local (this process), ray (a Ray started here, or the cluster "
+                   "RAY_ADDRESS names), ray:HOST:PORT (a cluster's head, from one of its nodes) or ray://HOST:PORT "
+                   "(Ray Client). A cluster's nodes share the --cache-dir and run the same edgeprune "
+                   "(pip install 'edgeprune[ray]').")
 @input_options
 @device_options(fleet=True)
 @logging_options
 def build(target_name: str, model: str | None, calib: Path | HFDataset | None, output_dir: Path | None,
           latency_budget: float | None, speedup: float | None, profile_name: str, sign_key: Path | None,
-          runtimes: tuple[str, ...], strategy: str | None, cache_dir: Path | None, force: bool,
+          runtimes: tuple[str, ...], strategy: str | None, executor: str, cache_dir: Path | None, force: bool,
           trust_remote_code: bool, device_overrides: dict, calibration_overrides: dict) -> None:
     """Search pruning + quantization candidates until one meets the target's SLO; write it out.
 
@@ -69,6 +74,7 @@ def build(target_name: str, model: str | None, calib: Path | HFDataset | None, o
     from edgeprune.build import BuildConfig, default_cache_dir
     from edgeprune.build import build as run_build
     from edgeprune.config import RuntimeTable, SearchSettings, first_error
+    from edgeprune.executors import check_executor
 
     target = with_device(load_target(target_name), device_overrides)
     if latency_budget is not None or speedup is not None:
@@ -86,6 +92,10 @@ def build(target_name: str, model: str | None, calib: Path | HFDataset | None, o
             why = first_error(e).removeprefix("'strategy': ")
             raise EdgepruneError(f"Invalid --strategy: {why}.") from None
         profile = profile.model_copy(update={"search": search})
+    try:
+        check_executor(executor)
+    except ValueError as e:
+        raise EdgepruneError(f"Invalid --executor: {e}.") from None
     config = BuildConfig(
         target=target,
         profile=profile,
@@ -97,6 +107,7 @@ def build(target_name: str, model: str | None, calib: Path | HFDataset | None, o
         force=force,
         sign_key=sign_key,
         runtimes=runtimes,
+        executor=executor,
     )
     result = run_build(config)
     print_summary(result)

@@ -1,6 +1,7 @@
 """What the search works with on a real model: a plan made into a runtime's quantized model file,
-its quality against the reference, its benchmark on the device(s), and the estimates the pareto
-strategy makes before building (a plan's traffic on paper, its torch proxy KLD)."""
+its quality against the reference (both as jobs an executor runs: here, or on a Ray cluster), its
+benchmark on the device(s), and the estimates the pareto strategy makes before building (a plan's
+traffic on paper, its torch proxy KLD)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import torch
 
 from edgeprune.config import SearchSettings, SparsitySpec
 from edgeprune.data import TextSplits
+from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate import Quality, kl_divergence, reference_log_probs
+from edgeprune.executors import BuildContext, Built, CandidateJob, Executor, InProcess
 from edgeprune.fleet import Fleet
 from edgeprune.journal import BenchmarkJournal
 from edgeprune.latency import ModelTraffic
@@ -22,12 +25,12 @@ from edgeprune.latency.planned import TrafficPlanner
 from edgeprune.measure import BenchmarkRecord, Workload
 from edgeprune.models import Reference
 from edgeprune.models.streamed import DecoderStream
-from edgeprune.pipeline import CandidateModel, CandidateQuality, SparseWeights
+from edgeprune.pipeline import CandidateModel
 from edgeprune.prune import ModelShape, Plan
 from edgeprune.quantize import RECIPES, QuantSpec
 from edgeprune.runtimes.base import Runner, Runtime
 from edgeprune.search import Candidate, State
-from edgeprune.stages import StageOutput, StageRunner
+from edgeprune.stages import Stage, StageOutput, StageRunner
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +41,34 @@ PROXY_WINDOWS = 2  # held-out windows the pareto strategy's torch proxy reads pe
 class CandidateEvaluator:
     """Plan -> a runtime's quantized model file -> quality vs the reference -> benchmark on the device."""
 
-    reference: Reference
-    runner: StageRunner
+    context: BuildContext  # the reference, the stage cache, the text windows, the reference's log-probs
     fleet: Fleet  # the target's device(s): how each times each runtime's files
     workload: Workload
-    splits: TextSplits
-    ref_logps: np.ndarray  # memory-mapped from the stage cache
     settings: SearchSettings
     threads: int
     sparsity: SparsitySpec | None = None  # the target's opt-in; applied to states marked sparse
     evicts: bool = False  # delete released candidates' files: the disk cannot hold them all
     journal: BenchmarkJournal | None = None  # benchmarks taken, replayed by a rerun of a killed build
+    executor: Executor = field(default_factory=InProcess)  # where candidates are built
     _planner: tuple[Path, TrafficPlanner] | None = None  # for the baseline file it was read from
     _built: dict[str, tuple[CandidateModel, StageOutput]] = field(default_factory=dict)  # by candidate id
     _held: dict[str, set[str]] = field(default_factory=dict)  # cache key -> ids of candidates using its file
+
+    @property
+    def reference(self) -> Reference:
+        return self.context.reference
+
+    @property
+    def runner(self) -> StageRunner:
+        return self.context.runner
+
+    @property
+    def splits(self) -> TextSplits:
+        return self.context.splits
+
+    @property
+    def ref_logps(self) -> np.ndarray:
+        return self.context.ref_logps
 
     @property
     def shape(self) -> ModelShape:
@@ -79,27 +96,57 @@ class CandidateEvaluator:
         return runtime.traffic(model)
 
     def build(self, state: State, plan: Plan, cid: str) -> Candidate:
-        runtime = self.runtime(state.runtime)
-        quant = QuantSpec(runtime.search_quant(self.settings), state.recipe, self.settings.imatrix)
-        sparse = None
-        if state.sparse is not None:
-            sparse = self.runner.run(SparseWeights(self.reference, plan, self.sparsity, self.splits))
-        fmt = runtime.format
-        stage = CandidateModel(self.reference, plan, quant, self.splits, self.threads, sparse, fmt)
-        model = self.runner.run(stage)
-        self._built[cid] = (stage, model)
-        self._held.setdefault(model.key, set()).add(cid)
-        gguf = stage.file(model)
-        quality = self.runner.run(CandidateQuality(gguf, model.key, self.splits, self.ref_logps, self.threads, fmt))
+        return self.build_all([(state, plan, cid)])[0]
+
+    def build_all(self, requests: list[tuple[State, Plan, str]]) -> list[Candidate]:
+        """Build candidates (file, then quality) through the executor, as many at once as it runs;
+        in the requests' order."""
+        jobs = {cid: (state, plan, self._job(state, plan, cid)) for state, plan, cid in requests}
+        built: dict[str, Candidate] = {}
+        remote = not isinstance(self.executor, InProcess)
+        t0 = time.perf_counter()
+        for report in self.executor.run(self.context, [job for _, _, job in jobs.values()], self.threads):
+            built[report.cid] = self._collect(*jobs[report.cid], report, remote)
+        if remote:  # the stages' own timings stayed with the workers
+            self.runner.timings["remote builds"] = self.runner.timings.get("remote builds", 0.0) + \
+                time.perf_counter() - t0
+        return [built[cid] for _, _, cid in requests]
+
+    def _job(self, state: State, plan: Plan, cid: str) -> CandidateJob:
+        quant = QuantSpec(self.runtime(state.runtime).search_quant(self.settings), state.recipe, self.settings.imatrix)
+        return CandidateJob(cid, state.runtime, plan, quant, self.sparsity if state.sparse is not None else None)
+
+    def _collect(self, state: State, plan: Plan, job: CandidateJob, report: Built, remote: bool) -> Candidate:
+        """The candidate a finished job made, read from the stage cache."""
+        if remote and report.made:
+            log.info("%s built by %s in %.0f s", job.cid, report.where, report.seconds)
+        ctx = self.context
+        sparse_stage = ctx.sparse_stage(job)
+        sparse = self._found(sparse_stage, report) if sparse_stage is not None else None
+        stage = ctx.stages(job, self.threads, sparse)
+        model = self._found(stage, report)
+        self._built[job.cid] = (stage, model)
+        self._held.setdefault(model.key, set()).add(job.cid)
+        quality = self._found(ctx.quality_stage(stage, model, self.threads), report)
         return Candidate(
-            id=cid,
+            id=job.cid,
             state=state,
             plan=plan,
-            model=gguf,
+            model=stage.file(model),
             size_bytes=model.result["size_bytes"],
             parameters=model.result["parameters"],
             quality=Quality(**quality.result),
+            built_on=report.where if remote else None,
         )
+
+    def _found(self, stage: Stage, report: Built) -> StageOutput:
+        out = self.runner.cached(stage)
+        if out is None:
+            raise EdgepruneError(
+                f"{report.cid} was built by {report.where}, but its {stage.name} outputs are not in "
+                f"{self.runner.cache_root} as this machine sees it: the build and every node of the cluster must "
+                "share the cache directory (--cache-dir on a shared mount) and run the same edgeprune and tools.")
+        return out
 
     def benchmark(self, candidate: Candidate, baseline: Candidate | None) -> BenchmarkRecord:
         return self.benchmark_all([candidate], baseline)[0]

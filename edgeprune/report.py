@@ -32,6 +32,7 @@ def candidate_to_dict(c: Candidate, selected: Candidate | None, estimate: Predic
         "decode_tok_s": s.get("decode_tok_s_p50"),
         "peak_rss_bytes": c.bench.peak_rss_bytes if c.measured else None,
         "device": c.bench.device if c.measured else None,  # which device of a fleet timed it
+        "built_on": c.built_on,  # which node of a Ray cluster built it (None: the build's own machine)
         **c.quality.to_dict(),
         "verdict": c.verdict,
         "confirmed": c.confirmed,

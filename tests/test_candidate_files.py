@@ -11,6 +11,7 @@ from edgeprune.config import CalibrationSettings, load_profile
 from edgeprune.data import from_file
 from edgeprune.devices import get_device
 from edgeprune.evaluator import CandidateEvaluator
+from edgeprune.executors import BuildContext
 from edgeprune.fleet import Fleet
 from edgeprune.hashing import sha256_file
 from edgeprune.measure import Workload
@@ -32,8 +33,9 @@ def evaluator(tmp_path) -> CandidateEvaluator:
     ref_logps, _ = reference_logprobs(reference, splits, runner)
     with get_device("local") as device:
         fleet = Fleet([{"llama.cpp": get_runtime().runner(device)}])
-        yield CandidateEvaluator(reference, runner, fleet, Workload((1, 2), 2, 1, 0, 3), splits, ref_logps,
-                                 load_profile("quick").search, threads=2, evicts=True)
+        context = BuildContext.here(reference, runner, splits, ref_logps, tmp_path / "cache")
+        yield CandidateEvaluator(context, fleet, Workload((1, 2), 2, 1, 0, 3), load_profile("quick").search,
+                                 threads=2, evicts=True)
 
 
 def test_a_released_file_goes_once_no_candidate_holds_it_and_comes_back_the_same(evaluator):

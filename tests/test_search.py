@@ -60,6 +60,9 @@ class Synthetic:
         base_runs = [run(base)] * 3 if paired else []
         return BenchmarkRecord("synthetic", [run(lat)] * 3, 1 << 20, 0.1, 1, "synthetic", "", baseline_runs=base_runs)
 
+    def build_all(self, requests):
+        return [self.build(*r) for r in requests]
+
     def build(self, state, plan, cid):
         kld = 0.1 * state.layers_dropped ** 1.5 + (0.8 if state.heads else 0.0)
         quality = Quality(perplexity=10.0, mean_kld=kld, top1_agreement=0.5, positions=10)

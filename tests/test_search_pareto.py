@@ -83,6 +83,9 @@ class FakeDevice:
         return self.units(State(0), True) / self.units(state, True)
 
     # -- the evaluator ---------------------------------------------------------------------------
+    def build_all(self, requests):
+        return [self.build(*r) for r in requests]
+
     def build(self, state, plan, cid):
         quality = Quality(perplexity=10.0, mean_kld=self.kld(state), top1_agreement=0.5, positions=10)
         return Candidate(cid, state, plan, state, int(self.units(state, False) * 1e4), 1, quality)

@@ -178,11 +178,16 @@ def test_sweep_removes_only_the_temporary_dirs_of_dead_writers(tmp_path):
         killed = tmp_path / f"entry.tmp-{dead.pid}-abc123"
         unowned = tmp_path / "entry.tmp-k3j4h5g6"  # written before the pid was recorded
         other = tmp_path / f"other.tmp-{dead.pid}-abc123"
-        for d in (theirs, killed, unowned, other):
+        host = os.uname().nodename
+        killed_here = tmp_path / f"entry.tmp-{host}@{dead.pid}-abc123"
+        # A cache shared by several machines: another's pid cannot be checked from here, so it is left.
+        elsewhere = tmp_path / f"entry.tmp-another-node.example@{dead.pid}-abc123"
+        for d in (theirs, killed, unowned, other, killed_here, elsewhere):
             d.mkdir()
-        assert sweep(tmp_path, "entry") == 2
-        assert mine.is_dir() and theirs.is_dir() and other.is_dir()
-        assert not killed.exists() and not unowned.exists()
+        assert mine.name.startswith(f"entry.tmp-{host}@{os.getpid()}-")
+        assert sweep(tmp_path, "entry") == 3
+        assert mine.is_dir() and theirs.is_dir() and other.is_dir() and elsewhere.is_dir()
+        assert not killed.exists() and not unowned.exists() and not killed_here.exists()
     finally:
         live.kill()
         live.wait()

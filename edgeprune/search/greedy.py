@@ -71,7 +71,7 @@ class GreedySearch(SearchLoop, name="greedy"):
         or for an evaluator that keeps few files: each timed as soon as it is built)."""
         if self.evaluate.evicts:
             return [self.measure(s) for s in states]
-        cands = [self.build(s) for s in states]
+        cands = self.build_all(states)
         order = cands
         if self.predictor is not None and len(self.predictor.observations) > 0:
             order = sorted(cands, key=lambda c: self.predictor.predict(self.predictor.traffic_of(c.model)).latency_s)

@@ -49,6 +49,7 @@ class Candidate:
     prediction: Prediction | None = None  # on the device, before timing (with a calibrated predictor)
     predicted_speedup: float | None = None  # over the baseline, from the same prediction
     predicted_kld: float | None = None  # before it was built (the pareto strategy's quality model)
+    built_on: str | None = None  # the machine that built it, when not the build's own (a Ray cluster's node)
 
     @property
     def meets(self) -> bool:
@@ -63,8 +64,9 @@ class Evaluator(Protocol):
     evicts: bool  # deletes released model files (and so wants each candidate timed as soon as built)
     parallel: int  # candidates it can time at once (the devices of a fleet)
 
-    def build(self, state: State, plan: Plan, cid: str) -> Candidate:
-        """Build a candidate and measure its quality (not its speed)."""
+    def build_all(self, requests: list[tuple[State, Plan, str]]) -> list[Candidate]:
+        """Build candidates (state, plan, id) and measure their quality (not their speed), as many at
+        once as the executor runs; in the requests' order."""
 
     def benchmark(self, candidate: Candidate, baseline: Candidate | None) -> BenchmarkRecord:
         """Time a built candidate (alongside `baseline`, if given)."""
@@ -146,12 +148,21 @@ class SearchLoop:
         self.baseline = baseline
 
     def build(self, state: State) -> Candidate:
-        if state not in self.seen:
-            cid = f"c{len(self.seen):02d}"
+        return self.build_all([state])[0]
+
+    def build_all(self, states: list[State]) -> list[Candidate]:
+        """The candidates of `states`, building those not built yet (all at once where the evaluator's
+        executor can)."""
+        requests = []
+        for state in dict.fromkeys(s for s in states if s not in self.seen):
+            cid = f"c{len(self.seen) + len(requests):02d}"
             event(log, CANDIDATE, "%s %s: building, then its quality", cid, state.describe(), id=cid,
                   step=state.describe(), phase="building")
-            self.seen[state] = self.evaluate.build(state, self.space.plan(state), cid)
-        return self.seen[state]
+            requests.append((state, self.space.plan(state), cid))
+        if requests:
+            for (state, _, _), cand in zip(requests, self.evaluate.build_all(requests), strict=True):
+                self.seen[state] = cand
+        return [self.seen[s] for s in states]
 
     def time(self, cand: Candidate) -> None:
         """Time a built candidate alongside the baseline, unless its prediction clearly misses."""

@@ -210,7 +210,7 @@ class ParetoSearch(SearchLoop, name="pareto"):
     def _try(self, states: list[State]) -> None:
         """Build the states; time those that can still win (as many at once as the evaluator can)."""
         predicted = {s: self.predicted_kld(s)[0] for s in states}
-        cands = [self.build(s) for s in states]
+        cands = self.build_all(states)
         for cand in cands:
             cand.predicted_kld = predicted[cand.state]
             self.quality.add(self._key(cand.state), self._exact_proxy(cand.state), cand.quality.mean_kld)
