@@ -86,6 +86,18 @@ def test_an_unknown_strategy(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("executor, message", [
+    ("dask", "Invalid --executor: 'dask' is not an executor: use local, ray"),
+    ("ray:head-node", "Invalid --executor: 'head-node' is not a Ray address: give HOST:PORT"),
+    ("ray://head:client", "Invalid --executor: 'ray://head:client' is not a Ray address"),
+    ("local:somewhere", "Invalid --executor: the local executor takes no address."),
+])
+def test_an_executor_that_cannot_be(tmp_path, executor, message):
+    proc = edgeprune("build", "--target", "demo", "--executor", executor, "-o", str(tmp_path / "o"))
+    assert_clean_error(proc, message)
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("runtime, message", [
     ("tvm", "--runtime names the unknown runtime 'tvm': edgeprune runs models with llama.cpp, onnxruntime."),
     ("onnxruntime", "onnxruntime cannot be searched for target demo: ONNX Runtime candidates cannot be bundled"),

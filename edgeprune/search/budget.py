@@ -17,6 +17,8 @@ GIB = 1 << 30
 MEETS = "meets"
 OVER_RAM = "over RAM ceiling"
 EMULATED = "not judged: timed under emulation"
+OVER_LATENCY = "over latency budget"
+SHORT_OF_SPEEDUP = "short of the speed-up"
 
 
 @dataclass(frozen=True)
@@ -36,9 +38,9 @@ class Budget:
         if record.ram_cap_exceeded:
             return OVER_RAM
         if self.latency_s is not None and record.latency_p90 > self.latency_s:
-            return "over latency budget"
+            return OVER_LATENCY
         if self.speedup is not None and record.speedup < self.speedup:
-            return "short of the speed-up"
+            return SHORT_OF_SPEEDUP
         if self.ram_bytes is not None and record.peak_rss_bytes > self.ram_bytes:
             return OVER_RAM
         return MEETS
