@@ -202,6 +202,11 @@ def build(config: BuildConfig) -> BuildResult:
     check_output_dir(config.output_dir, config.force, config.cache_dir, source.directory)
     if config.sign_key is not None:
         check_signing_key(config.sign_key)  # an unusable key fails now, not after the search
+    with open_executor(config.executor) as executor:  # so does a cluster that does not answer
+        return _checked_build(config, source, executor, t_start)
+
+
+def _checked_build(config: BuildConfig, source: ModelSource, executor: Executor, t_start: float) -> BuildResult:
     target, profile = config.target, config.profile
     weights = open_weights(source, config.trust_remote_code)
     runtimes, excluded = allowed_runtimes(target, config.runtimes, ModelShape.from_config(weights.config).family)
@@ -211,11 +216,9 @@ def build(config: BuildConfig) -> BuildResult:
     work = Work.for_build(profile.search, self_generated=config.calib is None, bench_tokens=bench_tokens,
                           sparse=target.sparsity.method if target.sparsity else None)
     memory = preflight(weights, profile.calibration, work, config.cache_dir, config.output_dir)
-    with TreeSampler() as measured, open_fleet(target, config.cache_dir, runtimes) as fleet, \
-            open_executor(config.executor) as executor:
-        result = _build(config, source, weights, target, profile, fleet, executor, excluded, t_start, memory,
-                        measured)
-    return result
+    with TreeSampler() as measured, open_fleet(target, config.cache_dir, runtimes) as fleet:
+        return _build(config, source, weights, target, profile, fleet, executor, excluded, t_start, memory,
+                      measured)
 
 
 def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, target: Target, profile: Profile,

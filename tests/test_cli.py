@@ -91,6 +91,7 @@ def test_an_unknown_strategy(tmp_path):
     ("ray:head-node", "Invalid --executor: 'head-node' is not a Ray address: give HOST:PORT"),
     ("ray://head:client", "Invalid --executor: 'ray://head:client' is not a Ray address"),
     ("local:somewhere", "Invalid --executor: the local executor takes no address."),
+    ("ray:127.0.0.1:1", "Nothing answers at the Ray address 127.0.0.1:1 ([Errno 111] Connection refused): start"),
 ])
 def test_an_executor_that_cannot_be(tmp_path, executor, message):
     proc = edgeprune("build", "--target", "demo", "--executor", executor, "-o", str(tmp_path / "o"))

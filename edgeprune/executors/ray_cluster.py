@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from edgeprune.executors.job import BuildContext, Built, CandidateJob, ContextSp
 log = logging.getLogger(__name__)
 
 RETRIES = 3  # a task whose worker or node dies is run again this many times
+PROBE_TIMEOUT_S = 10
 LOCAL_OBJECT_STORE = 128 << 20  # a Ray started here: jobs pass paths and small specs, never weights
 
 
@@ -53,6 +55,8 @@ class RayCluster(Executor, scheme="ray"):
         if self.owned:
             quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
             starts_here = address is None and not os.environ.get("RAY_ADDRESS")
+            if not starts_here:
+                _probe(address or os.environ["RAY_ADDRESS"])
             try:
                 if starts_here:
                     ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
@@ -107,6 +111,19 @@ class RayCluster(Executor, scheme="ray"):
     def close(self) -> None:
         if self.owned and self.ray.is_initialized():
             self.ray.shutdown()
+
+
+def _probe(address: str) -> None:
+    """One sentence now if nothing listens at the address (Ray itself would retry for minutes)."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except (OSError, ValueError) as e:
+        raise EdgepruneError(f"Nothing answers at the Ray address {address} ({e}): start the cluster (ray start "
+                             "--head) or give its head's address as --executor ray:HOST:PORT or ray://HOST:PORT.") \
+            from None
 
 
 def _run_job(spec: ContextSpec, job: CandidateJob, threads: int) -> Built:
