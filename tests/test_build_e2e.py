@@ -159,9 +159,10 @@ def test_pareto_predicts_every_plan_and_a_killed_build_resumes_without_retiming(
     (sel,) = [c for c in candidates if c["selected"]]
     assert sel["confirmed"] and sel["speedup"] >= 1.3 and sel["step"] != "unpruned"
     # Each candidate's KLD was predicted before it was built, from the torch proxy and the quantization
-    # error measured so far: the same order of magnitude as the KLD llama.cpp then gave it.
+    # error measured so far: the same order of magnitude as the KLD llama.cpp then gave it (within 0.05
+    # where the KLD is quantization's alone, a few hundredths, and a recipe's error is not measured yet).
     for c in candidates[1:]:
-        assert 0.5 * c["mean_kld"] <= c["predicted_kld"] <= 2 * c["mean_kld"] + 0.05, c
+        assert 0.5 * c["mean_kld"] - 0.05 <= c["predicted_kld"] <= 2 * c["mean_kld"] + 0.05, c
     assert "Search (pareto) stopped" in (out / "report.md").read_text()
 
 
