@@ -118,6 +118,25 @@ def save_tiny_hf(directory: Path, vocab: int = 512, **llama: object) -> Path:
     return directory
 
 
+def tiny_build_context(tmp_path: Path):
+    """A build's context (executors.BuildContext) for a tiny HF Llama: its reference, a stage cache
+    under tmp_path/cache, short calibration and held-out windows, the reference's log-probs."""
+    from edgeprune.config import CalibrationSettings
+    from edgeprune.data import from_file
+    from edgeprune.executors import BuildContext
+    from edgeprune.models import load_reference, resolve_source
+    from edgeprune.pipeline import reference_logprobs
+    from edgeprune.stages import StageRunner
+
+    reference = load_reference(resolve_source(str(save_tiny_hf(tmp_path / "tiny", vocab=512))), tmp_path / "cache")
+    runner = StageRunner(tmp_path / "cache" / "stages")
+    calib = tmp_path / "calib.txt"
+    calib.write_text(calibration_text())
+    splits = from_file(calib, reference.tokenizer, CalibrationSettings(samples=4, heldout_samples=2, seq_len=32))
+    ref_logps, _ = reference_logprobs(reference, splits, runner)
+    return BuildContext.here(reference, runner, splits, ref_logps, tmp_path / "cache")
+
+
 @pytest.fixture(scope="session")
 def llama_cpp_src() -> Path:
     """llama.cpp's source tree from the llama-cpp-python sdist (unpacked by `make test`)."""

@@ -6,34 +6,23 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import calibration_text, save_tiny_hf
-from edgeprune.config import CalibrationSettings, load_profile
-from edgeprune.data import from_file
+from conftest import tiny_build_context
+from edgeprune.config import load_profile
 from edgeprune.devices import get_device
 from edgeprune.evaluator import CandidateEvaluator
-from edgeprune.executors import BuildContext
 from edgeprune.fleet import Fleet
 from edgeprune.hashing import sha256_file
 from edgeprune.measure import Workload
-from edgeprune.models import load_reference, resolve_source
-from edgeprune.pipeline import reference_logprobs
 from edgeprune.prune import Plan
 from edgeprune.runtimes.registry import get_runtime
 from edgeprune.search import State
-from edgeprune.stages import StageRunner
 
 
 @pytest.fixture
 def evaluator(tmp_path) -> CandidateEvaluator:
-    reference = load_reference(resolve_source(str(save_tiny_hf(tmp_path / "tiny", vocab=512))), tmp_path / "cache")
-    runner = StageRunner(tmp_path / "cache" / "stages")
-    calib = tmp_path / "calib.txt"
-    calib.write_text(calibration_text())
-    splits = from_file(calib, reference.tokenizer, CalibrationSettings(samples=4, heldout_samples=2, seq_len=32))
-    ref_logps, _ = reference_logprobs(reference, splits, runner)
+    context = tiny_build_context(tmp_path)
     with get_device("local") as device:
         fleet = Fleet([{"llama.cpp": get_runtime().runner(device)}])
-        context = BuildContext.here(reference, runner, splits, ref_logps, tmp_path / "cache")
         yield CandidateEvaluator(context, fleet, Workload((1, 2), 2, 1, 0, 3), load_profile("quick").search,
                                  threads=2, evicts=True)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import calibration_text, save_tiny_hf
+from conftest import calibration_text, save_tiny_hf, tiny_build_context
 
 pytestmark = pytest.mark.slow
 
@@ -119,29 +119,19 @@ def test_a_node_that_does_not_share_the_cache_is_named(tmp_path, ray_cluster, mo
 
     import ray
 
-    from edgeprune.config import CalibrationSettings, load_profile
-    from edgeprune.data import from_file
+    from edgeprune.config import load_profile
     from edgeprune.devices import get_device
     from edgeprune.errors import EdgepruneError
     from edgeprune.evaluator import CandidateEvaluator
-    from edgeprune.executors import BuildContext, open_executor
+    from edgeprune.executors import open_executor
     from edgeprune.fleet import Fleet
     from edgeprune.measure import Workload
-    from edgeprune.models import load_reference, resolve_source
-    from edgeprune.pipeline import reference_logprobs
     from edgeprune.prune import Plan
     from edgeprune.runtimes.registry import get_runtime
     from edgeprune.search import State
-    from edgeprune.stages import StageRunner
 
     cluster, _ = ray_cluster
-    reference = load_reference(resolve_source(str(save_tiny_hf(tmp_path / "tiny", vocab=512))), tmp_path / "cache")
-    runner = StageRunner(tmp_path / "cache" / "stages")
-    calib = tmp_path / "calib.txt"
-    calib.write_text(calibration_text())
-    splits = from_file(calib, reference.tokenizer, CalibrationSettings(samples=4, heldout_samples=2, seq_len=32))
-    ref_logps, _ = reference_logprobs(reference, splits, runner)
-    context = BuildContext.here(reference, runner, splits, ref_logps, tmp_path / "cache")
+    context = tiny_build_context(tmp_path)
     # The workers' view of the cache: another directory, as on a node without the shared mount.
     context.spec = dataclasses.replace(context.spec, stage_root=tmp_path / "elsewhere" / "stages")
     with get_device("local") as device, open_executor(f"ray:{cluster.address}") as executor:
