@@ -40,6 +40,8 @@ from edgeprune.pipeline import (
 )
 from edgeprune.preflight import preflight
 from edgeprune.prune import ModelShape
+from edgeprune.recover import RecoveryJob
+from edgeprune.recover.select import recover_best
 from edgeprune.report import outcome_to_dict
 from edgeprune.runtimes.base import Runtime
 from edgeprune.runtimes.registry import DEFAULT, get_runtime
@@ -75,6 +77,7 @@ class BuildConfig(BaseModel):
     sign_key: Path | None = None  # an OpenSSH private key: the bundle's manifest is signed with it
     runtimes: tuple[str, ...] = ()  # --runtime: replaces the target's [runtime] allowed list
     executor: str = "local"  # --executor: where candidates are built (executors/base.py)
+    train: Path | HFDataset | None = None  # --train: recovery's own text (with the profile's [recovery] enabled)
 
     @field_validator("executor")
     @classmethod
@@ -266,6 +269,9 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
           device=device.url, threads=threads, runtimes=list(timers))
     outcome = run_search(profile.search.strategy, space, evaluate, target.slo, profile.search.max_candidates,
                          predictor)
+    recovery = None
+    if profile.recovery.enabled:
+        recovery = recover_best(outcome, evaluate, RecoveryJob(profile.recovery, profile.calibration, config.train))
     stand_in = device.arch != target.hardware.arch or threads < target.hardware.cores
     estimates = {}
     if host is not None and stand_in:
@@ -321,7 +327,7 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
         "executor": executor.describe(),  # where candidates were built
         "search": outcome_to_dict(outcome, estimates) | {
             "candidate_files": "removed once judged: the cache could not hold them all" if memory.evicts
-            else "kept in the cache"},
+            else "kept in the cache", "recovery": recovery},
         "latency_model": _latency_model_summary(predictor, host, estimates, baseline_runtime),
         "notes": _notes(target, device),
     }

@@ -15,10 +15,11 @@ from edgeprune.cli_options import (
     input_options,
     logging_options,
     structured_options,
+    train_source,
     with_calibration,
     with_device,
 )
-from edgeprune.cli_output import print_bench, print_summary
+from edgeprune.cli_output import print_bench, print_prune, print_summary
 from edgeprune.cli_setup import doctor, targets, toolchain
 from edgeprune.config import load_profile, load_target
 from edgeprune.errors import BudgetNotMet, EdgepruneError, system_refusal
@@ -58,12 +59,20 @@ def cli() -> None:
                    "RAY_ADDRESS names), ray:HOST:PORT (a cluster's head, from one of its nodes) or ray://HOST:PORT "
                    "(Ray Client). A cluster's nodes share the --cache-dir and run the same edgeprune "
                    "(pip install 'edgeprune[ray]').")
+@click.option("--recover/--no-recover", default=None,
+              help="Recovery fine-tuning of the best candidates within budget (distilled toward the original; "
+                   "same speed, better quality). Default: the profile's [recovery] enabled.")
+@click.option("--recover-minutes", type=float, default=None,
+              help="Training time per recovered candidate (implies --recover) [profile: 30].")
+@click.option("--train", metavar="FILE|hf:NAME", default=None,
+              help="Your own text for recovery, beside the calibration and self-generated windows (implies --recover).")
 @input_options
 @device_options(fleet=True)
 @logging_options
 def build(target_name: str, model: str | None, calib: Path | HFDataset | None, output_dir: Path | None,
           latency_budget: float | None, speedup: float | None, profile_name: str, sign_key: Path | None,
-          runtimes: tuple[str, ...], strategy: str | None, executor: str, cache_dir: Path | None, force: bool,
+          runtimes: tuple[str, ...], strategy: str | None, executor: str, recover: bool | None,
+          recover_minutes: float | None, train: str | None, cache_dir: Path | None, force: bool,
           trust_remote_code: bool, device_overrides: dict, calibration_overrides: dict) -> None:
     """Search pruning + quantization candidates until one meets the target's SLO; write it out.
 
@@ -73,7 +82,7 @@ def build(target_name: str, model: str | None, calib: Path | HFDataset | None, o
 
     from edgeprune.build import BuildConfig, default_cache_dir
     from edgeprune.build import build as run_build
-    from edgeprune.config import RuntimeTable, SearchSettings, first_error
+    from edgeprune.config import RecoverySettings, RuntimeTable, SearchSettings, first_error
     from edgeprune.executors import check_executor
 
     target = with_device(load_target(target_name), device_overrides)
@@ -92,6 +101,18 @@ def build(target_name: str, model: str | None, calib: Path | HFDataset | None, o
             why = first_error(e).removeprefix("'strategy': ")
             raise EdgepruneError(f"Invalid --strategy: {why}.") from None
         profile = profile.model_copy(update={"search": search})
+    if recover is False and (recover_minutes is not None or train is not None):
+        raise EdgepruneError("--no-recover contradicts --recover-minutes and --train; drop one of them.")
+    if recover or recover_minutes is not None or train is not None:
+        given = {"enabled": True} | ({"minutes": recover_minutes} if recover_minutes is not None else {})
+        try:
+            recovery = RecoverySettings.model_validate(profile.recovery.model_dump() | given)
+        except ValidationError as e:
+            why = first_error(e).removeprefix("'minutes': ")
+            raise EdgepruneError(f"Invalid --recover-minutes: {why}.") from None
+        profile = profile.model_copy(update={"recovery": recovery})
+    elif recover is False:
+        profile = profile.model_copy(update={"recovery": profile.recovery.model_copy(update={"enabled": False})})
     try:
         check_executor(executor)
     except ValueError as e:
@@ -108,6 +129,7 @@ def build(target_name: str, model: str | None, calib: Path | HFDataset | None, o
         sign_key=sign_key,
         runtimes=runtimes,
         executor=executor,
+        train=train_source(train),
     )
     result = run_build(config)
     print_summary(result)
@@ -206,26 +228,59 @@ def prune(plan_path: Path | None, method: str | None, output_dir: Path, model: s
                              imatrix=imatrix, calib=calib, trust_remote_code=trust_remote_code, force=force)
     except ValidationError as e:
         raise EdgepruneError(f"Invalid option: {first_error(e)}.") from None
-    r = run_prune(config)
-    q = r.quality
-    click.echo("")
-    gguf = r.artifact.endswith(".gguf")
-    click.echo(f"Plan:       {r.description}" + (f" (GGUF architecture {r.architecture})" if gguf else ""))
-    if r.structured is not None:
-        a = r.structured["analysis"]
-        click.echo(f"Method:     {r.structured['description']}; importance in {a['seconds']:.1f} s ({a['runner']}"
-                   + (f", peak RSS {a['peak_rss_bytes'] / MIB:.0f} MiB)" if a["peak_rss_bytes"] else ")"))
-    click.echo(f"Artifact:   {r.output_dir / r.artifact} ({r.size_bytes / MIB:.1f} MiB, {r.parameters:,} parameters)")
-    click.echo(f"Quality:    mean KLD {q.mean_kld:.3f}, top-1 agreement {q.top1_agreement * 100:.1f}%, "
-               f"perplexity {q.perplexity:.2f} (reference {r.reference_perplexity:.2f})")
-    if r.sparsity is not None:
-        sp, peak = r.sparsity, r.sparsity["peak_rss_bytes"]
-        click.echo(f"Sparsity:   {sp['overall_sparsity'] * 100:.1f}% of decoder weights zero in {sp['seconds']:.1f} s"
-                   + (f" (peak RSS {peak / MIB:.0f} MiB)" if peak else "")
-                   + (f"; {sp['gguf']['decoder_zero_share'] * 100:.1f}% still zero in the {sp['gguf']['quant']} "
-                      "GGUF (no speed-up in llama.cpp)" if "gguf" in sp else ""))
-    held = "the GGUF" if gguf else "the ONNX file"
-    click.echo(f"HF:         {r.hf_dir}" if r.hf_dir else f"HF:         none: {r.hf_note}; {held} holds the model")
+    print_prune(run_prune(config))
+
+
+@cli.command()
+@click.option("--plan", "plan_path", type=click.Path(path_type=Path, readable=False), required=True,
+              help="Plan file (.toml or .json), as `prune --plan` takes it.")
+@click.option("-o", "--output-dir", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("--recover-method", type=click.Choice(["lora", "full"]), default=None,
+              help="LoRA adapters on every decoder linear layer, merged after [profile: lora], or every decoder "
+                   "weight trained.")
+@click.option("--recover-minutes", type=float, default=None, help="Training time (wall clock) [profile: 30].")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many steps, if the time lasts.")
+@click.option("--train", "train", metavar="FILE|hf:NAME", default=None,
+              help="Your own text to distil on (.txt, .jsonl with text or chat messages, or a Hugging Face dataset), "
+                   "beside the calibration and self-generated windows.")
+@click.option("--extra-samples", type=int, default=None,
+              help="Windows self-generated for training beyond the calibration ones [profile: 128].")
+@click.option("--learning-rate", type=float, default=None, help="Peak learning rate [2e-4 LoRA, 5e-5 full].")
+@click.option("--lora-rank", type=int, default=None, help="LoRA rank [profile: 16].")
+@click.option("--temperature", type=float, default=None, help="Distillation temperature [profile: 1].")
+@click.option("--runtime", default="llama.cpp", show_default=True,
+              help="Whose model file to write: llama.cpp (a GGUF) or onnxruntime.")
+@click.option("--quant", default="", help="Quantization type, as `prune --quant` [default: the runtime's].")
+@click.option("-p", "--profile", "profile_name", default="default", show_default=True,
+              help="Profile whose calibration and [recovery] settings are used.")
+@input_options
+@logging_options
+def recover(plan_path: Path, output_dir: Path, train: str | None, runtime: str, quant: str, profile_name: str,
+            model: str | None, calib: Path | HFDataset | None, cache_dir: Path | None, force: bool,
+            trust_remote_code: bool, calibration_overrides: dict, **recovery_options: object) -> None:
+    """Prune with a plan, then distil the pruned model back toward the original (recovery fine-tuning):
+    KL divergence to the reference's next-token distribution on calibration, self-generated and your
+    own text, never on the held-out windows quality is measured on. Writes the recovered, quantized
+    model with its quality before and after. A killed run resumes from its last checkpoint."""
+    from pydantic import ValidationError
+
+    from edgeprune.build import default_cache_dir
+    from edgeprune.config import RecoverySettings, first_error
+    from edgeprune.prune_job import PruneConfig
+    from edgeprune.prune_job import prune as run_prune
+
+    flags = {"recover_method": "method", "recover_minutes": "minutes"}
+    given = {flags.get(k, k): v for k, v in recovery_options.items() if v is not None}
+    try:
+        profile = with_calibration(load_profile(profile_name), calibration_overrides)
+        settings = RecoverySettings(**(profile.recovery.model_dump() | given))
+        config = PruneConfig(plan=plan_path, output_dir=output_dir, profile=profile,
+                             cache_dir=cache_dir or default_cache_dir(), model=model, runtime=runtime, quant=quant,
+                             calib=calib, recovery=settings, train=train_source(train),
+                             trust_remote_code=trust_remote_code, force=force)
+    except ValidationError as e:
+        raise EdgepruneError(f"Invalid option: {first_error(e)}.") from None
+    print_prune(run_prune(config))
 
 
 @cli.command()

@@ -112,6 +112,17 @@ def calibration_source(calib: str | None, config: str | None, split: str | None,
     return HFDataset(name=name, config=config, split=split or "train", column=column)
 
 
+def train_source(value: str | None) -> Path | HFDataset | None:
+    """--train FILE or hf:NAME."""
+    if value is None or not value.startswith("hf:"):
+        return None if value is None else Path(value)
+    from edgeprune.data import HFDataset
+
+    if not value.removeprefix("hf:"):
+        raise EdgepruneError("--train hf: needs a dataset after the colon: a hub id or a directory.")
+    return HFDataset(name=value.removeprefix("hf:"))
+
+
 # CalibrationSettings field -> the flag that overrides it, to name the flag in errors.
 CALIBRATION_FLAGS = {"samples": "--calib-samples", "heldout_samples": "--heldout-samples", "seq_len": "--seq-len",
                      "seed": "--calib-seed"}

@@ -16,10 +16,12 @@ def print_summary(result) -> None:
         where += f", a stand-in for the {report['target']['hardware']['arch']} target: not verified on the target"
     echo = click.echo
     echo("")
-    built = len(search["candidates"])
-    timed = sum(c["measured"] for c in search["candidates"])
+    searched = [c for c in search["candidates"] if not c.get("recovered_from")]
+    built, recovered = len(searched), len(search["candidates"]) - len(searched)
+    timed = sum(c["measured"] for c in searched)
     skipped = f" ({built - timed} predicted out of budget, not timed)" if timed < built else ""
-    echo(f"Candidates: {built} built, {timed} timed{skipped}; budget: {search['budget']['description']}")
+    again = f", {recovered} recovered (timed as their twins)" if recovered else ""
+    echo(f"Candidates: {built} built, {timed} timed{skipped}{again}; budget: {search['budget']['description']}")
     if sel is None:
         echo(f"SLO:        NOT met ({where})")
         echo(f"Report:     {result.output_dir / 'report.html'} (plots; tables in report.md)")
@@ -28,6 +30,10 @@ def print_summary(result) -> None:
     echo(f"Artifact:   {artifact} ({artifact.stat().st_size / MIB:.1f} MiB)")
     pruned = sel["step"] if sel["step"] != "unpruned" else "nothing (the unpruned model meets the budget)"
     echo(f"Pruned:     {pruned}")
+    if sel.get("recovered_from"):
+        twin = next(c for c in search["candidates"] if c["id"] == sel["recovered_from"])
+        echo(f"Recovered:  {sel['recovery']['description']}, {sel['recovery']['steps']} steps: mean KLD "
+             f"{twin['mean_kld']:.3f} -> {sel['mean_kld']:.3f}")
     echo(f"SLO:        met: p90 {sel['latency_p90_s']:.3f} s, {sel['speedup']:.2f}x faster than the unpruned "
          f"model timed alongside ({where})")
     echo(f"Quality:    mean KLD {sel['mean_kld']:.3f}, top-1 agreement {sel['top1_agreement'] * 100:.1f}%, "
@@ -65,3 +71,32 @@ def print_bench(r) -> None:
     for note in r.notes:
         click.echo(f"Note:       {note}")
     click.echo(f"Verdict:    {r.verdict} ({r.budget.describe() or 'no budget'})")
+
+
+def print_prune(r) -> None:
+    """What `prune` and `recover` made: plan, file, quality (before and after recovery)."""
+    q = r.quality
+    click.echo("")
+    gguf = r.artifact.endswith(".gguf")
+    click.echo(f"Plan:       {r.description}" + (f" (GGUF architecture {r.architecture})" if gguf else ""))
+    if r.structured is not None:
+        a = r.structured["analysis"]
+        click.echo(f"Method:     {r.structured['description']}; importance in {a['seconds']:.1f} s ({a['runner']}"
+                   + (f", peak RSS {a['peak_rss_bytes'] / MIB:.0f} MiB)" if a["peak_rss_bytes"] else ")"))
+    click.echo(f"Artifact:   {r.output_dir / r.artifact} ({r.size_bytes / MIB:.1f} MiB, {r.parameters:,} parameters)")
+    if r.recovery is not None:
+        b, rec = r.recovery["before"], r.recovery
+        click.echo(f"Before:     mean KLD {b['mean_kld']:.3f}, top-1 agreement {b['top1_agreement'] * 100:.1f}%, "
+                   f"perplexity {b['perplexity']:.2f} (pruned, not recovered)")
+        click.echo(f"Recovery:   {rec['description']}: {rec['steps']} steps, {rec['tokens']:,} tokens in "
+                   f"{rec['seconds'] / 60:.1f} min; {rec['recovered_share'] * 100:.0f}% of the KLD recovered")
+    click.echo(f"Quality:    mean KLD {q.mean_kld:.3f}, top-1 agreement {q.top1_agreement * 100:.1f}%, "
+               f"perplexity {q.perplexity:.2f} (reference {r.reference_perplexity:.2f})")
+    if r.sparsity is not None:
+        sp, peak = r.sparsity, r.sparsity["peak_rss_bytes"]
+        click.echo(f"Sparsity:   {sp['overall_sparsity'] * 100:.1f}% of decoder weights zero in {sp['seconds']:.1f} s"
+                   + (f" (peak RSS {peak / MIB:.0f} MiB)" if peak else "")
+                   + (f"; {sp['gguf']['decoder_zero_share'] * 100:.1f}% still zero in the {sp['gguf']['quant']} "
+                      "GGUF (no speed-up in llama.cpp)" if "gguf" in sp else ""))
+    held = "the GGUF" if gguf else "the ONNX file"
+    click.echo(f"HF:         {r.hf_dir}" if r.hf_dir else f"HF:         none: {r.hf_note}; {held} holds the model")

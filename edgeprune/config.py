@@ -289,12 +289,48 @@ class SearchSettings(Strict):
         return name
 
 
+class RecoverySettings(Strict):
+    """Recovery fine-tuning: a pruned model distilled toward the reference (`edgeprune recover`, and in
+    `build` the best candidates within budget when `enabled`)."""
+
+    enabled: bool = Field(default=False, description="build: recover the best candidates within budget")
+    method: Literal["lora", "full"] = Field(default="lora", description="LoRA adapters on every decoder linear "
+                                            "layer (merged after), or every decoder weight trained")
+    objective: Literal["kd", "sft"] = Field(default="kd", description="kd: KL divergence to the reference's "
+                                            "next-token distribution; sft: cross-entropy on the text (the usual "
+                                            "recipe, kept for comparison)")
+    minutes: float = Field(default=30.0, gt=0, description="training time per candidate (wall clock)")
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many steps, if sooner")
+    extra_samples: int = Field(default=128, ge=0, description="training windows self-generated beyond the "
+                               "calibration ones (other prompts; never the held-out windows)")
+    batch_size: int = Field(default=4, ge=1, description="windows per step")
+    learning_rate: float = Field(default=0.0, ge=0, description="peak; 0: 2e-4 for LoRA, 5e-5 for full")
+    lora_rank: int = Field(default=16, ge=1)
+    lora_alpha: float = Field(default=32.0, gt=0)
+    temperature: float = Field(default=1.0, gt=0, description="distillation temperature (teacher and student)")
+    top_k: int = Field(default=64, ge=1, description="teacher probabilities stored per position (the rest as one "
+                       "tail mass)")
+    candidates: int = Field(default=2, ge=1, description="build: how many candidates within budget are recovered")
+    checkpoint_seconds: float = Field(default=60.0, gt=0, description="a killed recovery resumes from its last "
+                                      "checkpoint")
+    seed: int = Field(default=0, ge=0)
+
+    def peak_lr(self) -> float:
+        return self.learning_rate or (2e-4 if self.method == "lora" else 5e-5)
+
+    def describe(self) -> str:
+        what = f"LoRA r{self.lora_rank}" if self.method == "lora" else "full fine-tuning"
+        how = f"logit distillation at T={self.temperature:g}" if self.objective == "kd" else "cross-entropy (SFT)"
+        return f"{what}, {how}, {self.minutes:g} min"
+
+
 class Profile(Strict):
     name: str = Field(exclude=True)
     description: str
     calibration: CalibrationSettings
     benchmark: BenchmarkSettings
     search: SearchSettings
+    recovery: RecoverySettings = RecoverySettings()
 
 
 def shipped_dir(kind: str) -> Path:

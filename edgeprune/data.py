@@ -139,10 +139,9 @@ def _render_chat(messages: list[dict[str, Any]], tokenizer: Any, where: str) -> 
     return tokenizer.apply_chat_template(messages, tokenize=False)
 
 
-def _tokens(docs: Iterable[str], tokenizer: Any, settings: CalibrationSettings, what: str) -> tuple[torch.Tensor, int]:
-    """Documents joined by EOS, cut to the windows the settings need; stops reading once it has them.
+def _token_stream(docs: Iterable[str], tokenizer: Any, need: int) -> tuple[list[int], int]:
+    """Documents joined by EOS, up to `need` tokens; stops reading once it has them.
     Returns the tokens and how many documents were read."""
-    need = (settings.samples + settings.heldout_samples) * settings.seq_len
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
     read = 0
@@ -150,23 +149,32 @@ def _tokens(docs: Iterable[str], tokenizer: Any, settings: CalibrationSettings, 
         ids += tokenizer(doc, add_special_tokens=False)["input_ids"] + eos
         read += 1
         if len(ids) >= need:
-            return torch.tensor(ids[:need]), read
-    raise EdgepruneError(
-        f"{what} has {len(ids)} tokens but the profile needs {need} "
-        f"({settings.samples}+{settings.heldout_samples} windows of {settings.seq_len}); "
-        "give more text, use a smaller profile, or lower --calib-samples, --heldout-samples or --seq-len."
-    )
+            break
+    return ids[:need], read
 
 
-def _read_documents(path: Path, tokenizer: Any) -> list[str]:
+def _tokens(docs: Iterable[str], tokenizer: Any, settings: CalibrationSettings, what: str) -> tuple[torch.Tensor, int]:
+    """The tokens of the windows the settings need, and how many documents were read."""
+    need = (settings.samples + settings.heldout_samples) * settings.seq_len
+    ids, read = _token_stream(docs, tokenizer, need)
+    if len(ids) < need:
+        raise EdgepruneError(
+            f"{what} has {len(ids)} tokens but the profile needs {need} "
+            f"({settings.samples}+{settings.heldout_samples} windows of {settings.seq_len}); "
+            "give more text, use a smaller profile, or lower --calib-samples, --heldout-samples or --seq-len."
+        )
+    return torch.tensor(ids), read
+
+
+def _read_documents(path: Path, tokenizer: Any, flag: str = "--calib") -> list[str]:
     if not path.is_file():
-        raise EdgepruneError(f"--calib {path} does not exist; pass a .txt or .jsonl file, or hf:NAME for a dataset.")
+        raise EdgepruneError(f"{flag} {path} does not exist; pass a .txt or .jsonl file, or hf:NAME for a dataset.")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise EdgepruneError(f"--calib {path} is not UTF-8 text; pass a .txt or .jsonl file.") from None
+        raise EdgepruneError(f"{flag} {path} is not UTF-8 text; pass a .txt or .jsonl file.") from None
     except OSError as e:
-        raise EdgepruneError(f"Cannot read --calib {path} ({e.strerror}); check its permissions.") from None
+        raise EdgepruneError(f"Cannot read {flag} {path} ({e.strerror}); check its permissions.") from None
     if path.suffix != ".jsonl":
         docs = [d.strip() for d in text.split("\n\n")]
         return [d for d in docs if d]
@@ -177,19 +185,19 @@ def _read_documents(path: Path, tokenizer: Any) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            raise EdgepruneError(f"--calib {path} line {n} is not valid JSON; each line must be an object.") from None
+            raise EdgepruneError(f"{flag} {path} line {n} is not valid JSON; each line must be an object.") from None
         if isinstance(record, dict) and isinstance(record.get("text"), str):
             docs.append(record["text"])
         elif isinstance(record, dict) and "messages" in record:
             if not _is_chat(record["messages"]):
                 raise EdgepruneError(
-                    f'--calib {path} line {n} has a "messages" field that is not a non-empty list of '
+                    f'{flag} {path} line {n} has a "messages" field that is not a non-empty list of '
                     '{"role": ..., "content": ...} objects with string values; fix or remove the line.'
                 )
-            docs.append(_render_chat(record["messages"], tokenizer, f"--calib {path} line {n}"))
+            docs.append(_render_chat(record["messages"], tokenizer, f"{flag} {path} line {n}"))
         else:
             raise EdgepruneError(
-                f'--calib {path} line {n} has neither a string "text" field nor a "messages" list; give one of them.'
+                f'{flag} {path} line {n} has neither a string "text" field nor a "messages" list; give one of them.'
             )
     return docs
 
@@ -199,10 +207,10 @@ def from_file(path: Path, tokenizer: Any, settings: CalibrationSettings) -> Text
     return _splits(ids, settings, f"file {path.name} (sha256 {sha256_file(path)[:12]})")
 
 
-def from_hf(dataset: HFDataset, tokenizer: Any, settings: CalibrationSettings) -> TextSplits:
-    """Rows of a Hugging Face dataset, streamed: only the rows the windows need are read, so a large
-    hub dataset is neither downloaded nor tokenized whole."""
-    where = f"--calib hf:{dataset.name}"
+def _hf_documents(dataset: HFDataset, tokenizer: Any, flag: str, found: dict[str, str] | None = None) -> Iterator[str]:
+    """The documents of a Hugging Face dataset's rows, streamed: only the rows read are fetched.
+    `found["column"]`: the column read (when the dataset names none, "text" or "messages")."""
+    where = f"{flag} hf:{dataset.name}"
     try:
         import datasets
     except ImportError:
@@ -214,12 +222,10 @@ def from_hf(dataset: HFDataset, tokenizer: Any, settings: CalibrationSettings) -
     except (OSError, ValueError) as e:  # not found, offline, bad config or split: datasets says which
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EdgepruneError(
-            f"{where} could not be loaded ({reason}); check the name, --calib-config and --calib-split."
+            f"{where} could not be loaded ({reason}); check the name, {flag}-config and {flag}-split."
         ) from None
     column = dataset.column
-
-    def documents() -> Iterator[str]:
-        nonlocal column
+    try:
         for i, row in enumerate(rows):
             if column is None:
                 column = "text" if "text" in row else "messages" if "messages" in row else None
@@ -227,8 +233,10 @@ def from_hf(dataset: HFDataset, tokenizer: Any, settings: CalibrationSettings) -
                 wanted = f"column {column!r}" if column else "'text' or 'messages' column"
                 raise EdgepruneError(
                     f"{where} has no {wanted} (it has {', '.join(row)}); name a text or messages column with "
-                    "--calib-column."
+                    f"{flag}-column."
                 )
+            if found is not None:
+                found["column"] = column
             value = row[column]
             if isinstance(value, str):
                 if value.strip():  # datasets such as wikitext hold blank rows between paragraphs
@@ -238,25 +246,44 @@ def from_hf(dataset: HFDataset, tokenizer: Any, settings: CalibrationSettings) -
             elif value is not None:
                 raise EdgepruneError(
                     f"{where} row {i}: column {column!r} is neither text nor a list of chat messages; "
-                    "name a text or messages column with --calib-column."
+                    f"name a text or messages column with {flag}-column."
                 )
-
-    what = f"{where} (split {dataset.split})"
-    try:
-        ids, read = _tokens(documents(), tokenizer, settings, what)
     except OSError as e:  # a stream that breaks off part-way
         raise EdgepruneError(f"{where} could not be read ({e}); check the network or the files.") from None
-    source = f"hf dataset {dataset.describe()} split {dataset.split} column {column} ({read} rows used)"
+
+
+def from_hf(dataset: HFDataset, tokenizer: Any, settings: CalibrationSettings) -> TextSplits:
+    """Rows of a Hugging Face dataset, streamed: only the rows the windows need are read, so a large
+    hub dataset is neither downloaded nor tokenized whole."""
+    what = f"--calib hf:{dataset.name} (split {dataset.split})"
+    found: dict[str, str] = {}
+    ids, read = _tokens(_hf_documents(dataset, tokenizer, "--calib", found), tokenizer, settings, what)
+    source = f"hf dataset {dataset.describe()} split {dataset.split} column {found.get('column')} ({read} rows used)"
     return _splits(ids, settings, source)
 
 
-def self_generated(gguf_path: Path, tokenizer: Any, settings: CalibrationSettings, threads: int) -> TextSplits:
-    """Chat answers sampled with a fixed seed from a GGUF of the reference, through llama.cpp: no
-    download, and no torch model in memory. Window i is prompt i (chat template, topic x style) and
-    its answer, cut to seq_len; only the tokens a window keeps are generated."""
-    total = settings.samples + settings.heldout_samples
+def user_windows(source: Path | HFDataset, tokenizer: Any, seq_len: int, max_windows: int) -> tuple[torch.Tensor, str]:
+    """`--train` text as whole windows of `seq_len` (at most `max_windows`), and its description."""
+    if isinstance(source, HFDataset):
+        docs: Iterable[str] = _hf_documents(source, tokenizer, "--train")
+        described = f"hf dataset {source.describe()} split {source.split}"
+    else:
+        docs = _read_documents(source, tokenizer, "--train")
+        described = f"file {source.name} (sha256 {sha256_file(source)[:12]})"
+    ids, _ = _token_stream(docs, tokenizer, max_windows * seq_len)
+    n = len(ids) // seq_len
+    if n == 0:
+        raise EdgepruneError(f"--train {described} has {len(ids)} tokens, less than one window of {seq_len}; "
+                             "give more text or lower --seq-len.")
+    return torch.tensor(ids[: n * seq_len]).reshape(n, seq_len), described
+
+
+def chat_windows(gguf_path: Path, tokenizer: Any, indices: range, seq_len: int, seed: int,
+                 threads: int) -> tuple[torch.Tensor, generate.Generation]:
+    """Windows of prompt `i` (chat template, `self_prompt(i)`) and its sampled answer, cut to
+    `seq_len`, for each i in `indices`; only the tokens a window keeps are generated."""
     prompts = []
-    for i in range(total):
+    for i in indices:
         text = self_prompt(i)
         if tokenizer.chat_template:
             prompt = tokenizer.apply_chat_template(
@@ -264,23 +291,34 @@ def self_generated(gguf_path: Path, tokenizer: Any, settings: CalibrationSetting
             )
         else:
             prompt = text + "\n"
-        prompts.append(tokenizer(prompt, add_special_tokens=True)["input_ids"][: settings.seq_len])
-
+        prompts.append(tokenizer(prompt, add_special_tokens=True)["input_ids"][:seq_len])
     log.info("self-generating %d chat answers with llama.cpp from %s (%d at once, %d threads)",
-             total, gguf_path.name, generate.DEFAULT_BATCH, threads)
-    counts = [settings.seq_len - len(p) for p in prompts]
-    gen = generate.sample(gguf_path, prompts, counts, SELF_TEMPERATURE, SELF_TOP_P, settings.seed, threads,
+             len(prompts), gguf_path.name, generate.DEFAULT_BATCH, threads)
+    counts = [seq_len - len(p) for p in prompts]
+    gen = generate.sample(gguf_path, prompts, counts, SELF_TEMPERATURE, SELF_TOP_P, seed, threads,
                           generate.DEFAULT_BATCH)
-    rows = [p + a for p, a in zip(prompts, gen.answers, strict=True)]
+    return torch.tensor([p + a for p, a in zip(prompts, gen.answers, strict=True)]), gen
+
+
+def generation_record(gguf_path: Path, gen: generate.Generation) -> dict[str, Any]:
+    """What self-generation cost, for reports."""
+    return {"model": gguf_path.name, "seconds": round(gen.seconds, 2), "tokens": gen.tokens,
+            "tokens_per_s": round(gen.tokens_per_s, 1), "batch_size": gen.batch_size,
+            "threads": gen.threads, "load_seconds": round(gen.load_seconds, 2)}
+
+
+def self_generated(gguf_path: Path, tokenizer: Any, settings: CalibrationSettings, threads: int) -> TextSplits:
+    """Chat answers sampled with a fixed seed from a GGUF of the reference, through llama.cpp: no
+    download, and no torch model in memory. Window i is prompt i and its answer (`chat_windows`)."""
+    total = settings.samples + settings.heldout_samples
+    rows, gen = chat_windows(gguf_path, tokenizer, range(total), settings.seq_len, settings.seed, threads)
     source = f"self-generated through llama.cpp by {gguf_path.name} (seed {settings.seed}, {total} chat answers)"
-    splits = _splits(torch.tensor(rows), settings, source)
+    splits = _splits(rows, settings, source)
     calib = {tuple(w) for w in splits.calib.tolist()}
     if any(tuple(w) in calib for w in splits.heldout.tolist()):
         raise EdgepruneError(
             f"A self-generated held-out window equals a calibration window: --seq-len {settings.seq_len} keeps too "
             "little beyond the chat prompt; raise --seq-len or pass --calib."
         )
-    splits.generation = {"model": gguf_path.name, "seconds": round(gen.seconds, 2), "tokens": gen.tokens,
-                         "tokens_per_s": round(gen.tokens_per_s, 1), "batch_size": gen.batch_size,
-                         "threads": gen.threads, "load_seconds": round(gen.load_seconds, 2)}
+    splits.generation = generation_record(gguf_path, gen)
     return splits

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from edgeprune.models.streamed import DecoderStream
 from edgeprune.pipeline import CandidateModel
 from edgeprune.prune import ModelShape, Plan
 from edgeprune.quantize import RECIPES, QuantSpec
+from edgeprune.recover import RecoveryJob
 from edgeprune.runtimes.base import Runner, Runtime
 from edgeprune.search import Candidate, State
 from edgeprune.stages import Stage, StageOutput, StageRunner
@@ -101,7 +102,22 @@ class CandidateEvaluator:
     def build_all(self, requests: list[tuple[State, Plan, str]]) -> list[Candidate]:
         """Build candidates (file, then quality) through the executor, as many at once as it runs;
         in the requests' order."""
-        jobs = {cid: (state, plan, self._job(state, plan, cid)) for state, plan, cid in requests}
+        return self._run({cid: (state, plan, self._job(state, plan, cid)) for state, plan, cid in requests})
+
+    def build_recovered(self, twins: list[Candidate], recovery: RecoveryJob) -> list[Candidate]:
+        """Recovered copies of built candidates (`<id>r`): the same plan and quantization, the weights
+        distilled toward the reference. Same shapes and tensor types, so each is timed as its twin was
+        (its benchmark, verdict and prediction copied); only its quality is measured anew."""
+        jobs = {f"{c.id}r": (c.state, c.plan, replace(self._job(c.state, c.plan, f"{c.id}r"), recovery=recovery))
+                for c in twins}
+        copies = self._run(jobs)
+        for twin, copy in zip(twins, copies, strict=True):
+            copy.bench, copy.verdict, copy.confirmed, copy.prediction = twin.bench, twin.verdict, twin.confirmed, \
+                twin.prediction
+            copy.predicted_speedup, copy.recovered_from = twin.predicted_speedup, twin.id
+        return copies
+
+    def _run(self, jobs: dict[str, tuple[State, Plan, CandidateJob]]) -> list[Candidate]:
         built: dict[str, Candidate] = {}
         remote = not isinstance(self.executor, InProcess)
         t0 = time.perf_counter()
@@ -110,7 +126,7 @@ class CandidateEvaluator:
         if remote:  # the stages' own timings stayed with the workers
             self.runner.timings["remote builds"] = self.runner.timings.get("remote builds", 0.0) + \
                 time.perf_counter() - t0
-        return [built[cid] for _, _, cid in requests]
+        return [built[cid] for cid in jobs]
 
     def _job(self, state: State, plan: Plan, cid: str) -> CandidateJob:
         quant = QuantSpec(self.runtime(state.runtime).search_quant(self.settings), state.recipe, self.settings.imatrix)
@@ -121,9 +137,8 @@ class CandidateEvaluator:
         if remote and report.made:
             log.info("%s built by %s in %.0f s", job.cid, report.where, report.seconds)
         ctx = self.context
-        sparse_stage = ctx.sparse_stage(job)
-        sparse = self._found(sparse_stage, report) if sparse_stage is not None else None
-        stage = ctx.stages(job, self.threads, sparse)
+        replaced = ctx.replaced(job, self.threads, lambda stage: self._found(stage, report))
+        stage = ctx.stages(job, self.threads, replaced)
         model = self._found(stage, report)
         self._built[job.cid] = (stage, model)
         self._held.setdefault(model.key, set()).add(job.cid)
@@ -137,6 +152,7 @@ class CandidateEvaluator:
             parameters=model.result["parameters"],
             quality=Quality(**quality.result),
             built_on=report.where if remote else None,
+            recovery=replaced.result["recovery"] if job.recovery is not None else None,
         )
 
     def _found(self, stage: Stage, report: Built) -> StageOutput:

@@ -154,6 +154,7 @@ def _provenance(reader: gguf.GGUFReader) -> dict[str, Any] | None:
         "source_sha256": metadata(reader, ProvenanceKeys.SOURCE_SHA256),
         "plan": _parse_plan(metadata(reader, ProvenanceKeys.PLAN)),
         "sparsity": _parse_plan(metadata(reader, ProvenanceKeys.SPARSITY)),
+        "recovery": _parse_plan(metadata(reader, ProvenanceKeys.RECOVERY)),
     }
 
 
@@ -265,4 +266,7 @@ def render(info: Inspection) -> str:
         sp = p["sparsity"]
         pattern = sp.get("nm") or f"{sp.get('sparsity', 0):.0%}"
         lines.append(f"sparsity   {sp.get('method')} {pattern} of each decoder weight row zero before quantization")
+    if p is not None and isinstance(p.get("recovery"), dict):
+        r = p["recovery"]
+        lines.append(f"recovery   {r.get('description')}: {r.get('steps')} steps, {r.get('tokens')} tokens")
     return "\n".join(lines)

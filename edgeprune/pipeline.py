@@ -34,7 +34,9 @@ from edgeprune.structured import STRUCTURED_METHODS, structured_importance
 
 log = logging.getLogger(__name__)
 
-SPARSE_DIR = "sparse-layers"
+# Where a stage that replaces weights of the pruned model (sparse, recovered) writes them: one
+# safetensors file per layer, tensors by HF name in the pruned model.
+WEIGHTS_DIR = "weights"
 LOGPROBS_FILE = "logprobs.npy"
 
 
@@ -180,10 +182,10 @@ class SparseWeights(Stage):
     def run(self, out_dir: Path) -> dict[str, Any]:
         from safetensors.torch import save_file
 
-        (out_dir / SPARSE_DIR).mkdir()
+        (out_dir / WEIGHTS_DIR).mkdir()
 
         def save(i: int, layer: torch.nn.Module) -> None:
-            save_file(linear_weights(i, layer), out_dir / SPARSE_DIR / f"layer-{i}.safetensors")
+            save_file(linear_weights(i, layer), out_dir / WEIGHTS_DIR / f"layer-{i}.safetensors")
 
         stream = DecoderStream(self.reference.weights, self.plan)
         report = sparsify_stream(stream, self.calib.calib if self.calib else None, self.spec.method,
@@ -191,9 +193,10 @@ class SparseWeights(Stage):
         return report.to_dict() | {"spec": self.spec.model_dump()}
 
 
-def sparse_overrides(sparse: StageOutput | None) -> Overrides:
-    """Loaders of a SparseWeights stage's tensors, by name in the pruned model (each read when needed)."""
-    if sparse is None:
+def replaced_overrides(replaced: StageOutput | None) -> Overrides:
+    """Loaders of the tensors a SparseWeights or RecoveredWeights stage wrote, by name in the pruned
+    model (each read when needed)."""
+    if replaced is None:
         return {}
     from safetensors import safe_open
 
@@ -204,7 +207,7 @@ def sparse_overrides(sparse: StageOutput | None) -> Overrides:
         return load
 
     out: dict[str, Any] = {}
-    for path in sorted((sparse.dir / SPARSE_DIR).glob("layer-*.safetensors")):
+    for path in sorted((replaced.dir / WEIGHTS_DIR).glob("layer-*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             out.update({name: loader(path, name) for name in f.keys()})
     return out
@@ -215,24 +218,24 @@ class CandidateModel(Stage):
 
     For GGUF: exported in 16 bits tensor by tensor, then quantized by llama.cpp, with an importance
     matrix collected on the pruned model itself, one layer at a time, from calibration windows only
-    (pruning changes what later layers see). `sparse`: the output of a SparseWeights stage whose
-    weights replace the plain pruned ones.
+    (pruning changes what later layers see). `replaced`: the output of a SparseWeights or
+    RecoveredWeights stage whose weights replace the plain pruned ones.
     """
 
     name = "candidate-model"
 
     def __init__(self, reference: Reference, plan: Plan, quant: QuantSpec, calib: TextSplits | None,
-                 threads: int, sparse: StageOutput | None = None, fmt: ModelFormat = GGUF) -> None:
+                 threads: int, replaced: StageOutput | None = None, fmt: ModelFormat = GGUF) -> None:
         if quant.imatrix and calib is None:
             raise ValueError("an importance matrix needs calibration windows")
         self.reference, self.plan, self.quant, self.calib, self.threads = reference, plan, quant, calib, threads
-        self.sparse, self.format = sparse, fmt
+        self.replaced, self.format = replaced, fmt
 
     def identity(self) -> dict[str, Any]:
         return {"reference": self.reference.sha256, "plan": self.plan.to_dict(), "quant": self.quant.quant,
                 "recipe": RECIPES[self.quant.recipe].rules(),  # its contents: a recipe's name can be redefined
                 "imatrix": self.calib.sha256 if self.quant.imatrix else None,
-                "sparse_weights": self.sparse.key if self.sparse is not None else None,
+                "replaced_weights": self.replaced.key if self.replaced is not None else None,
                 "format": self.format.identity()}
 
     def file(self, out: StageOutput) -> Path:
@@ -241,11 +244,12 @@ class CandidateModel(Stage):
 
     def run(self, out_dir: Path) -> dict[str, Any]:
         weights = self.reference.weights
+        replaced = self.replaced.result if self.replaced else {}
         provenance = Provenance(self.reference.source.model_id, self.reference.sha256, self.plan.to_dict(),
-                                self.sparse.result["spec"] if self.sparse else None)
+                                replaced.get("spec"), replaced.get("recovery"))
         job = Realization(weights, self.plan, self.reference.tokenizer_spec, provenance, self.reference.source.model_id,
-                          self.quant, self.calib.calib if self.quant.imatrix else None, sparse_overrides(self.sparse),
-                          self.threads)
+                          self.quant, self.calib.calib if self.quant.imatrix else None,
+                          replaced_overrides(self.replaced), self.threads)
         model = out_dir / self.format.model_file
         self.format.realize(job, model)
         parameters = sum(math.prod(t.shape) for t in pruned_tensors(weights, self.plan))  # tied counted once

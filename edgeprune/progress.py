@@ -21,3 +21,10 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iter
     # disable=None: tqdm also stays quiet when stderr is not a terminal (logs, CI).
     return tqdm(iterable, desc=desc, total=total, disable=None if _enabled else True, leave=False,
                 dynamic_ncols=True)
+
+
+def progress_bar(desc: str, total: float, unit: str) -> tqdm:
+    """A bar the caller advances itself (`update`), e.g. by seconds of a time budget: its ETA is the budget's."""
+    return tqdm(desc=desc, total=total, unit=unit, disable=None if _enabled else True, leave=False,
+                dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} {unit} [{elapsed}<{remaining}{postfix}]")

@@ -33,6 +33,8 @@ def candidate_to_dict(c: Candidate, selected: Candidate | None, estimate: Predic
         "peak_rss_bytes": c.bench.peak_rss_bytes if c.measured else None,
         "device": c.bench.device if c.measured else None,  # which device of a fleet timed it
         "built_on": c.built_on,  # which node of a Ray cluster built it (None: the build's own machine)
+        "recovered_from": c.recovered_from,  # a recovered copy of this candidate (timed as it)
+        "recovery": c.recovery,
         **c.quality.to_dict(),
         "verdict": c.verdict,
         "confirmed": c.confirmed,
@@ -137,12 +139,30 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---" * (14 if estimates else 13) + "|",
     ]
     lines += [_row(c, estimates) for c in search["candidates"]]
+    lines += _recovery_lines(search.get("recovery"))
     lines += _prediction_notes(report, search, estimates)
     lines += _settings_lines(report.get("runtime_settings"))
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in report["timings_s"].items())
     lines += ["", f"Time: {timings}.", ""]
     lines += _verifications(report.get("verifications", []))
     return "\n".join(lines)
+
+
+def _recovery_lines(recovery: dict[str, Any] | None) -> list[str]:
+    """Each recovered candidate's KLD before and after, and whether recovery changed the pick."""
+    if not recovery:
+        return []
+    if not recovery["candidates"]:
+        return ["", f"Recovery: none ({recovery['not_recovered']})."]
+    lines = ["", "## Recovery", "", f"Policy: {recovery['policy']}.", "",
+             "| recovered | from | KLD before | KLD after | share recovered | steps | minutes |", "|---" * 7 + "|"]
+    lines += [f"| {r['id']} | {r['from']} | {r['before_kld']:.3f} | {r['after_kld']:.3f} | "
+              f"{r['recovered_share'] * 100:.0f}% | {r['steps']} | {r['minutes']:.1f} |"
+              for r in recovery["candidates"]]
+    changed = recovery["selected"] != recovery["selected_before"]
+    lines += ["", f"Pick: {recovery['selected']}" + (f" (was {recovery['selected_before']} before recovery)."
+                                                     if changed else " (unchanged by recovery).")]
+    return lines
 
 
 def _settings_lines(tuning: dict[str, Any] | None) -> list[str]:

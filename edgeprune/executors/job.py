@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +28,9 @@ from edgeprune.models import ModelSource, Reference, load_reference
 from edgeprune.pipeline import CandidateModel, CandidateQuality, SparseWeights
 from edgeprune.prune import Plan
 from edgeprune.quantize import QuantSpec
+from edgeprune.recover import RecoveryJob, recover_plan
 from edgeprune.runtimes.registry import get_runtime
-from edgeprune.stages import StageOutput, StageRunner
+from edgeprune.stages import Stage, StageOutput, StageRunner
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class CandidateJob:
     plan: Plan
     quant: QuantSpec
     sparsity: SparsitySpec | None = None  # sparsified after the plan (a sparse state of an opt-in target)
+    recovery: RecoveryJob | None = None  # distilled toward the reference after the plan (never with sparsity)
 
 
 @dataclass(frozen=True)
@@ -89,14 +92,19 @@ class BuildContext:
                            Path(ref_logps.filename))
         return cls(reference, runner, splits, ref_logps, spec)
 
-    def stages(self, job: CandidateJob, threads: int, sparse: StageOutput | None) -> CandidateModel:
+    def stages(self, job: CandidateJob, threads: int, replaced: StageOutput | None) -> CandidateModel:
         fmt = get_runtime(job.runtime).format
-        return CandidateModel(self.reference, job.plan, job.quant, self.splits, threads, sparse, fmt)
+        return CandidateModel(self.reference, job.plan, job.quant, self.splits, threads, replaced, fmt)
 
-    def sparse_stage(self, job: CandidateJob) -> SparseWeights | None:
+    def replaced(self, job: CandidateJob, threads: int,
+                 collect: Callable[[Stage], StageOutput] | None = None) -> StageOutput | None:
+        """The weights that replace the plain pruned ones (sparse or recovered), or None: made, or
+        with `collect`, read from the cache where another process made them."""
+        if job.recovery is not None:
+            return recover_plan(self.reference, job.plan, self.splits, job.recovery, self.runner, threads, collect)
         if job.sparsity is None:
             return None
-        return SparseWeights(self.reference, job.plan, job.sparsity, self.splits)
+        return (collect or self.runner.run)(SparseWeights(self.reference, job.plan, job.sparsity, self.splits))
 
     def quality_stage(self, stage: CandidateModel, model: StageOutput, threads: int) -> CandidateQuality:
         return CandidateQuality(stage.file(model), model.key, self.splits, self.ref_logps, threads, stage.format)
@@ -104,12 +112,11 @@ class BuildContext:
     def run(self, job: CandidateJob, threads: int, where: str) -> Built:
         """Build the job's file and measure its quality, each stage unless the cache has it."""
         t0 = time.perf_counter()
-        sparse_stage = self.sparse_stage(job)
-        sparse = self.runner.run(sparse_stage) if sparse_stage is not None else None
-        stage = self.stages(job, threads, sparse)
+        replaced = self.replaced(job, threads)
+        stage = self.stages(job, threads, replaced)
         model = self.runner.run(stage)
         quality = self.runner.run(self.quality_stage(stage, model, threads))
-        made = not (model.cached and quality.cached and (sparse is None or sparse.cached))
+        made = not (model.cached and quality.cached and (replaced is None or replaced.cached))
         return Built(job.cid, where, time.perf_counter() - t0, made)
 
 

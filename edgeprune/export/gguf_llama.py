@@ -50,6 +50,7 @@ class ProvenanceKeys:
     SOURCE_SHA256 = "edgeprune.source_sha256"
     PLAN = "edgeprune.plan"
     SPARSITY = "edgeprune.sparsity"  # only in sparsified models
+    RECOVERY = "edgeprune.recovery"  # only in recovered models: how they were fine-tuned
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Provenance:
     source_sha256: str
     plan: dict[str, Any]
     sparsity: dict[str, Any] | None = None  # the SparsitySpec the weights were sparsified with
+    recovery: dict[str, Any] | None = None  # the RecoverySettings and training record of recovered weights
 
 
 Q = gguf.GGMLQuantizationType
@@ -211,6 +213,8 @@ def _write(path: Path, config: Any, layers: list[LayerShape], arch: str, tensors
         writer.add_string(ProvenanceKeys.PLAN, json.dumps(provenance.plan, sort_keys=True))
         if provenance.sparsity is not None:
             writer.add_string(ProvenanceKeys.SPARSITY, json.dumps(provenance.sparsity, sort_keys=True))
+        if provenance.recovery is not None:
+            writer.add_string(ProvenanceKeys.RECOVERY, json.dumps(provenance.recovery, sort_keys=True))
 
         tensors = tensors + [PlannedTensor(n, a.shape, torch.float32, partial(torch.from_numpy, a))
                              for n, a in extra.items()]

@@ -50,6 +50,8 @@ class Candidate:
     predicted_speedup: float | None = None  # over the baseline, from the same prediction
     predicted_kld: float | None = None  # before it was built (the pareto strategy's quality model)
     built_on: str | None = None  # the machine that built it, when not the build's own (a Ray cluster's node)
+    recovered_from: str | None = None  # the candidate it is a recovered copy of (same structure, timed as it)
+    recovery: dict[str, Any] | None = None  # how it was recovered: the training record
 
     @property
     def meets(self) -> bool:

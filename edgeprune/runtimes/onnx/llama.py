@@ -64,6 +64,7 @@ class MetadataKeys:
     SOURCE_SHA256 = "edgeprune.source_sha256"
     PLAN = "edgeprune.plan"
     SPARSITY = "edgeprune.sparsity"
+    RECOVERY = "edgeprune.recovery"
     WEIGHTS = "edgeprune.weights"  # OnnxWeights as JSON
     CONTEXT = "edgeprune.context"
 
@@ -219,6 +220,8 @@ def write_onnx(store: WeightStore, plan: Plan, path: Path, weights: OnnxWeights,
                         MetadataKeys.CONTEXT: str(context)}
             if provenance.sparsity is not None:
                 metadata[MetadataKeys.SPARSITY] = json.dumps(provenance.sparsity, sort_keys=True)
+            if provenance.recovery is not None:
+                metadata[MetadataKeys.RECOVERY] = json.dumps(provenance.recovery, sort_keys=True)
             model = g.model(inputs, outputs, name, metadata)
         save(model, tmp_model)
         os.replace(tmp_data, data_path)
