@@ -218,6 +218,8 @@ def _checked_build(config: BuildConfig, source: ModelSource, executor: Executor,
     bench_tokens = target.slo.prompt_tokens + target.slo.answer_tokens if target.device.url == "local" else 0
     work = Work.for_build(profile.search, self_generated=config.calib is None, bench_tokens=bench_tokens,
                           sparse=target.sparsity.method if target.sparsity else None)
+    if profile.recovery.enabled:
+        work = dataclasses.replace(work, recovery=profile.recovery.method, recovery_batch=profile.recovery.batch_size)
     memory = preflight(weights, profile.calibration, work, config.cache_dir, config.output_dir)
     with TreeSampler() as measured, open_fleet(target, config.cache_dir, runtimes) as fleet:
         return _build(config, source, weights, target, profile, fleet, executor, excluded, t_start, memory,

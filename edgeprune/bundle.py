@@ -270,6 +270,9 @@ def model_card(report: dict[str, Any], target: Target, programs: list[str]) -> s
         "",
         f"- Source: {model['id']} ({model['source']}), sha256 `{model['sha256']}`, {model['parameters']:,} parameters",
         f"- Pruning: {sel['step']}; plan `{json.dumps(sel['plan'], sort_keys=True)}`",
+        *([f"- Recovery: {sel['recovery']['description']} ({sel['recovery']['steps']} steps, "
+           f"{sel['recovery']['tokens']:,} tokens), distilled toward the source model after pruning"]
+          if sel.get("recovery") else []),
         f"- Quantization: {report['profile']['search']['quant']}, {size / MIB:.1f} MiB",
         f"- Quality against the source model (held-out text): mean KLD {sel['mean_kld']:.3f}, top-1 agreement "
         f"{sel['top1_agreement'] * 100:.1f}%, perplexity {sel['perplexity']:.2f} "

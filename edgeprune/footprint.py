@@ -90,6 +90,9 @@ WHOLE_MODEL = "whole model in fp32"
 GRADIENTS = "gradients and their accumulators"
 BACKWARD = "activations kept for the backward pass"
 HESSIANS = "SparseGPT Hessians of one layer"
+RECOVERY_MODEL = "the pruned model in fp32 for recovery"
+RECOVERY_OPTIMIZER = "recovery's gradients and Adam moments"
+RECOVERY_ACTIVATIONS = "recovery's activations of a batch"
 OBS_WORK = "SparseGPT work on the widest linear"
 IMATRIX = "importance matrix"
 TENSOR = "largest tensor as stored"
@@ -116,13 +119,14 @@ OUTPUT_MODEL = "output GGUF"
 HF_CHECKPOINT = "HF checkpoint"
 BUNDLE_BINARIES = "llama.cpp binaries"
 
-KnobKind = Literal["calibration", "heldout", "seq_len", "method", "sparse", "self_generated", "candidates"]
+KnobKind = Literal["calibration", "heldout", "seq_len", "method", "sparse", "self_generated", "candidates", "recovery"]
 KNOBS: dict[str, KnobKind] = {
     ACTIVATIONS: "calibration", FORWARD: "seq_len", STATISTICS: "seq_len", HELDOUT_ACTIVATIONS: "heldout",
     WINDOW_LOGITS: "seq_len", WHOLE_MODEL: "method", GRADIENTS: "method", BACKWARD: "method",
     HESSIANS: "sparse", OBS_WORK: "sparse", KV_CACHE: "seq_len", RUNTIME_LOGITS: "seq_len",
     RECEIVED_LOGITS: "seq_len", QUICK_WEIGHTS: "self_generated",
     CANDIDATES: "candidates", QUICK_COPY: "self_generated", REFERENCE_LOGPROBS: "heldout", SPILL: "calibration",
+    RECOVERY_MODEL: "recovery", RECOVERY_OPTIMIZER: "recovery", RECOVERY_ACTIVATIONS: "recovery",
 }
 
 
@@ -151,6 +155,8 @@ class Work:
     hf_checkpoint: bool = False
     quick_quant: str = QUICK_QUANT
     evict: bool = False
+    recovery: str | None = None  # recovery fine-tuning's method (lora | full), None: no recovery
+    recovery_batch: int = 4  # windows per training step
 
     @classmethod
     def for_build(cls, search: SearchSettings, *, self_generated: bool, sparse: str | None = None,
@@ -437,6 +443,8 @@ def estimate(store: WeightStore, calibration: CalibrationSettings, work: Work,
         phases.append(Phase("importance matrix of a candidate", base | layer | sliced | {
             ACTIVATIONS: min(calib_acts, activation_budget), FORWARD: forward,
             IMATRIX: statistics + s.n_layers * sum(s.linear_inputs) * 8}))
+    if work.recovery is not None:
+        phases.append(_recovery_phase(s, base, seq, work.recovery, work.recovery_batch))
     phases.append(Phase("GGUF export, tensor by tensor", base | {
         TENSOR: s.largest_tensor * s.largest_itemsize, TENSOR_F16: s.largest_tensor * 2,
         TENSOR_FP32: 0 if s.largest_itemsize == 4 else min(s.largest_tensor * 4, HEAD_CHUNK)}))
@@ -507,6 +515,17 @@ def _whole_model_phase(s: _Shapes, base: dict[str, int], calibration: Calibratio
         windows = min(BATCH_WINDOWS, calibration.samples)
         ram[BACKWARD] = (s.n_layers * 2 * windows * seq * s.hidden * 4 + windows * seq * s.vocab * 4 * LOGIT_COPIES)
     return Phase("importance on the whole model, " + ("with gradients" if gradients else "with the loss"), ram)
+
+
+def _recovery_phase(s: _Shapes, base: dict[str, int], seq: int, method: str, batch: int) -> Phase:
+    """Recovery trains the whole pruned model in fp32 (recover/trainer.py), bounded here by the
+    unpruned one: full fine-tuning adds a gradient and two Adam moments per decoder weight (LoRA's
+    adapters are a few MiB); every layer's activations of a batch are kept for the backward pass."""
+    ram = base | {RECOVERY_MODEL: s.parameters * 4,
+                  RECOVERY_OPTIMIZER: 3 * s.decoder_linear_params * 4 if method == "full" else 0}
+    ram[RECOVERY_ACTIVATIONS] = batch * (s.n_layers * seq * (10 * s.hidden + 4 * s.ffn) * 4
+                                         + s.n_layers * s.n_head * seq * seq * 4 * 2 + seq * s.vocab * 4 * LOGIT_COPIES)
+    return Phase(f"recovery fine-tuning ({method}) of the whole pruned model", ram)
 
 
 def _sparse_phase(s: _Shapes, base: dict[str, int], layer: dict[str, int], sliced: dict[str, int], activations: int,

@@ -60,6 +60,8 @@ def _advice(kind: KnobKind, command: Command) -> str:
         "sparse": "use --method wanda or magnitude, which keep no Hessian",
         "self_generated": "give calibration text (--calib FILE or hf:NAME) instead of self-generating it",
         "candidates": "keep fewer candidates (max_candidates in the profile)",
+        "recovery": "recover with --recover-method lora and a smaller [recovery] batch_size, or not at all "
+                    "(recovery on a CPU holds the whole pruned model in fp32: it suits models up to about 1B)",
     }[kind]
 
 

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -156,6 +156,8 @@ def prune(config: PruneConfig) -> PruneResult:
         plan_search=config.profile.search if spec.needs_importance() else None,
         slices=bool(checked.heads or checked.ffn) or config.structured is not None,
         sparse=config.sparse.method if config.sparse else None, hf_checkpoint=hf_note is None)
+    if config.recovery is not None:
+        work = replace(work, recovery=config.recovery.method, recovery_batch=config.recovery.batch_size)
     memory = preflight(weights, config.profile.calibration, work, config.cache_dir, config.output_dir)
     with TreeSampler() as measured:
         return _prune(config, source, weights, spec, hf_note, memory, measured)

@@ -18,6 +18,8 @@ from edgeprune.footprint import (
     LAYER_FP32,
     QUICK_COPY,
     QUICK_WEIGHTS,
+    RECOVERY_MODEL,
+    RECOVERY_OPTIMIZER,
     RUNTIME_WEIGHTS,
     WHOLE_MODEL,
     Work,
@@ -387,3 +389,19 @@ def test_machine_limits_from_a_fake_proc(tmp_path):
     # 6 GiB of headroom, plus what this process already holds (counted in the estimate's baseline).
     assert 6 * GiB <= found.memory < 6 * GiB + 2 * GiB
     assert found.memory_source == "memory cgroup /job, limit 8.0 GiB"
+
+
+def test_recovery_holds_the_whole_model_and_full_fine_tuning_its_optimizer_and_an_8b_is_refused():
+    store = ShapeStore(llama_31_8b())
+    plain = Work.for_prune(quant="Q4_K_M", imatrix=True, self_generated=False)
+    lora = estimate(store, QUICK.calibration, dataclasses.replace(plain, recovery="lora"))
+    full = estimate(store, QUICK.calibration, dataclasses.replace(plain, recovery="full"))
+    assert lora.peak.name == "recovery fine-tuning (lora) of the whole pruned model"
+    assert lora.peak.ram[RECOVERY_MODEL] == 8_030_261_248 * 4
+    assert full.peak.total - lora.peak.total == full.peak.ram[RECOVERY_OPTIMIZER] > 3 * 6e9 * 4
+    assert estimate(store, QUICK.calibration, plain).peak.total < lora.peak.total
+    with pytest.raises(EdgepruneError) as err:
+        check(full, limits(24 * GiB))
+    message = str(err.value)
+    assert "recovery fine-tuning (full)" in message and "--recover-method lora" in message
+    assert message.count(". ") == 0 and message.endswith(".")

@@ -54,6 +54,7 @@ class TrainingLog:
     steps: int = 0
     tokens: int = 0
     seconds: float = 0.0  # training wall time, across resumed runs
+    longest_step_s: float = 0.0  # the budget is checked between steps: it can be overrun by up to one
     losses: list[float] = field(default_factory=list)  # per step
     resumed_at_step: int | None = None
     stopped_by: str = ""  # "minutes" | "max_steps"
@@ -91,8 +92,10 @@ def merged(model: torch.nn.Module, settings: RecoverySettings) -> dict[str, torc
     if settings.method == "lora":
         model = model.merge_and_unload()
         pattern = re.compile(LORA_TARGETS + r"\.weight$")
-        return {n: t.detach().float().contiguous() for n, t in model.state_dict().items() if pattern.fullmatch(n)}
-    return {n: t.detach().float().contiguous() for n, t in model.state_dict().items() if n.startswith("model.layers.")}
+        return {n: t.detach().float().cpu().contiguous() for n, t in model.state_dict().items()
+                if pattern.fullmatch(n)}
+    return {n: t.detach().float().cpu().contiguous() for n, t in model.state_dict().items()
+            if n.startswith("model.layers.")}
 
 
 def learning_rate(settings: RecoverySettings, step: int, done: float) -> float:
@@ -119,7 +122,9 @@ class Recovery:
     def __init__(self, student: torch.nn.Module, data: TrainingData, settings: RecoverySettings, threads: int,
                  checkpoints: Path) -> None:
         self.settings, self.data, self.threads, self.checkpoints = settings, data, threads, checkpoints
-        self.model = trainable(student, settings)
+        # A CUDA device when torch sees one (the same steps, far faster); else the CPU threads given.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = trainable(student, settings).to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.peak_lr(), weight_decay=0.0)
         self.log = TrainingLog()
@@ -147,6 +152,7 @@ class Recovery:
                 loss = self._step()
                 took = time.perf_counter() - t0
                 self.log.seconds += took
+                self.log.longest_step_s = max(self.log.longest_step_s, took)
                 bar.update(min(took, max(0.0, budget - bar.n)))
                 bar.set_postfix(loss=f"{loss:.3f}", step=self.log.steps)
                 now = time.monotonic()
@@ -167,7 +173,7 @@ class Recovery:
     def _step(self) -> float:
         s = self.settings
         rows = batch_rows(self.log.steps, s.batch_size, len(self.data.windows), s.seed)
-        tokens, t_logp, t_index = self.data.batch(rows)
+        tokens, t_logp, t_index = (t.to(self.device) for t in self.data.batch(rows))
         done = max(self.log.seconds / (s.minutes * 60), self.log.steps / s.max_steps if s.max_steps else 0.0)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(s, self.log.steps, done)
@@ -189,7 +195,7 @@ class Recovery:
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _trained_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _save(self) -> None:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
@@ -203,7 +209,7 @@ class Recovery:
         path = self.checkpoints / CHECKPOINT
         if not path.is_file():
             return
-        state = torch.load(path, weights_only=True)  # our own file, and still never a pickle
+        state = torch.load(path, weights_only=True, map_location=self.device)  # our own file; still never a pickle
         named = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, value in state["params"].items():
