@@ -77,6 +77,12 @@ def chat(gguf: Path) -> list[str]:
     return [tok.decode(a, skip_special_tokens=True).strip() for a in gen.answers]
 
 
+def distinct_share(answer: str) -> float:
+    """Distinct words over words: a degenerate answer repeats itself (well under 0.5)."""
+    words = answer.split()
+    return len(set(words)) / len(words) if words else 0.0
+
+
 def run(name: str, plan_file: Path, work: Path, minutes: float, cache: Path) -> dict:
     plan, method, objective = CONFIGS[name]
     out = work / name
@@ -98,7 +104,8 @@ def run(name: str, plan_file: Path, work: Path, minutes: float, cache: Path) -> 
             "train_minutes": rec["seconds"] / 60, "steps": rec["steps"], "tokens": rec["tokens"],
             "process_wall_minutes": wall / 60,
             "process_cpu_minutes": (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / 60,
-            "answers": chat(next(out.glob("*.gguf")))}
+            "answers": (answers := chat(next(out.glob("*.gguf")))),
+            "distinct_share": [distinct_share(a) for a in answers]}
 
 
 def main() -> None:
@@ -130,9 +137,9 @@ def main() -> None:
               f"{b['top1_agreement'] * 100:.1f}% / {a['top1_agreement'] * 100:.1f}% | {r['train_minutes']:.1f} | "
               f"{r['process_cpu_minutes']:.1f} | {r['steps']} | {r['tokens']:,} |")
     for r in rows:
-        print(f"\n{r['config']} answers:")
+        print(f"\n{r['config']} answers (distinct-word share):")
         for q, a in zip(QUESTIONS, r["answers"], strict=True):
-            print(f"  Q: {q}\n  A: {a[:200]!r}")
+            print(f"  Q: {q}\n  A ({distinct_share(a):.2f}): {a[:200]!r}")
     print(f"\nwrote {args.out}")
 
 

@@ -93,6 +93,18 @@ def test_distillation_loss_is_the_full_kl_with_the_whole_vocabulary_and_a_lower_
     assert torch.isfinite(tail_log(everything.values)).all()
 
 
+def test_a_student_whose_top_k_hold_all_the_mass_gets_finite_gradients():
+    # Step 130 of a real recovery: the student's probabilities on the teacher's top k summed to 1.0 in
+    # float32, log(0) of its tail mass, and the clamp after it turned the gradient into NaN.
+    teacher = torch.log_softmax(torch.randn(3, 100, generator=torch.Generator().manual_seed(5)), -1).topk(8, -1)
+    student = torch.full((3, 100), -30.0)
+    student.scatter_(-1, teacher.indices, 20.0)
+    student.requires_grad_(True)
+    loss = distillation_loss(student, teacher.values, teacher.indices)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+
+
 def test_temperature_scales_the_loss_by_t_squared_of_the_softened_kl():
     g = torch.Generator().manual_seed(3)
     t, s = torch.randn(4, 50, generator=g), torch.randn(4, 50, generator=g)

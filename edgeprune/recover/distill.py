@@ -46,11 +46,13 @@ class TopK:
 
 
 def tail_log(logp_top: torch.Tensor) -> torch.Tensor:
-    """log(1 - sum(exp(logp_top))) over the last dimension: the log-mass outside the top k."""
-    top = torch.logsumexp(logp_top, dim=-1).clamp(max=0.0)
-    # log(1 - e^x), stable near x = 0 (a confident teacher) and for very negative x.
-    return torch.where(top > -0.693, torch.log(-torch.expm1(top)), torch.log1p(-torch.exp(top))).clamp(
-        min=torch.log(torch.tensor(_TINY)))
+    """log(1 - sum(exp(logp_top))) over the last dimension: the log-mass outside the top k.
+
+    Summed in float64 (a tail of 1e-9 survives) and clamped before the log, never after: a student
+    whose top k hold all the float32 mass must get a finite gradient, not log(0)'s infinity times
+    the clamp's zero (NaN), which is what ended a 15-minute recovery at step 130."""
+    mass = logp_top.double().exp().sum(-1)
+    return torch.log((1.0 - mass).clamp(min=_TINY)).to(logp_top.dtype)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor, teacher_index: torch.Tensor,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from edgeprune.config import RecoverySettings
+from edgeprune.errors import EdgepruneError
 from edgeprune.progress import progress_bar
 from edgeprune.recover.distill import distillation_loss, next_token_loss
 
@@ -35,6 +36,7 @@ FINAL_LR_SHARE = 0.1  # cosine decay to this share of the peak
 LORA_TARGETS = (r".*layers\.\d+\.(self_attn|mlp)\."
                 r"(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj)")
 _LOG_EVERY_S = 30.0
+MAX_SKIPPED = 20
 
 
 @dataclass
@@ -57,14 +59,15 @@ class TrainingLog:
     longest_step_s: float = 0.0  # the budget is checked between steps: it can be overrun by up to one
     losses: list[float] = field(default_factory=list)  # per step
     resumed_at_step: int | None = None
+    skipped: int = 0  # steps whose loss or gradient was not finite (not applied)
     stopped_by: str = ""  # "minutes" | "max_steps"
 
     def summary(self) -> dict[str, Any]:
         head, tail = self.losses[:10], self.losses[-10:]
         return {"steps": self.steps, "tokens": self.tokens, "seconds": round(self.seconds, 1),
-                "first_loss": float(np.mean(head)) if head else None,
-                "last_loss": float(np.mean(tail)) if tail else None,
-                "resumed_at_step": self.resumed_at_step, "stopped_by": self.stopped_by}
+                "first_loss": float(np.nanmean(head)) if head else None,
+                "last_loss": float(np.nanmean(tail)) if tail else None,
+                "resumed_at_step": self.resumed_at_step, "stopped_by": self.stopped_by, "skipped_steps": self.skipped}
 
 
 def trainable(student: torch.nn.Module, settings: RecoverySettings) -> torch.nn.Module:
@@ -185,8 +188,16 @@ class Recovery:
                 loss = next_token_loss(logits, tokens)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        if torch.isfinite(loss) and torch.isfinite(norm):
+            self.optimizer.step()
+        else:  # one bad batch must not poison the weights: skip it, and say so if it keeps happening
+            self.log.skipped += 1
+            log.warning("recovery step %d: non-finite loss or gradient, step skipped (%d so far)", self.log.steps,
+                        self.log.skipped)
+            if self.log.skipped > MAX_SKIPPED:
+                raise EdgepruneError(f"Recovery diverged: {self.log.skipped} steps gave non-finite gradients; lower "
+                                     "[recovery] learning_rate.")
         self.log.steps += 1
         self.log.tokens += tokens.numel()
         value = loss.item()
