@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -135,6 +136,24 @@ def tiny_build_context(tmp_path: Path):
     splits = from_file(calib, reference.tokenizer, CalibrationSettings(samples=4, heldout_samples=2, seq_len=32))
     ref_logps, _ = reference_logprobs(reference, splits, runner)
     return BuildContext.here(reference, runner, splits, ref_logps, tmp_path / "cache")
+
+
+@contextlib.contextmanager
+def tiny_evaluator(tmp_path: Path, **kwargs):
+    """A CandidateEvaluator over `tiny_build_context`, timing on this machine with llama.cpp (quick
+    profile's search settings; keyword arguments as CandidateEvaluator's)."""
+    from edgeprune.config import load_profile
+    from edgeprune.devices import get_device
+    from edgeprune.evaluator import CandidateEvaluator
+    from edgeprune.fleet import Fleet
+    from edgeprune.measure import Workload
+    from edgeprune.runtimes.registry import get_runtime
+
+    context = tiny_build_context(tmp_path)
+    with get_device("local") as device:
+        fleet = Fleet([{"llama.cpp": get_runtime().runner(device)}])
+        yield CandidateEvaluator(context, fleet, Workload((1, 2), 2, 1, 0, 3), load_profile("quick").search,
+                                 threads=2, **kwargs)
 
 
 @pytest.fixture(scope="session")

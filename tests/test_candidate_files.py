@@ -6,25 +6,17 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import tiny_build_context
-from edgeprune.config import load_profile
-from edgeprune.devices import get_device
+from conftest import tiny_evaluator
 from edgeprune.evaluator import CandidateEvaluator
-from edgeprune.fleet import Fleet
 from edgeprune.hashing import sha256_file
-from edgeprune.measure import Workload
 from edgeprune.prune import Plan
-from edgeprune.runtimes.registry import get_runtime
 from edgeprune.search import State
 
 
 @pytest.fixture
 def evaluator(tmp_path) -> CandidateEvaluator:
-    context = tiny_build_context(tmp_path)
-    with get_device("local") as device:
-        fleet = Fleet([{"llama.cpp": get_runtime().runner(device)}])
-        yield CandidateEvaluator(context, fleet, Workload((1, 2), 2, 1, 0, 3), load_profile("quick").search,
-                                 threads=2, evicts=True)
+    with tiny_evaluator(tmp_path, evicts=True) as evaluator:
+        yield evaluator
 
 
 def test_a_released_file_goes_once_no_candidate_holds_it_and_comes_back_the_same(evaluator):

@@ -6,17 +6,13 @@ from __future__ import annotations
 import gguf
 import pytest
 
-from conftest import tiny_build_context
-from edgeprune.config import CalibrationSettings, RecoverySettings, load_profile
-from edgeprune.devices import get_device
+from conftest import tiny_evaluator
+from edgeprune.config import CalibrationSettings, RecoverySettings
 from edgeprune.evaluator import CandidateEvaluator
-from edgeprune.fleet import Fleet
-from edgeprune.measure import Workload
 from edgeprune.prune import Plan
 from edgeprune.recover import RecoveryJob
 from edgeprune.recover.select import recover_best
 from edgeprune.report import _recovery_lines, outcome_to_dict
-from edgeprune.runtimes.registry import get_runtime
 from edgeprune.search import SearchOutcome, State
 from edgeprune.search.budget import MEETS, SHORT_OF_SPEEDUP, Budget
 
@@ -34,11 +30,8 @@ def _layout(path) -> list[tuple[str, str, tuple[int, ...]]]:
 
 @pytest.fixture
 def evaluator(tmp_path) -> CandidateEvaluator:
-    context = tiny_build_context(tmp_path)
-    with get_device("local") as device:
-        fleet = Fleet([{"llama.cpp": get_runtime().runner(device)}])
-        yield CandidateEvaluator(context, fleet, Workload((1, 2), 2, 1, 0, 3), load_profile("quick").search,
-                                 threads=2)
+    with tiny_evaluator(tmp_path) as evaluator:
+        yield evaluator
 
 
 def test_the_best_pruned_candidates_within_budget_are_recovered_and_compete_for_the_pick(evaluator, tmp_path):
