@@ -17,13 +17,13 @@ import json
 import statistics
 from pathlib import Path
 
-import gguf
 import torch
 
 from edgeprune.analysis.scores import select_channels
 from edgeprune.config import load_profile, load_target
 from edgeprune.devices import get_device
 from edgeprune.evaluate import Quality
+from edgeprune.gguf_file import read_gguf
 from edgeprune.measure import Workload
 from edgeprune.models import load_reference, resolve_source
 from edgeprune.pipeline import (
@@ -44,7 +44,7 @@ WIDTHS = (1536, 1312, 1280, 1248, 1056, 1024, 992)
 
 
 def down_types(path: Path) -> dict[str, int]:
-    reader = gguf.GGUFReader(str(path))
+    reader = read_gguf(path)
     return dict(collections.Counter(t.tensor_type.name for t in reader.tensors if t.name.endswith("ffn_down.weight")))
 
 

@@ -6,9 +6,9 @@ sublayers). For each configuration `edgeprune recover` runs in its own process w
 profile (self-generated calibration, 8 held-out windows of 128 tokens never trained on, Q4_K_M
 with an imatrix from the recovered model) and a recovery time budget; the table shows held-out
 KLD / perplexity / top-1 before and after, the share of the lost KLD recovered, wall and CPU
-minutes, steps and tokens. KD vs SFT and LoRA vs full at ~1.8x; KD LoRA at ~1.5x. Each recovered
-model also answers a few chat prompts greedily through llama.cpp (printed; a degenerate answer
-repeats itself). Writes benchmarks/results/recovery.json.
+minutes, steps and tokens. KD vs SFT and LoRA vs full at ~1.8x; KD LoRA at ~1.5x. `recover`'s chat
+check (three fixed questions, greedy, in the chat template) before and after recovery is printed
+with each answer's verdict (edgeprune/chat_health.py). Writes benchmarks/results/recovery.json.
 
     .venv/bin/python benchmarks/recovery.py [--minutes 30] [--configs kd-lora-1.8,kd-full-1.8,...]
 """
@@ -38,11 +38,6 @@ CONFIGS = {  # name -> (plan, method, objective)
     "sft-lora-1.8": ("1.8x", "lora", "sft"),
     "kd-lora-1.5": ("1.5x", "lora", "kd"),
 }
-QUESTIONS = ("What should an operator check before starting a pump?",
-             "Explain in two sentences why the sky is blue.",
-             "Write a short email asking for a delivery date.")
-
-
 def plans(cache: Path) -> dict[str, dict]:
     """The two plans as plan files (original layer indices), from the build's own importance ranking."""
     profile = load_profile("default")
@@ -63,24 +58,6 @@ def profile_file(work: Path, method: str, objective: str) -> Path:
     path = work / f"profile-{method}-{objective}.toml"
     path.write_text(text + f'\n[recovery]\nmethod = "{method}"\nobjective = "{objective}"\n')
     return path
-
-
-def chat(gguf: Path) -> list[str]:
-    from edgeprune.runtimes import generate
-
-    reference = load_reference(resolve_source(None), Path(os.environ["EDGEPRUNE_CACHE"]))
-    tok = reference.tokenizer
-    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                           add_generation_prompt=True), add_special_tokens=True)["input_ids"]
-               for q in QUESTIONS]
-    gen = generate.sample(gguf, prompts, 48, 0.0, 1.0, 0, 2)
-    return [tok.decode(a, skip_special_tokens=True).strip() for a in gen.answers]
-
-
-def distinct_share(answer: str) -> float:
-    """Distinct words over words: a degenerate answer repeats itself (well under 0.5)."""
-    words = answer.split()
-    return len(set(words)) / len(words) if words else 0.0
 
 
 def run(name: str, plan_file: Path, work: Path, minutes: float, cache: Path) -> dict:
@@ -104,8 +81,7 @@ def run(name: str, plan_file: Path, work: Path, minutes: float, cache: Path) -> 
             "train_minutes": rec["seconds"] / 60, "steps": rec["steps"], "tokens": rec["tokens"],
             "process_wall_minutes": wall / 60,
             "process_cpu_minutes": (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / 60,
-            "answers": (answers := chat(next(out.glob("*.gguf")))),
-            "distinct_share": [distinct_share(a) for a in answers]}
+            "chat": rec["chat"]}
 
 
 def main() -> None:
@@ -137,9 +113,12 @@ def main() -> None:
               f"{b['top1_agreement'] * 100:.1f}% / {a['top1_agreement'] * 100:.1f}% | {r['train_minutes']:.1f} | "
               f"{r['process_cpu_minutes']:.1f} | {r['steps']} | {r['tokens']:,} |")
     for r in rows:
-        print(f"\n{r['config']} answers (distinct-word share):")
-        for q, a in zip(QUESTIONS, r["answers"], strict=True):
-            print(f"  Q: {q}\n  A ({distinct_share(a):.2f}): {a[:200]!r}")
+        print(f"\n{r['config']} chat answers (distinct-word share; why degenerate), before -> after recovery:")
+        for before, after in zip(r["chat"]["before"], r["chat"]["after"], strict=True):
+            print(f"  Q: {before['question']}")
+            for when, a in (("before", before), ("after", after)):
+                print(f"  {when} ({a['distinct_share']:.2f}{'; ' + a['degenerate'] if a['degenerate'] else ''}): "
+                      f"{a['answer'][:200]!r}")
     print(f"\nwrote {args.out}")
 
 

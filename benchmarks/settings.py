@@ -4,14 +4,15 @@ reach, timed against the defaults, and what the tuning step itself picks.
 For each model (the embedded SmolLM2-135M and a random-weight Llama-3.2-1B, both Q4_K_M without
 an importance matrix: speed does not depend on which codes the quantizer picks), each combination
 of `runtimes/llamacpp/settings.space` is timed in the benchmark worker alternated with the same
-file at the defaults, on an SLO-shaped request (64 prompt tokens, 100 answer tokens): medians of
-the paired latency ratios, so a shared machine's drift cancels. Decode speed is set against the
-bandwidth roofline: weight bytes read per token (the latency model's `ModelTraffic`) over this
-machine's streaming-read bandwidth with all cores (measured here). Then `search.tuning.tune`
-runs as a build runs it, and its pick is timed against the defaults once more.
+file at the defaults, on an SLO-shaped request (64 prompt tokens, or `--prompt-tokens`; 100
+answer tokens): medians of the paired latency ratios, so a shared machine's drift cancels.
+Decode speed is set against the bandwidth roofline: weight bytes read per token (the latency
+model's `ModelTraffic`; a long prompt's KV cache reads come on top) over this machine's
+streaming-read bandwidth with all cores (measured here). Then `search.tuning.tune` runs as a
+build runs it, and its pick is timed against the defaults once more.
 
     .venv/bin/python benchmarks/settings.py [--models embedded,llama-3.2-1b] [--repetitions 7]
-        [--out benchmarks/results/settings.json]
+        [--prompt-tokens 64,1024] [--out benchmarks/results/settings.json]
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def measure(timer: Runner, path: Path, workload: Workload, settings: dict, defau
            "default_decode_tok_s": statistics.median(r["decode_tok_s"] for r in record.baseline_runs),
            "ttft_s": statistics.median(r["ttft_s"] for r in record.runs)}
     shown = ", ".join(f"{k} {v}" for k, v in settings.items())
-    print(f"{name:14s} {shown:34s} {speedup:9.2f}x {wins:9.0%} {decode:12.1f} {decode / roofline:8.0%} "
+    print(f"{name:18s} {shown:50s} {speedup:9.2f}x {wins:9.0%} {decode:12.1f} {decode / roofline:8.0%} "
           f"{1000 * row['ttft_s']:8.0f}{'  ' + label if label else ''}", flush=True)
     return row
 
@@ -73,6 +74,7 @@ def main() -> None:
     parser.add_argument("--models", default="embedded,llama-3.2-1b")
     parser.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "benchmarks")
     parser.add_argument("--repetitions", type=int, default=7)
+    parser.add_argument("--prompt-tokens", default="64", help="prompt lengths, comma-separated (answers: 100 tokens)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "settings.json")
     args = parser.parse_args()
 
@@ -81,10 +83,14 @@ def main() -> None:
     default = {k: v[0] for k, v in grid.items()}
     bandwidth = measure_bandwidth(cores) * 1e9
     runtime = get_runtime("llama.cpp")
+
+    def gap(settings: dict) -> str | None:
+        return runtime.settings_gap(settings, cores)
+
     results = {"cores": cores, "bandwidth_gbs": bandwidth / 1e9, "repetitions": args.repetitions,
-               "workload": "64 + 100 tokens", "models": []}
+               "workload": f"{args.prompt_tokens} prompt + 100 answer tokens", "models": []}
     print(f"{cores} cores, {bandwidth / 1e9:.1f} GB/s streaming read")
-    print(f"{'model':14s} {'settings':34s} {'vs default':>10s} {'faster in':>9s} {'decode tok/s':>12s} "
+    print(f"{'model@prompt':18s} {'settings':50s} {'vs default':>10s} {'faster in':>9s} {'decode tok/s':>12s} "
           f"{'roofline':>8s} {'TTFT ms':>8s}")
     with get_device("local") as device:
         timer = runtime.runner(device)
@@ -92,19 +98,22 @@ def main() -> None:
             path = model_file(name, args.cache_dir, cores)
             per_token = ModelTraffic.from_gguf(path).weight_bytes_per_token
             roofline = bandwidth / per_token
-            workload = Workload(tuple(range(100, 164)), 100, cores, warmup=1, repetitions=args.repetitions)
-            rows = []
-
-            for values in itertools.product(*grid.values()):
-                rows.append(measure(timer, path, workload, dict(zip(grid, values, strict=True)), default, roofline,
-                                    name, ""))
-            tuning = tune(timer, path, workload, grid)
-            rows.append(measure(timer, path, workload, tuning.chosen, default, roofline, name,
-                                "tuned (tune's pick, timed again)"))
-            results["models"].append({"model": name, "file_bytes": path.stat().st_size,
-                                      "weight_bytes_per_token": per_token, "roofline_tok_s": roofline,
-                                      "rows": rows, "tuning": tuning.to_dict()})
-            args.out.write_text(json.dumps(results, indent=1))
+            for prompt in map(int, args.prompt_tokens.split(",")):
+                workload = Workload(tuple(range(100, 100 + prompt)), 100, cores, warmup=1,
+                                    repetitions=args.repetitions)
+                label = f"{name}@{prompt}"
+                rows = []
+                for values in itertools.product(*grid.values()):
+                    settings = dict(zip(grid, values, strict=True))
+                    if gap(settings) is None:  # e.g. a q8_0 KV cache without flash attention cannot run
+                        rows.append(measure(timer, path, workload, settings, default, roofline, label, ""))
+                tuning = tune(timer, path, workload, grid, gap)
+                rows.append(measure(timer, path, workload, tuning.chosen, default, roofline, label,
+                                    "tuned (tune's pick, timed again)"))
+                results["models"].append({"model": name, "prompt_tokens": prompt, "file_bytes": path.stat().st_size,
+                                          "weight_bytes_per_token": per_token, "roofline_tok_s": roofline,
+                                          "rows": rows, "tuning": tuning.to_dict()})
+                args.out.write_text(json.dumps(results, indent=1))
     print(f"written to {args.out}")
 
 

@@ -38,10 +38,10 @@ from edgeprune.pipeline import (
     importance_of,
     reference_logprobs,
 )
-from edgeprune.preflight import preflight
+from edgeprune.preflight import preflight, recovery_preflight
 from edgeprune.prune import ModelShape
 from edgeprune.recover import RecoveryJob
-from edgeprune.recover.select import recover_best
+from edgeprune.recover.select import chat_of_pick, recover_best
 from edgeprune.report import outcome_to_dict
 from edgeprune.runtimes.base import Runtime
 from edgeprune.runtimes.registry import DEFAULT, get_runtime
@@ -53,7 +53,7 @@ from edgeprune.search import (
     run_search,
 )
 from edgeprune.search.predict import device_latency_model, target_estimates
-from edgeprune.search.tuning import tune
+from edgeprune.search.tuning import lossy_check, tune
 from edgeprune.signing import check_signing_key
 from edgeprune.stages import StageRunner
 
@@ -116,7 +116,11 @@ def _tuned_settings(outcome: SearchOutcome, evaluate: CandidateEvaluator, runtim
     event(log, STAGE, "timing the runtime settings on %s", selected.id, name="settings", candidate=selected.id)
     t0 = time.perf_counter()
     tuning = tune(evaluate.timers[selected.state.runtime], selected.model, evaluate.workload,
-                  runtime.settings_space(threads))
+                  runtime.settings_space(threads),
+                  lambda settings: runtime.settings_gap(settings, threads, selected.model))
+    lossy = runtime.lossy_settings(tuning.chosen, threads)
+    if lossy:  # measured with what ships: a faster setting that changes the output must keep the quality
+        tuning = lossy_check(tuning, lossy, selected.quality, evaluate.quality_with(selected, tuning.chosen))
     evaluate.runner.timings["settings"] = time.perf_counter() - t0
     return tuning.to_dict()
 
@@ -221,6 +225,8 @@ def _checked_build(config: BuildConfig, source: ModelSource, executor: Executor,
     if profile.recovery.enabled:
         work = dataclasses.replace(work, recovery=profile.recovery.method, recovery_batch=profile.recovery.batch_size)
     memory = preflight(weights, profile.calibration, work, config.cache_dir, config.output_dir)
+    if profile.recovery.enabled:  # recovery trains here, on this machine's cores
+        recovery_preflight(weights, profile.recovery, len(os.sched_getaffinity(0)), config.cache_dir, "--no-recover")
     with TreeSampler() as measured, open_fleet(target, config.cache_dir, runtimes) as fleet:
         return _build(config, source, weights, target, profile, fleet, executor, excluded, t_start, memory,
                       measured)
@@ -274,6 +280,9 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
     recovery = None
     if profile.recovery.enabled:
         recovery = recover_best(outcome, evaluate, RecoveryJob(profile.recovery, profile.calibration, config.train))
+        if outcome.selected is not None and outcome.selected.recovered_from:
+            recovery["chat"] = chat_of_pick(outcome, lambda name: evaluate.runtime(name).format, reference.tokenizer,
+                                            threads)
     stand_in = device.arch != target.hardware.arch or threads < target.hardware.cores
     estimates = {}
     if host is not None and stand_in:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from edgeprune.chat_health import summary as chat_summary
+
 MIB = 1 << 20
 
 
@@ -34,6 +36,9 @@ def print_summary(result) -> None:
         twin = next(c for c in search["candidates"] if c["id"] == sel["recovered_from"])
         echo(f"Recovered:  {sel['recovery']['description']}, {sel['recovery']['steps']} steps: mean KLD "
              f"{twin['mean_kld']:.3f} -> {sel['mean_kld']:.3f}")
+        chat = report["search"].get("recovery", {}).get("chat")
+        if chat:
+            echo(f"Chat:       answers {chat_summary(chat['after'])} (before recovery {chat_summary(chat['before'])})")
     echo(f"SLO:        met: p90 {sel['latency_p90_s']:.3f} s, {sel['speedup']:.2f}x faster than the unpruned "
          f"model timed alongside ({where})")
     echo(f"Quality:    mean KLD {sel['mean_kld']:.3f}, top-1 agreement {sel['top1_agreement'] * 100:.1f}%, "
@@ -90,6 +95,9 @@ def print_prune(r) -> None:
                    f"perplexity {b['perplexity']:.2f} (pruned, not recovered)")
         click.echo(f"Recovery:   {rec['description']}: {rec['steps']} steps, {rec['tokens']:,} tokens in "
                    f"{rec['seconds'] / 60:.1f} min; {rec['recovered_share'] * 100:.0f}% of the KLD recovered")
+        if "chat" in rec:
+            click.echo(f"Chat:       answers before recovery {chat_summary(rec['chat']['before'])}; after "
+                       f"{chat_summary(rec['chat']['after'])}")
     click.echo(f"Quality:    mean KLD {q.mean_kld:.3f}, top-1 agreement {q.top1_agreement * 100:.1f}%, "
                f"perplexity {q.perplexity:.2f} (reference {r.reference_perplexity:.2f})")
     if r.sparsity is not None:

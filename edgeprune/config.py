@@ -264,7 +264,8 @@ class SearchSettings(Strict):
     width_method: str = Field(default="wanda-sp", description="ranks query heads and FFN channels")
     max_candidates: int = Field(ge=1)
     max_timed: int = Field(default=8, ge=2, description="pareto: device benchmarks at most, the baseline's and "
-                           "the pick's confirmation included")
+                           "the pick's confirmation included (one more per pick that fails its confirmation, "
+                           "as its replacement is confirmed too)")
     strategy: str = Field(default="pareto", description="pareto: predict every plan, build and time only what "
                           "can win; greedy: step by measured step")
 

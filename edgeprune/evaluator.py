@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -163,6 +164,11 @@ class CandidateEvaluator:
                 f"{self.runner.cache_root} as this machine sees it: the build and every node of the cluster must "
                 "share the cache directory (--cache-dir on a shared mount) and run the same edgeprune and tools.")
         return out
+
+    def quality_with(self, candidate: Candidate, settings: dict[str, Any]) -> Quality:
+        """The candidate's quality when run with runtime `settings` that change its logits."""
+        stage, model = self._built[candidate.id]
+        return Quality(**self.runner.run(self.context.quality_stage(stage, model, self.threads, settings)).result)
 
     def benchmark(self, candidate: Candidate, baseline: Candidate | None) -> BenchmarkRecord:
         return self.benchmark_all([candidate], baseline)[0]

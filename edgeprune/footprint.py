@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-import re
 from dataclasses import dataclass
+from math import prod
 from typing import TYPE_CHECKING, Any, Literal
 
+from edgeprune.model_bytes import StoreShapes, forward_bytes, kv_bytes, quantized_bytes, runtime_bytes, store_shapes
 from edgeprune.models.streamed import DEFAULT_ACTIVATION_BUDGET, HEAD_CHUNK_BYTES
 
 if TYPE_CHECKING:
@@ -61,14 +62,6 @@ QUICK_QUANT = "Q4_0"
 RUNTIME_BATCH = 512
 BINARIES = 64 * MiB  # the bundle's cross-compiled llama.cpp binaries
 
-# Stored bits per weight of llama.cpp's types: (the mixture's nominal figure, a 2-D tensor whose input
-# width is not a multiple of 256, which K-quants cannot pack and llama.cpp gives a 32-block type:
-# Q4_K -> Q5_0, Q6_K -> Q8_0, ...). Measured SmolLM2-135M Q4_K_M: ~6 bits (README).
-QUANT_BITS: dict[str, tuple[float, float]] = {
-    "F32": (32, 32), "F16": (16, 16), "BF16": (16, 16), "Q8_0": (8.5, 8.5), "Q4_0": (4.5, 4.5), "Q6_K": (6.5625, 8.5),
-    "Q5_K_M": (5.69, 6.5), "Q4_K_M": (4.89, 6.0), "Q4_K_S": (4.58, 5.5), "Q3_K_M": (3.91, 4.5),
-}
-K_BLOCK = 256
 
 Command = Literal["build", "prune"]
 
@@ -90,7 +83,7 @@ WHOLE_MODEL = "whole model in fp32"
 GRADIENTS = "gradients and their accumulators"
 BACKWARD = "activations kept for the backward pass"
 HESSIANS = "SparseGPT Hessians of one layer"
-RECOVERY_MODEL = "the pruned model in fp32 for recovery"
+RECOVERY_MODEL = "the pruned model for recovery (LoRA: in its stored dtype; full: fp32)"
 RECOVERY_OPTIMIZER = "recovery's gradients and Adam moments"
 RECOVERY_ACTIVATIONS = "recovery's activations of a batch"
 OBS_WORK = "SparseGPT work on the widest linear"
@@ -276,115 +269,11 @@ def compared(estimate: Estimate, measured_peak_rss: int | None,
     return out
 
 
-# --- the model's shapes ------------------------------------------------------------------------
-
-_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-
-@dataclass(frozen=True)
-class _Shapes:
-    n_layers: int
-    hidden: int
-    ffn: int
-    vocab: int
-    n_head: int
-    n_kv: int
-    head_dim: int
-    parameters: int
-    layer_stored: int  # bytes of the largest decoder layer, stored dtype
-    layer_fp32: int
-    layer_all_fp32: bool  # stored in fp32 already: no fp32 copy is made
-    linear_inputs: tuple[int, ...]  # input widths of the largest layer's linears
-    linear_out_in: tuple[tuple[int, int], ...]
-    decoder_linear_params: int
-    largest_tensor: int  # elements
-    largest_itemsize: int
-    embedding: tuple[int, int]  # elements, stored itemsize
-    head: tuple[int, int]
-    reads_rows: bool  # the store reads embedding rows without reading the whole table
-    embedding_packs: bool  # its width fills K blocks
-    tensors: tuple[tuple[tuple[int, ...], int], ...]  # (shape, itemsize) of every tensor
-
-
-def _shapes(store: WeightStore) -> _Shapes:
-    from edgeprune.models.weights import EMBEDDING, WeightStore
-
-    cfg = store.config
-    names = store.names()
-    layer_stored: dict[int, int] = {}
-    layer_fp32: dict[int, int] = {}
-    linears: dict[int, list[tuple[int, int]]] = {}
-    tensors = []
-    all_fp32 = True
-    decoder_linear = 0
-    for name in names:
-        shape = tuple(store.shape(name))
-        itemsize = store.stored_dtype(name).itemsize
-        n = _numel(shape)
-        tensors.append((shape, itemsize))
-        m = _LAYER_KEY.match(name)
-        if m is None:
-            continue
-        i = int(m.group(1))
-        layer_stored[i] = layer_stored.get(i, 0) + n * itemsize
-        layer_fp32[i] = layer_fp32.get(i, 0) + n * 4
-        all_fp32 &= itemsize == 4
-        if len(shape) == 2 and m.group(2).endswith("proj.weight"):
-            linears.setdefault(i, []).append(shape)
-            decoder_linear += n
-    biggest = max(layer_stored, key=layer_stored.get) if layer_stored else 0
-    n_head = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-    widest = max(tensors, key=lambda t: _numel(t[0]))
-    emb_shape = store.shape(EMBEDDING)
-    head_name = store.head_name()
-    ffn = max((s[1] for ls in linears.values() for s in ls), default=cfg.intermediate_size)
-    return _Shapes(
-        n_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, ffn=max(ffn, cfg.intermediate_size),
-        vocab=emb_shape[0], n_head=n_head, n_kv=getattr(cfg, "num_key_value_heads", None) or n_head,
-        head_dim=head_dim, parameters=store.parameters,
-        layer_stored=layer_stored.get(biggest, 0), layer_fp32=layer_fp32.get(biggest, 0), layer_all_fp32=all_fp32,
-        linear_inputs=tuple(s[1] for s in linears.get(biggest, [])),
-        linear_out_in=tuple(linears.get(biggest, [])),
-        decoder_linear_params=decoder_linear,
-        largest_tensor=_numel(widest[0]), largest_itemsize=widest[1],
-        embedding=(_numel(emb_shape), store.stored_dtype(EMBEDDING).itemsize),
-        head=(_numel(store.shape(head_name)), store.stored_dtype(head_name).itemsize),
-        reads_rows=type(store).rows is not WeightStore.rows,
-        embedding_packs=emb_shape[-1] % K_BLOCK == 0,
-        tensors=tuple(tensors),
-    )
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
-def quantized_bytes(tensors: tuple[tuple[tuple[int, ...], int], ...], quant: str) -> int:
-    """A GGUF's size in `quant`: 2-D tensors at the type's bits (its 32-block fallback where the input
-    width does not pack into 256-wide K blocks), the rest (norms) in F32."""
-    nominal, narrow = QUANT_BITS[quant]
-    bits = 0.0
-    for shape, _ in tensors:
-        n = _numel(shape)
-        if len(shape) >= 2:
-            bits += n * (narrow if shape[-1] % K_BLOCK else nominal)
-        else:
-            bits += n * 32
-    return int(bits / 8)
-
-
-# --- the estimate ------------------------------------------------------------------------------
-
-
 def estimate(store: WeightStore, calibration: CalibrationSettings, work: Work,
              activation_budget: int = ACTIVATION_BUDGET, machine: str | None = None) -> Estimate:
     """Peak RAM (by phase, with a breakdown by component) and disk of `work` on the model of `store`,
     from shapes and settings alone: no weight is read. `machine`: where llama.cpp runs (platform.machine())."""
-    s = _shapes(store)
+    s = store_shapes(store)
     machine = {"arm64": "aarch64", "AMD64": "x86_64"}.get(machine or platform.machine(), machine or platform.machine())
     seq = calibration.seq_len
     needs = work.needs()
@@ -398,13 +287,12 @@ def estimate(store: WeightStore, calibration: CalibrationSettings, work: Work,
     calib_acts, heldout_acts = acts(calibration.samples), acts(calibration.heldout_samples)
     layer = {LAYER: s.layer_stored, LAYER_FP32: 0 if s.layer_all_fp32 else s.layer_fp32}
     batch_tokens = min(BATCH_WINDOWS, calibration.samples) * seq
-    forward = _forward_bytes(s, batch_tokens, min(BATCH_WINDOWS, calibration.samples), seq)
-    heldout_forward = _forward_bytes(s, min(BATCH_WINDOWS, calibration.heldout_samples) * seq,
+    forward = forward_bytes(s, batch_tokens, min(BATCH_WINDOWS, calibration.samples), seq)
+    heldout_forward = forward_bytes(s, min(BATCH_WINDOWS, calibration.heldout_samples) * seq,
                                      min(BATCH_WINDOWS, calibration.heldout_samples), seq)
     # float64 copies ColumnStats makes of a batch's inputs, plus the running sums.
     statistics = batch_tokens * max(s.linear_inputs, default=s.hidden) * 8 + sum(s.linear_inputs) * 8 * 2
     sliced = {LAYER_SLICED: s.layer_fp32} if work.slices else {}
-
 
     def resident(quant: str) -> int:
         return quantized_bytes(s.tensors, quant)
@@ -414,8 +302,8 @@ def estimate(store: WeightStore, calibration: CalibrationSettings, work: Work,
         n_ctx = GENERATION_BATCH * (PROMPT_TOKENS + seq)
         phases.append(Phase("self-generated calibration text in llama.cpp", base | {
             RUNTIME_CHILD: RUNTIME_CHILD_BASELINE, QUICK_WEIGHTS: resident(work.quick_quant),
-            KV_CACHE: _kv_bytes(s, n_ctx),
-            RUNTIME_LOGITS: _runtime_bytes(s, min(n_ctx, RUNTIME_BATCH), n_ctx, GENERATION_BATCH)}))
+            KV_CACHE: kv_bytes(s, n_ctx),
+            RUNTIME_LOGITS: runtime_bytes(s, min(n_ctx, RUNTIME_BATCH), n_ctx, GENERATION_BATCH)}))
     embedding = (calibration.samples * seq * s.hidden * s.embedding[1] * 2 if s.reads_rows
                  else s.embedding[0] * s.embedding[1])
     phases.append(Phase("first layer's inputs", base | {EMBEDDING_READ: embedding,
@@ -455,16 +343,16 @@ def estimate(store: WeightStore, calibration: CalibrationSettings, work: Work,
         RECEIVED_LOGITS: window * (2 + LOGIT_COPIES), RUNTIME_CHILD: RUNTIME_CHILD_BASELINE,
         RUNTIME_WEIGHTS: resident(work.quant),
         # llama-cpp-python's `scores` copy and the pickled copy streamed to the parent
-        KV_CACHE: _kv_bytes(s, seq), RUNTIME_LOGITS: window * 2 + _runtime_bytes(s, seq, seq, seq)}))
+        KV_CACHE: kv_bytes(s, seq), RUNTIME_LOGITS: window * 2 + runtime_bytes(s, seq, seq, seq)}))
     if work.bench_tokens:
         phases.append(Phase("benchmark in llama.cpp", base | {
             RUNTIME_CHILD: RUNTIME_CHILD_BASELINE, RUNTIME_WEIGHTS: resident(work.quant),
-            KV_CACHE: _kv_bytes(s, work.bench_tokens),
-            RUNTIME_LOGITS: _runtime_bytes(s, min(work.bench_tokens, RUNTIME_BATCH), work.bench_tokens, 1)}))
+            KV_CACHE: kv_bytes(s, work.bench_tokens),
+            RUNTIME_LOGITS: runtime_bytes(s, min(work.bench_tokens, RUNTIME_BATCH), work.bench_tokens, 1)}))
 
     cache = {
         CANDIDATES: work.candidates * quantized_bytes(s.tensors, work.quant),
-        INTERMEDIATE: sum(_numel(shape) * (2 if len(shape) >= 2 else 4) for shape, _ in s.tensors),
+        INTERMEDIATE: sum(prod(shape) * (2 if len(shape) >= 2 else 4) for shape, _ in s.tensors),
         # Evicted after sampling, before any candidate: never beside the candidates and their intermediate.
         QUICK_COPY: quantized_bytes(s.tensors, work.quick_quant) if work.self_generated and not work.evict else 0,
         REFERENCE_LOGPROBS: calibration.heldout_samples * seq * s.vocab * 4,
@@ -473,33 +361,14 @@ def estimate(store: WeightStore, calibration: CalibrationSettings, work: Work,
     }
     output = {OUTPUT_MODEL: quantized_bytes(s.tensors, work.quant)}
     if work.hf_checkpoint:
-        output[HF_CHECKPOINT] = sum(_numel(shape) * itemsize for shape, itemsize in s.tensors)
+        output[HF_CHECKPOINT] = sum(prod(shape) * itemsize for shape, itemsize in s.tensors)
     if work.command == "build":
         output[BUNDLE_BINARIES] = BINARIES
     return Estimate(work.command, tuple(phases), {k: v for k, v in cache.items() if v}, output, s.parameters,
                     work.evict)
 
 
-def _forward_bytes(s: _Shapes, tokens: int, windows: int, seq: int) -> int:
-    """One batch through one decoder layer: projections, the MLP's three ffn-wide tensors, norms and
-    residuals, and the attention scores (materialized by torch's math path)."""
-    qkv = (s.n_head + 2 * s.n_kv) * s.head_dim
-    return tokens * (3 * s.ffn + 2 * qkv + 4 * s.hidden) * 4 + windows * s.n_head * seq * seq * 4
-
-
-def _kv_bytes(s: _Shapes, n_ctx: int) -> int:
-    """llama.cpp's F16 KV cache for n_ctx tokens."""
-    return n_ctx * s.n_layers * 2 * s.n_kv * s.head_dim * 2
-
-
-def _runtime_bytes(s: _Shapes, n_tokens: int, n_ctx: int, outputs: int) -> int:
-    """llama.cpp's compute buffer for a batch of n_tokens (MLP, attention scores over n_ctx, the
-    logits computed) and its output buffer for the logits of `outputs` tokens."""
-    graph = n_tokens * (3 * s.ffn + 4 * s.hidden) * 4 + s.n_head * n_tokens * n_ctx * 4 + outputs * s.vocab * 4
-    return graph + outputs * s.vocab * 4
-
-
-def _whole_model_phase(s: _Shapes, base: dict[str, int], calibration: CalibrationSettings,
+def _whole_model_phase(s: StoreShapes, base: dict[str, int], calibration: CalibrationSettings,
                        gradients: bool) -> Phase:
     """Loss and gradient methods run the whole model in torch (whole_model.py)."""
     seq = calibration.seq_len
@@ -517,18 +386,20 @@ def _whole_model_phase(s: _Shapes, base: dict[str, int], calibration: Calibratio
     return Phase("importance on the whole model, " + ("with gradients" if gradients else "with the loss"), ram)
 
 
-def _recovery_phase(s: _Shapes, base: dict[str, int], seq: int, method: str, batch: int) -> Phase:
-    """Recovery trains the whole pruned model in fp32 (recover/trainer.py), bounded here by the
-    unpruned one: full fine-tuning adds a gradient and two Adam moments per decoder weight (LoRA's
-    adapters are a few MiB); every layer's activations of a batch are kept for the backward pass."""
-    ram = base | {RECOVERY_MODEL: s.parameters * 4,
+def _recovery_phase(s: StoreShapes, base: dict[str, int], seq: int, method: str, batch: int) -> Phase:
+    """Recovery holds the whole pruned model (recover/student.py), bounded here by the unpruned one:
+    LoRA's frozen base in the stored dtype when every tensor shares one 16-bit dtype (its adapters
+    are a few MiB), full fine-tuning in fp32 with a gradient and two Adam moments per decoder weight;
+    every layer's activations of a batch are kept for the backward pass."""
+    narrow = method == "lora" and {itemsize for _, itemsize in s.tensors} == {2}
+    ram = base | {RECOVERY_MODEL: s.parameters * (2 if narrow else 4),
                   RECOVERY_OPTIMIZER: 3 * s.decoder_linear_params * 4 if method == "full" else 0}
     ram[RECOVERY_ACTIVATIONS] = batch * (s.n_layers * seq * (10 * s.hidden + 4 * s.ffn) * 4
                                          + s.n_layers * s.n_head * seq * seq * 4 * 2 + seq * s.vocab * 4 * LOGIT_COPIES)
     return Phase(f"recovery fine-tuning ({method}) of the whole pruned model", ram)
 
 
-def _sparse_phase(s: _Shapes, base: dict[str, int], layer: dict[str, int], sliced: dict[str, int], activations: int,
+def _sparse_phase(s: StoreShapes, base: dict[str, int], layer: dict[str, int], sliced: dict[str, int], activations: int,
                   forward: int, method: str) -> Phase:
     from edgeprune.sparse.methods import needs_calibration
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,11 +94,48 @@ class _BoundedReader(gguf.GGUFReader):
             if orig_offs + 12 + n * _ITEM_BYTES.get(item_type, 1) > len(self.data):
                 raise _Hostile(f"{self._key} claims {n} array elements, more than its {len(self.data)} bytes can "
                                "hold", maybe_truncated=True)
+            if self.byte_order == "I" and n:
+                if item_type == gguf.GGUFValueType.STRING:
+                    return self._string_array(orig_offs, n)
+                if (nptype := self.gguf_scalar_to_np.get(gguf.GGUFValueType(item_type))) is not None:
+                    return self._scalar_array(orig_offs, item_type, n, nptype)
         self._depth += 1
         try:
             return super()._get_field_parts(orig_offs, raw_type)
         finally:
             self._depth -= 1
+
+    # gguf-py reads an array element by element, each a slice of its memmap: 1.4-1.6 s per open of a
+    # 49k-token GGUF (its strings, scores and types). The same parts, each element a slice of one
+    # plain ndarray over the mapping: 0.1 s.
+    def _head(self, offs: int) -> list[Any]:
+        return [self._get(offs, np.uint32), self._get(offs + 4, np.uint64)]
+
+    def _plain(self) -> np.ndarray:
+        if not hasattr(self, "_bytes"):
+            self._bytes = self.data.view(np.ndarray)
+        return self._bytes
+
+    def _scalar_array(self, offs: int, item_type: int, n: int, nptype: Any) -> Any:
+        self._get(offs + 12, nptype, n)  # the bounds check
+        values = self._plain()[offs + 12:].view(np.uint8)[:n * np.dtype(nptype).itemsize].view(nptype)
+        parts = self._head(offs) + [values[i:i + 1] for i in range(n)]
+        types = [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType(item_type)]
+        return 12 + values.nbytes, parts, list(range(2, 2 + n)), types
+
+    def _string_array(self, orig_offs: int, n: int) -> Any:
+        data, size = self._plain(), len(self.data)
+        parts, idxs, offs = self._head(orig_offs), [], orig_offs + 12
+        for _ in range(n):
+            if offs + 8 > size:
+                raise _PastEnd(offs + 8, None, self._key)
+            end = offs + 8 + struct.unpack_from("=Q", data, offs)[0]
+            if end > size:
+                raise _PastEnd(end, None, self._key)
+            parts += (data[offs:offs + 8].view(np.uint64), data[offs + 8:end])
+            idxs.append(len(parts) - 1)
+            offs = end
+        return offs - orig_offs, parts, idxs, [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]
 
     def _build_tensors(self, start_offs: int, fields: list[gguf.ReaderField]) -> None:
         for field in fields:  # tensor data is read lazily: check each extent up front

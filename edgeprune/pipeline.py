@@ -262,17 +262,19 @@ class CandidateQuality(Stage):
     name = "quality"
 
     def __init__(self, model: Path, model_key: str, splits: TextSplits, ref_logps: np.ndarray,
-                 threads: int, fmt: ModelFormat = GGUF) -> None:
+                 threads: int, fmt: ModelFormat = GGUF, settings: dict[str, Any] | None = None) -> None:
         self.model, self.model_key, self.splits = model, model_key, splits
         self.ref_logps, self.threads, self.format = ref_logps, threads, fmt
+        self.settings = settings or {}  # runtime settings, when one changes the logits (`Runtime.lossy_settings`)
 
     def identity(self) -> dict[str, Any]:
-        return {"model": self.model_key, "heldout": self.splits.sha256, "format": self.format.identity()}
+        out = {"model": self.model_key, "heldout": self.splits.sha256, "format": self.format.identity()}
+        return out | ({"settings": self.settings} if self.settings else {})
 
     def run(self, out_dir: Path) -> dict[str, Any]:
         tally = QualityTally()
         windows = self.splits.heldout
-        logits = self.format.sequence_logits(self.model, windows.numpy(), self.threads)
+        logits = self.format.sequence_logits(self.model, windows.numpy(), self.threads, self.settings)
         pairs = zip(self.ref_logps, logits, windows, strict=True)
         for ref_logp, cand, tokens in progress(pairs, "quality", total=len(windows)):
             tally.add(ref_logp, cand, tokens)

@@ -15,7 +15,7 @@ from edgeprune.footprint import ACTIVATION_BUDGET, CANDIDATES, KNOBS, Estimate, 
 from edgeprune.limits import MEMORY_LIMIT_ENV, Limits, fmt, machine_limits
 
 if TYPE_CHECKING:
-    from edgeprune.config import CalibrationSettings
+    from edgeprune.config import CalibrationSettings, RecoverySettings
     from edgeprune.footprint import Command
     from edgeprune.models.weights import WeightStore
 
@@ -61,7 +61,7 @@ def _advice(kind: KnobKind, command: Command) -> str:
         "self_generated": "give calibration text (--calib FILE or hf:NAME) instead of self-generating it",
         "candidates": "keep fewer candidates (max_candidates in the profile)",
         "recovery": "recover with --recover-method lora and a smaller [recovery] batch_size, or not at all "
-                    "(recovery on a CPU holds the whole pruned model in fp32: it suits models up to about 1B)",
+                    "(recovery holds the whole pruned model: LoRA in its stored dtype, full fine-tuning in fp32)",
     }[kind]
 
 
@@ -90,6 +90,19 @@ def preflight(store: WeightStore, calibration: CalibrationSettings, work: Work, 
         # ends in the one-sentence out-of-memory or disk-full error of the step that hits it.
         log.warning("%s (%s=warn: going on)", e, PREFLIGHT_ENV)
     return result
+
+
+def recovery_preflight(store: WeightStore, settings: RecoverySettings, threads: int, cache_dir: Path,
+                       flag: str) -> None:
+    """Before any work: refuse a CPU recovery that would train on too little text in its budget."""
+    from edgeprune.recover.pace import check_pace, recovery_pace
+
+    try:
+        check_pace(recovery_pace(store, settings, threads, cache_dir), settings, store.parameters, flag)
+    except EdgepruneError as e:
+        if os.environ.get(PREFLIGHT_ENV) != "warn":
+            raise
+        log.warning("%s (%s=warn: going on)", e, PREFLIGHT_ENV)
 
 
 def fitting_estimate(store: WeightStore, calibration: CalibrationSettings, work: Work, limits: Limits,

@@ -16,6 +16,7 @@ from pydantic import ValidationInfo, field_validator, model_validator
 
 from edgeprune import __version__
 from edgeprune.bundle import MANIFEST, check_output_dir, file_hashes, model_filename, staged_output, tool_versions
+from edgeprune.chat_health import chat_answers
 from edgeprune.config import Profile, RecoverySettings, SparsitySpec, Strict
 from edgeprune.data import HFDataset
 from edgeprune.errors import EdgepruneError
@@ -38,7 +39,7 @@ from edgeprune.pipeline import (
     reference_logprobs,
     replaced_overrides,
 )
-from edgeprune.preflight import preflight
+from edgeprune.preflight import preflight, recovery_preflight
 from edgeprune.prune import LayerShape, ModelShape, Plan, pruned_config
 from edgeprune.prune.spec import PlanSpec, check, load_plan_spec, resolve
 from edgeprune.quantize import RECIPES, QuantSpec
@@ -159,6 +160,9 @@ def prune(config: PruneConfig) -> PruneResult:
     if config.recovery is not None:
         work = replace(work, recovery=config.recovery.method, recovery_batch=config.recovery.batch_size)
     memory = preflight(weights, config.profile.calibration, work, config.cache_dir, config.output_dir)
+    if config.recovery is not None:
+        recovery_preflight(weights, config.recovery, config.threads, config.cache_dir,
+                           "prune without recovery (edgeprune prune)")
     with TreeSampler() as measured:
         return _prune(config, source, weights, spec, hf_note, memory, measured)
 
@@ -198,10 +202,14 @@ def _prune(config: PruneConfig, source: ModelSource, weights: WeightStore, spec:
         quality = runner.run(CandidateQuality(stage.file(model), model.key, splits, ref_logps, config.threads, fmt))
         return stage, model, Quality(**quality.result)
 
+    def chat(stage: CandidateModel, model: StageOutput) -> list[dict[str, Any]]:
+        return chat_answers(fmt, stage.file(model), reference.tokenizer, config.threads)
+
     recovery, replaced = None, sparse  # weights replacing the pruned ones: sparse, or recovered (never both)
     if config.recovery is not None:
-        _, _, before = made(None)
+        stage, model, before = made(None)
         log.info("before recovery: mean KLD %.4f, top-1 %.1f%%", before.mean_kld, before.top1_agreement * 100)
+        chat_before = chat(stage, model)
         job = RecoveryJob(config.recovery, config.profile.calibration, config.train)
         recovered = recover_plan(reference, plan, splits, job, runner, config.threads)
         recovery = {"before": before.to_dict(), **recovered.result["recovery"],
@@ -212,6 +220,7 @@ def _prune(config: PruneConfig, source: ModelSource, weights: WeightStore, spec:
     model_path = stage.file(model)
     if recovery is not None:
         recovery["recovered_share"] = recovered_share(recovery["before"]["mean_kld"], quality.mean_kld)
+        recovery["chat"] = {"before": chat_before, "after": chat(stage, model)}
     arch = architecture(reference.config, plan.layer_shapes(shape))
     artifact = model_filename(reference.source.model_id, config.quant, fmt.suffix)
     sparsity = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgeprune.chat_health import summary
 from edgeprune.latency import Prediction
 from edgeprune.search import Candidate, SearchOutcome
 
@@ -162,7 +163,19 @@ def _recovery_lines(recovery: dict[str, Any] | None) -> list[str]:
     changed = recovery["selected"] != recovery["selected_before"]
     lines += ["", f"Pick: {recovery['selected']}" + (f" (was {recovery['selected_before']} before recovery)."
                                                      if changed else " (unchanged by recovery).")]
+    if "chat" in recovery:
+        chat = recovery["chat"]
+        lines += ["", f"Chat answers of {chat['candidate']} (greedy, in the chat template): {summary(chat['after'])}; "
+                  f"before recovery {summary(chat['before'])}.", "", "| question | before recovery | after |",
+                  "|---|---|---|"]
+        lines += [f"| {b['question']} | {_cell(b['answer'])} | {_cell(a['answer'])} |"
+                  for b, a in zip(chat["before"], chat["after"], strict=True)]
     return lines
+
+
+def _cell(text: str) -> str:
+    """A text in one markdown table cell."""
+    return " ".join(text.split()).replace("|", "\\|")
 
 
 def _settings_lines(tuning: dict[str, Any] | None) -> list[str]:
@@ -180,6 +193,14 @@ def _settings_lines(tuning: dict[str, Any] | None) -> list[str]:
     lines += [f"| {t['setting']} {t['value']} | {show(t['against'])} | {t['speedup']:.2f}x | {t['wins']:.0%} | "
               f"{t['decode_tok_s']:.1f} (vs {t['against_decode_tok_s']:.1f}) | {1000 * t['ttft_s']:.0f} | "
               f"{'yes' if t['kept'] else 'no'} |" for t in tuning["trials"]]
+    lines += [f"| {s['setting']} {s['value']} | not timed: {_cell(s['why'])} | | | | | |"
+              for s in tuning.get("skipped", ())]
+    check = tuning.get("lossy_check")
+    if check:
+        lines += ["", f"{show(check['settings'])} changes the output, not only its speed: the pick's held-out KLD "
+                      f"with it is {check['kld']:.4f} (top-1 {check['top1']:.3f}) against "
+                      f"{check['kld_as_searched']:.4f} as searched; {check['rule']}: "
+                      f"{'shipped' if check['kept'] else 'not shipped'}."]
     return lines
 
 

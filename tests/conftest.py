@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from edgeprune.gguf_file import read_gguf
 from edgeprune.models.tokenizer import TokenizerSpec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,11 +51,9 @@ def embedded_reference(cache_dir: Path):
 
 @pytest.fixture(scope="session")
 def embedded_tokenizer_spec() -> TokenizerSpec:
-    import gguf
-
     from edgeprune.models.embedded import embedded_gguf
 
-    return TokenizerSpec.from_gguf(gguf.GGUFReader(str(embedded_gguf())))
+    return TokenizerSpec.from_gguf(read_gguf(embedded_gguf()))
 
 
 def tiny_llama(*, tied: bool, n_head: int = 4, n_head_kv: int = 2, n_layers: int = 4, seed: int = 0,
@@ -195,7 +194,6 @@ def sshd(tmp_path_factory):
 def build_verified_bundle(out: Path, model: Path, calib: Path, cache_dir: Path):
     """`build` with a budget the unpruned model meets, then `verify` PASS on the bundle: the build's
     report and a reader of the bundled GGUF."""
-    import gguf
     from test_cli import edgeprune
 
     proc = edgeprune("build", "--target", "demo", "--model", str(model), "--calib", str(calib), "--profile", "quick",
@@ -205,7 +203,7 @@ def build_verified_bundle(out: Path, model: Path, calib: Path, cache_dir: Path):
     assert report["search"]["selected"] == "c00"
     proc = edgeprune("verify", str(out))
     assert proc.returncode == 0 and "PASS" in proc.stdout, proc.stderr
-    return report, gguf.GGUFReader(str(out / report["artifact"]))
+    return report, read_gguf(out / report["artifact"])
 
 
 def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
@@ -223,9 +221,7 @@ def llama_cpp_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
 
 def gguf_contents(path: Path, prefixes: tuple[str, ...]) -> tuple[dict, dict]:
     """A GGUF's metadata under `prefixes`, and every tensor as (shape, type, data)."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
+    reader = read_gguf(path)
     fields = {k: f.contents() for k, f in reader.fields.items() if k.startswith(prefixes)}
     tensors = {t.name: (tuple(int(x) for x in t.shape), t.tensor_type.name, np.array(t.data)) for t in reader.tensors}
     return fields, tensors

@@ -70,12 +70,18 @@ def test_build_prunes_until_the_speedup_is_met(tmp_path, cache_dir, embedded_ref
     assert re.findall(r'id="candidate-(c\d+)"', page) == plotted and 'id="budget-line"' in page
     # The runtime settings timed on the device for the selected candidate are what the bundle runs with.
     tuning = report["runtime_settings"]
-    assert set(tuning["chosen"]) == {"threads", "flash_attn", "ubatch"} and tuning["default"]["threads"] == 2
-    assert len(tuning["trials"]) == 3 and manifest["settings"] == tuning["chosen"]
+    assert set(tuning["chosen"]) == {"threads", "flash_attn", "ubatch", "kv_cache"}
+    assert tuning["default"]["threads"] == 2 and tuning["default"]["kv_cache"] == "f16"
+    assert len(tuning["trials"]) + len(tuning["skipped"]) == 4 and manifest["settings"] == tuning["chosen"]
     chosen = tuning["chosen"]
+    # A quantized KV cache that won its timing ships only after the pick's quality is measured with it.
+    q8_won = any(t["setting"] == "kv_cache" and t["kept"] for t in tuning["trials"])
+    assert ("lossy_check" in tuning) == q8_won
+    if q8_won:
+        assert (chosen["kv_cache"] == "q8_0") == tuning["lossy_check"]["kept"]
     for script in ("run.sh", "serve.sh"):
-        assert (f"-t {chosen['threads']} -fa {chosen['flash_attn']} -ub {chosen['ubatch']}"
-                in (out / script).read_text()), script
+        assert (f"-t {chosen['threads']} -fa {chosen['flash_attn']} -ub {chosen['ubatch']} "
+                f"-ctk {chosen['kv_cache']} -ctv {chosen['kv_cache']}" in (out / script).read_text()), script
     assert "## Runtime settings" in (out / "report.md").read_text()
 
     tok = embedded_reference.tokenizer
@@ -150,12 +156,17 @@ def test_pareto_predicts_every_plan_and_a_killed_build_resumes_without_retiming(
     search = json.loads((out / "report.json").read_text())["search"]
     candidates = search["candidates"]
     for cid, p90 in timed_before.items():  # the killed run's measurements, not new ones
-        assert next(c for c in candidates if c["id"] == cid)["latency_p90_s"] == p90
+        replayed = next(c for c in candidates if c["id"] == cid)
+        if not replayed["confirmed"]:  # a confirmed pick reports both runs pooled
+            assert replayed["latency_p90_s"] == p90
 
     assert search["strategy"] == "pareto" and search["budget_met"]
     assert search["strategy_details"]["plans_predicted"] > 100  # every plan within the limits, on paper
     benchmarks = sum(c["measured"] for c in candidates) + sum(c["confirmed"] for c in candidates)
-    assert benchmarks <= 6
+    # A pick that fails its confirmation is replaced by the next best, which is confirmed too: the one
+    # benchmark the limit lets past it per failed confirmation (a shared machine's noise decides how many).
+    failed_confirmations = sum(c["confirmed"] and c["verdict"] != "meets" for c in candidates)
+    assert benchmarks <= 6 + failed_confirmations
     (sel,) = [c for c in candidates if c["selected"]]
     assert sel["confirmed"] and sel["speedup"] >= 1.3 and sel["step"] != "unpruned"
     # Each candidate's KLD was predicted before it was built, from the torch proxy and the quantization

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 
-import gguf
 import numpy as np
 import pytest
 import torch
 
 from conftest import run_converter, tiny_llama
 from edgeprune.export import Provenance, export_gguf
+from edgeprune.gguf_file import read_gguf
 from edgeprune.inspection import inspect_gguf
 from edgeprune.models.tokenizer import TokenizerSpec
 from edgeprune.prune import ModelShape, Plan, apply_plan
@@ -89,7 +89,7 @@ def test_f32_gguf_logits_match_torch_and_the_converter(tmp_path, model_name, pla
     assert spread > 5.0, "test model too flat for top-1 to mean anything"
     assert top1 == 1.0 and top1 >= ref_top1
     assert maxdiff <= ref_maxdiff + 1e-4 * spread, (maxdiff, ref_maxdiff)
-    assert gguf.GGUFReader(str(ours)).get_field("general.architecture").contents() == "llama"
+    assert read_gguf(ours).get_field("general.architecture").contents() == "llama"
 
 
 @pytest.mark.parametrize("plan_name", list(DECI_PLANS))
@@ -104,7 +104,7 @@ def test_per_layer_structures_export_as_deci_and_match_torch(tmp_path, model_nam
         expected = model(torch.from_numpy(TOKENS)).logits[0].numpy()
     path = tmp_path / "deci.gguf"
     export_gguf(model, embedded_tokenizer_spec, path, "F32", Provenance("tiny", "0" * 64, plan.to_dict()), "tiny")
-    assert gguf.GGUFReader(str(path)).get_field("general.architecture").contents() == "deci"
+    assert read_gguf(path).get_field("general.architecture").contents() == "deci"
     planned = plan.layer_shapes(ModelShape.from_config(tiny_llama(**MODELS[model_name]).config))
     assert [(l.n_head, l.n_head_kv, l.ffn) for l in inspect_gguf(path).layers] == [
         (s.n_head, s.n_head_kv, s.ffn) for s in planned]
@@ -115,7 +115,7 @@ def test_per_layer_structures_export_as_deci_and_match_torch(tmp_path, model_nam
 
 
 def _fields(path) -> dict:
-    reader = gguf.GGUFReader(str(path))
+    reader = read_gguf(path)
     out = {}
     for key, field in reader.fields.items():
         if key.startswith(("llama.", "tokenizer.")):
@@ -165,15 +165,13 @@ def test_f16_export_halves_the_file_and_keeps_top1(tmp_path, embedded_tokenizer_
 
 
 def test_export_writes_provenance(tmp_path, embedded_tokenizer_spec):
-    import gguf
-
     from edgeprune.export.gguf_llama import ProvenanceKeys
 
     plan = Plan(drop_layers=(1,))
     path = tmp_path / "p.gguf"
     export_gguf(apply_plan(tiny_llama(tied=True), plan), embedded_tokenizer_spec, path, "F32",
                 Provenance("org/model", "ab" * 32, plan.to_dict()), "model")
-    reader = gguf.GGUFReader(str(path))
+    reader = read_gguf(path)
     assert reader.get_field(ProvenanceKeys.SOURCE).contents() == "org/model"
     assert reader.get_field(ProvenanceKeys.SOURCE_SHA256).contents() == "ab" * 32
     assert Plan.from_dict(json.loads(reader.get_field(ProvenanceKeys.PLAN).contents())) == plan

@@ -16,6 +16,7 @@ from conftest import tiny_llama
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import Provenance, export_gguf, write_gguf, write_hf_checkpoint
 from edgeprune.export.hf_checkpoint import INDEX_FILE, SINGLE_FILE
+from edgeprune.gguf_file import read_gguf
 from edgeprune.models.weights import ModuleStore
 from edgeprune.prune import ModelShape, Plan, PlanError, apply_plan, pruned_state_dict
 from edgeprune.prune.apply import pruned_name, slice_tensor, sliced_shape
@@ -39,7 +40,7 @@ PROVENANCE = Provenance("tiny", "0" * 64, {})
 
 def gguf_contents(path) -> tuple[dict, list[tuple[str, str, tuple[int, ...], bytes]]]:
     """Every metadata field, and every tensor (name, type, shape, bytes) in file order."""
-    reader = gguf.GGUFReader(str(path))
+    reader = read_gguf(path)
     fields = {k: f.contents() for k, f in reader.fields.items()}
     tensors = [(t.name, t.tensor_type.name, tuple(int(x) for x in t.shape), np.array(t.data).tobytes())
                for t in reader.tensors]
@@ -127,7 +128,7 @@ def test_overrides_replace_the_sliced_tensors(tmp_path, embedded_tokenizer_spec,
 
 
 def _types(path) -> dict[str, str]:
-    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    return {t.name: t.tensor_type.name for t in read_gguf(path).tensors}
 
 
 def test_auto_keeps_bf16_bits_and_writes_f16_otherwise(tmp_path, embedded_tokenizer_spec, tiny):
@@ -137,13 +138,13 @@ def test_auto_keeps_bf16_bits_and_writes_f16_otherwise(tmp_path, embedded_tokeni
     write_gguf(ModuleStore(model), Plan(), embedded_tokenizer_spec, paths["fp32"], "auto", PROVENANCE, "t")
     write_gguf(ModuleStore(bf16), Plan(), embedded_tokenizer_spec, paths["bf16"], "auto", PROVENANCE, "t")
     for source, path in paths.items():
-        reader = gguf.GGUFReader(str(path))
+        reader = read_gguf(path)
         matrices = {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
         vectors = {t.tensor_type.name for t in reader.tensors if len(t.shape) == 1}
         assert matrices == {"F16" if source == "fp32" else "BF16"} and vectors == {"F32"}
         file_type = reader.get_field("general.file_type").contents()
         assert file_type == (gguf.LlamaFileType.MOSTLY_F16 if source == "fp32" else gguf.LlamaFileType.MOSTLY_BF16)
-    written = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(paths["bf16"])).tensors}
+    written = {t.name: np.array(t.data) for t in read_gguf(paths["bf16"]).tensors}
     source = bf16.model.embed_tokens.weight.detach().view(torch.int16).numpy()
     assert np.array_equal(written["token_embd.weight"].view(np.int16), source)  # not rounded twice
 
@@ -154,7 +155,7 @@ def test_auto_writes_bf16_where_f16_would_overflow(tmp_path, embedded_tokenizer_
         model.model.layers[1].mlp.down_proj.weight[0, 0] = 1.0e5  # past F16's 65504
     path = tmp_path / "auto.gguf"
     write_gguf(ModuleStore(model), Plan(), embedded_tokenizer_spec, path, "auto", PROVENANCE, "t")
-    reader = gguf.GGUFReader(str(path))  # parses: the patched type keeps every offset where it was
+    reader = read_gguf(path)  # parses: the patched type keeps every offset where it was
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.1.ffn_down.weight"] == "BF16"
     assert {types[n] for n in types if n != "blk.1.ffn_down.weight" and "norm" not in n} == {"F16"}
@@ -271,5 +272,5 @@ def test_embedded_gguf_store_plus_plan_is_todays_f32_export_bit_for_bit(tmp_path
     streamed, today = tmp_path / "streamed.gguf", tmp_path / "today.gguf"
     write_gguf(store, EMBEDDED_PLAN, ref.tokenizer_spec, streamed, "F32", provenance, "e")
     export_gguf(apply_plan(old, EMBEDDED_PLAN), ref.tokenizer_spec, today, "F32", provenance, "e")
-    assert gguf.GGUFReader(str(streamed)).get_field("general.architecture").contents() == "deci"
+    assert read_gguf(streamed).get_field("general.architecture").contents() == "deci"
     assert_same_gguf(streamed, today)

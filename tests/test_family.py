@@ -25,6 +25,7 @@ from conftest import llama_cpp_logits, run_converter, torch_logits
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import Provenance, export_gguf
 from edgeprune.export.rope import ROPE_FREQS, llama3_rope_factors, write_rope
+from edgeprune.gguf_file import read_gguf
 from edgeprune.models import load_reference, resolve_source
 from edgeprune.models.source import ModelSource
 from edgeprune.models.tokenizer import TokenizerSpec
@@ -180,12 +181,12 @@ def _assert_parity(expected: np.ndarray, ours: Path, theirs: Path, tokens: np.nd
 
 
 def _reader_fields(path: Path, prefix: str) -> dict:
-    reader = gguf.GGUFReader(str(path))
+    reader = read_gguf(path)
     return {k: f.contents() for k, f in reader.fields.items() if k.startswith(prefix)}
 
 
 def _tensor(path: Path, name: str) -> np.ndarray:
-    return next(np.array(t.data) for t in gguf.GGUFReader(str(path)).tensors if t.name == name)
+    return next(np.array(t.data) for t in read_gguf(path).tensors if t.name == name)
 
 
 # --- Llama 3.1 / 3.2 RoPE scaling --------------------------------------------------------------------
@@ -273,7 +274,6 @@ def test_llama3_factors_for_a_llama31_8b_config():
 
 class _Recorder:
     """A stand-in GGUFWriter that records the metadata calls write_rope makes."""
-
     def __init__(self):
         self.calls: dict[str, object] = {}
 
@@ -347,7 +347,7 @@ def test_sentencepiece_tokenizer_matches_the_converter_and_tokenizes_like_senten
     assert types[0] == gguf.TokenType.CONTROL
     assert types[1] == types[2] == gguf.TokenType.CONTROL and types[3] == gguf.TokenType.BYTE
     assert types[n_pieces] == gguf.TokenType.CONTROL and gguf.TokenType.NORMAL in types
-    assert TokenizerSpec.from_gguf(gguf.GGUFReader(str(ours))) == spec
+    assert TokenizerSpec.from_gguf(read_gguf(ours)) == spec
 
     vocab_only = llama_cpp.Llama(str(ours), vocab_only=True, verbose=False)
 

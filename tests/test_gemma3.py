@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 
-import gguf
 import numpy as np
 import pytest
 import torch
@@ -20,6 +19,7 @@ import torch
 from conftest import gguf_contents, llama_cpp_logits, run_converter, torch_logits
 from edgeprune.export import Provenance, export_gguf
 from edgeprune.families import family_of
+from edgeprune.gguf_file import read_gguf
 from edgeprune.models.reference import open_weights
 from edgeprune.models.source import ModelSource
 from edgeprune.models.tokenizer import TokenizerSpec
@@ -88,7 +88,7 @@ def _check_logits(expected: np.ndarray, got: np.ndarray) -> tuple[float, float]:
 
 
 def _pattern(path) -> list[bool]:
-    return [bool(x) for x in gguf.GGUFReader(str(path)).get_field("gemma3.attention.sliding_window_pattern").contents()]
+    return [bool(x) for x in read_gguf(path).get_field("gemma3.attention.sliding_window_pattern").contents()]
 
 
 def test_the_window_matters():
@@ -233,7 +233,7 @@ def test_soft_capped_logits_match_llama_cpp(tmp_path, embedded_tokenizer_spec, c
     model.config.final_logit_softcapping = 4.0
     path = tmp_path / "capped.gguf"
     export_gguf(model, embedded_tokenizer_spec, path, "F32", Provenance("t", "0" * 64, {}), "t")
-    assert gguf.GGUFReader(str(path)).get_field("gemma3.final_logit_softcapping").contents() == 4.0
+    assert read_gguf(path).get_field("gemma3.final_logit_softcapping").contents() == 4.0
     expected = torch_logits(model, TOKENS)
     assert np.abs(expected).max() < 4.0
     maxdiff, spread = _check_logits(expected, llama_cpp_logits(path, TOKENS))
@@ -403,7 +403,7 @@ def test_prune_of_a_multimodal_checkpoint_writes_its_pruned_language_model(tmp_p
     assert record["architecture"] == "gemma3"
     gguf_path = out / "model-multimodal-Q4_K_M.gguf"  # named after the model's directory
     assert _pattern(gguf_path) == [True] * 5
-    assert gguf.GGUFReader(str(gguf_path)).get_field("gemma3.block_count").contents() == 5
+    assert read_gguf(gguf_path).get_field("gemma3.block_count").contents() == 5
     hf = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
     assert type(hf).__name__ == "Gemma3ForCausalLM" and hf.config.layer_types == LAYER_TYPES[:5]
     store = open_weights(ModelSource("hf_dir", str(gemma_dirs["multimodal"]), "gemma3"))

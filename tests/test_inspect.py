@@ -13,6 +13,7 @@ from test_cli import assert_clean_error, edgeprune
 from conftest import tiny_llama
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import Provenance, export_gguf
+from edgeprune.gguf_file import read_gguf
 from edgeprune.inspection import K_TYPES, inspect_gguf, render
 from edgeprune.prune import ModelShape, Plan, apply_plan
 from edgeprune.quantize import quantize
@@ -182,7 +183,7 @@ def test_a_deci_file_from_elsewhere(tmp_path):
     assert info.architecture == "deci" and info.provenance is None
     assert [(l.n_head, l.n_head_kv, l.ffn, l.attention, l.mlp) for l in info.layers] == [
         (4, 2, 128, True, True), (0, 0, 96, False, True), (4, 2, 0, True, False), (2, 1, 128, True, True)]
-    assert info.parameters == sum(int(t.n_elements) for t in gguf.GGUFReader(str(path)).tensors)
+    assert info.parameters == sum(int(t.n_elements) for t in read_gguf(path).tensors)
     assert info.head_dim == HEAD_DIM and info.tokenizer["vocab"] == VOCAB == info.vocab
     text = render(info)
     for line in ("blk 0: 4 heads / 2 KV / FFN 128", "blk 1: attention skipped / FFN 96",
@@ -225,17 +226,34 @@ def test_cli_text_and_json(tmp_path, embedded_tokenizer_spec):
     assert set(data["layers"][0]) == {"n_head", "n_head_kv", "ffn", "attention", "mlp"}
 
 
+def test_read_gguf_parses_every_field_as_gguf_py_does(tmp_path, embedded_tokenizer_spec):
+    """The fast path for arrays (a vocabulary's strings, scores, types) yields gguf-py's own parts."""
+    _, path = _export(tmp_path, Plan(), embedded_tokenizer_spec)
+    theirs, ours = gguf.GGUFReader(str(path)), read_gguf(path)
+    assert list(ours.fields) == list(theirs.fields)
+    for key, field in theirs.fields.items():
+        mine = ours.fields[key]
+        assert (mine.offset, mine.data, mine.types) == (field.offset, field.data, field.types), key
+        assert [(p.dtype, p.shape, p.tobytes()) for p in mine.parts] == [
+            (p.dtype, p.shape, p.tobytes()) for p in field.parts], key
+        assert mine.contents() == field.contents(), key
+    assert len(theirs.fields["tokenizer.ggml.tokens"].data) == 49152
+    assert [(t.name, t.data_offset) for t in ours.tensors] == [(t.name, t.data_offset) for t in theirs.tensors]
+
+
 def _corrupt(tmp_path, good, kind):
     bad = tmp_path / f"{kind}.gguf"
     data = good.read_bytes()
     if kind == "half":
         bad.write_bytes(data[: len(data) // 2])
     elif kind == "after-header":  # metadata intact, no tensor data at all
-        bad.write_bytes(data[: gguf.GGUFReader(str(good)).data_offset])
+        bad.write_bytes(data[: read_gguf(good).data_offset])
     elif kind == "last-byte":
         bad.write_bytes(data[:-1])
     elif kind == "header-only":
         bad.write_bytes(data[:4096])
+    elif kind == "in-vocabulary":  # the token count fits, the tokens' text does not
+        bad.write_bytes(data[:500_000])
     elif kind == "random":
         bad.write_bytes(b"GGUF" + bytes(range(256)) * 8)
     elif kind == "random-v3":
@@ -255,6 +273,7 @@ def _corrupt(tmp_path, good, kind):
     ("half", "is truncated: tensor"), ("after-header", "is truncated: tensor token_embd.weight"),
     ("last-byte", "is truncated: tensor"),
     ("header-only", "truncated or corrupt: tokenizer.ggml.tokens claims 49152 array elements"),
+    ("in-vocabulary", "is truncated or corrupt: its metadata (at tokenizer.ggml.tokens) needs byte"),
     ("random", "is corrupt"), ("random-v3", "truncated or corrupt"), ("version-1", "GGUF version 1"),
     ("not-gguf", "is not a GGUF file"), ("empty", "is not a GGUF file"), ("directory", "is not a file"),
     ("missing", "does not exist"),

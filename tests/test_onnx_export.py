@@ -94,6 +94,9 @@ def test_decoding_through_the_cache_matches_torch(tmp_path, plan_name):
         expected = reference.generate(torch.from_numpy(TOKENS[:, :prompt]), max_new_tokens=8, do_sample=False,
                                       min_new_tokens=8)[0, prompt:].tolist()
     assert session.greedy(path, TOKENS[0, :prompt].tolist(), 8, threads=2) == expected
+    # A stop token ends the answer before it (the chat check's end of turn).
+    assert session.greedy(path, TOKENS[0, :prompt].tolist(), 8, 2, frozenset({expected[3]})) == \
+        expected[:expected.index(expected[3])]
 
 
 def test_the_cache_holds_each_layers_own_kv_heads(tmp_path):

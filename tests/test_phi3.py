@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 
-import gguf
 import numpy as np
 import pytest
 import torch
 
 from conftest import calibration_text, gguf_contents, llama_cpp_logits, run_converter, torch_logits
 from edgeprune.export import Provenance, export_gguf
+from edgeprune.gguf_file import read_gguf
 from edgeprune.models.reference import open_weights
 from edgeprune.models.source import ModelSource
 from edgeprune.models.tokenizer import PRE_TOKENIZERS, TokenizerSpec
@@ -234,7 +234,7 @@ def test_prune_narrows_the_ffn_by_importance_and_writes_a_plain_transformers_che
     out = tmp_path / "out"
     record = json.loads((out / "plan.json").read_text())
     assert record["architecture"] == "phi3" and record["layers"] == [{"n_head": 4, "n_head_kv": 2, "ffn": 64}] * 3
-    reader = gguf.GGUFReader(str(out / "model-phi4-mini-Q4_K_M.gguf"))
+    reader = read_gguf(out / "model-phi4-mini-Q4_K_M.gguf")
     assert reader.get_field("phi3.feed_forward_length").contents() == 64
     hf = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
     expected = materialize(open_weights(ModelSource("hf_dir", str(phi_dir / "phi4-mini"), "phi4-mini")),

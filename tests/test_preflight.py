@@ -397,11 +397,36 @@ def test_recovery_holds_the_whole_model_and_full_fine_tuning_its_optimizer_and_a
     lora = estimate(store, QUICK.calibration, dataclasses.replace(plain, recovery="lora"))
     full = estimate(store, QUICK.calibration, dataclasses.replace(plain, recovery="full"))
     assert lora.peak.name == "recovery fine-tuning (lora) of the whole pruned model"
-    assert lora.peak.ram[RECOVERY_MODEL] == 8_030_261_248 * 4
-    assert full.peak.total - lora.peak.total == full.peak.ram[RECOVERY_OPTIMIZER] > 3 * 6e9 * 4
+    assert lora.peak.ram[RECOVERY_MODEL] == 8_030_261_248 * 2  # the bf16 base, frozen as stored
+    assert full.peak.ram[RECOVERY_MODEL] == 8_030_261_248 * 4
+    assert full.peak.ram[RECOVERY_OPTIMIZER] > 3 * 6e9 * 4 and lora.peak.ram[RECOVERY_OPTIMIZER] == 0
+    assert full.peak.total - lora.peak.total == full.peak.ram[RECOVERY_OPTIMIZER] + 8_030_261_248 * 2
     assert estimate(store, QUICK.calibration, plain).peak.total < lora.peak.total
     with pytest.raises(EdgepruneError) as err:
         check(full, limits(24 * GiB))
     message = str(err.value)
     assert "recovery fine-tuning (full)" in message and "--recover-method lora" in message
     assert message.count(". ") == 0 and message.endswith(".")
+
+
+def test_recovery_pace_refuses_an_8b_on_a_cpu_naming_the_estimate_and_what_to_do(tmp_path):
+    from edgeprune.config import RecoverySettings
+    from edgeprune.recover.pace import MIN_TOKENS, Pace, check_pace, flops_per_token, recovery_pace
+
+    store = ShapeStore(llama_31_8b())
+    lora, full = flops_per_token(store, "lora"), flops_per_token(store, "full")
+    decoder = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096)
+    assert lora == 4 * decoder + 4 * 128256 * 4096 and full - lora == 2 * decoder
+    settings = RecoverySettings(minutes=30)
+    slow = Pace("cpu", lora, tokens_per_s=3.0)  # about what two cores reach on an 8B
+    with pytest.raises(EdgepruneError) as err:
+        check_pace(slow, settings, store.parameters, "--no-recover")
+    message = str(err.value)
+    assert message.startswith("Recovery of this 8.0B-parameter model would train on about 5k tokens in 30 minutes")
+    assert f"--recover-minutes {MIN_TOKENS / 3 / 60:.0f} or more" in message and message.endswith("or --no-recover.")
+    check_pace(slow, RecoverySettings(minutes=30, max_steps=10), store.parameters, "--no-recover")  # steps chosen
+    check_pace(Pace("cuda", lora, None), settings, store.parameters, "--no-recover")
+    check_pace(Pace("cpu", lora, MIN_TOKENS / 1800), settings, store.parameters, "--no-recover")
+    # This CPU's estimate, from its measured matmul rate: an 8B trains a few tokens a second on one thread.
+    here = recovery_pace(store, settings, 1, tmp_path)
+    assert here.device == "cpu" and 0.05 < here.tokens_per_s < 100

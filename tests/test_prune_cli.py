@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-import gguf
 import pytest
 import torch
 from test_cli import WITHOUT_DAC_OVERRIDE, assert_clean_error, edgeprune, unreadable
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM
 
+from edgeprune.gguf_file import read_gguf
 from edgeprune.hashing import sha256_file
 from edgeprune.prune import ModelShape, Plan
 from edgeprune.prune.modules import materialize
@@ -42,7 +42,7 @@ def test_uniform_plan_writes_gguf_and_a_plain_transformers_checkpoint(tmp_path, 
         assert_close(hf(tokens).logits, expected(tokens).logits)
 
     gguf_file = out / "model-SmolLM2-135M-Instruct-Q4_K_M.gguf"
-    reader = gguf.GGUFReader(str(gguf_file))
+    reader = read_gguf(gguf_file)
     assert reader.get_field("llama.block_count").contents() == 28
     assert reader.get_field("llama.feed_forward_length").contents() == 1024
     manifest = json.loads((out / "manifest.json").read_text())
@@ -58,7 +58,7 @@ def test_per_layer_plan_writes_a_deci_gguf_and_no_checkpoint(tmp_path, cache_dir
     proc, out = _prune(tmp_path, cache_dir, plan, "--quant", "Q8_0")
     assert proc.returncode == 0, proc.stderr
     assert not (out / "hf").exists()
-    reader = gguf.GGUFReader(str(out / "model-SmolLM2-135M-Instruct-Q8_0.gguf"))
+    reader = read_gguf(out / "model-SmolLM2-135M-Instruct-Q8_0.gguf")
     assert reader.get_field("general.architecture").contents() == "deci"
     heads = reader.get_field("deci.attention.head_count").contents()
     ffn = reader.get_field("deci.feed_forward_length").contents()
@@ -129,7 +129,7 @@ def test_plan_plain_transformers_cannot_hold_gets_the_gguf_and_a_note(tmp_path, 
     assert "hidden size (1024)" in report["hf_checkpoint_note"] and "(12)" in report["hf_checkpoint_note"]
     hf_line = next(l for l in proc.stdout.splitlines() if l.startswith("HF:"))
     assert "none" in hf_line and "hidden size (1024)" in hf_line and "GGUF" in hf_line
-    reader = gguf.GGUFReader(str(out / report["artifact"]))
+    reader = read_gguf(out / report["artifact"])
     assert reader.get_field("llama.block_count").contents() == 2
     assert reader.get_field("llama.attention.head_count").contents() == 12
     assert reader.get_field("llama.attention.head_count_kv").contents() == 3

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 
-import gguf
 import numpy as np
 import pytest
 import torch
@@ -20,6 +19,7 @@ from conftest import calibration_text, gguf_contents, llama_cpp_logits, run_conv
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import Provenance, export_gguf
 from edgeprune.families import family_of
+from edgeprune.gguf_file import read_gguf
 from edgeprune.models.reference import open_weights
 from edgeprune.models.source import ModelSource
 from edgeprune.models.tokenizer import TokenizerSpec, pre_tokenizer_name
@@ -86,7 +86,7 @@ def test_export_matches_the_converter_and_torch(tmp_path, family, plan_name, lla
     spec = TokenizerSpec.from_hf(AutoTokenizer.from_pretrained(hf_dir), model.config.vocab_size)
     ours = tmp_path / "ours.gguf"
     export_gguf(model, spec, ours, "F32", Provenance("t", "0" * 64, {}), "t")
-    arch = gguf.GGUFReader(str(ours)).get_field("general.architecture").contents()
+    arch = read_gguf(ours).get_field("general.architecture").contents()
     expected = torch_logits(model, TOKENS)
     got = llama_cpp_logits(ours, TOKENS)
     spread = float(expected.max() - expected.min())
@@ -128,7 +128,7 @@ def test_qwen2_per_layer_plans_export_as_deci_and_match_torch(tmp_path, plan_nam
     model = apply_plan(tiny("qwen2", tied=False), PER_LAYER_PLANS[plan_name])
     path = tmp_path / "deci.gguf"
     export_gguf(model, embedded_tokenizer_spec, path, "F32", Provenance("t", "0" * 64, {}), "t")
-    assert gguf.GGUFReader(str(path)).get_field("general.architecture").contents() == "deci"
+    assert read_gguf(path).get_field("general.architecture").contents() == "deci"
     expected, got = torch_logits(model, TOKENS), llama_cpp_logits(path, TOKENS)
     spread = float(expected.max() - expected.min())
     assert (expected.argmax(-1) == got.argmax(-1)).all()
@@ -259,7 +259,7 @@ def test_prune_writes_the_familys_gguf_and_a_plain_transformers_checkpoint(tmp_p
     record = json.loads((out / "plan.json").read_text())
     # Qwen2's own graph sizes q by the hidden width: 2 of 4 heads make it `deci`.
     assert record["architecture"] == {"qwen2": "deci", "qwen3": "qwen3"}[family]
-    reader = gguf.GGUFReader(str(out / f"model-{family}-Q4_K_M.gguf"))
+    reader = read_gguf(out / f"model-{family}-Q4_K_M.gguf")
     arch = record["architecture"]
     assert reader.get_field(f"{arch}.block_count").contents() == 3
     hf = AutoModelForCausalLM.from_pretrained(out / "hf").eval()

@@ -17,6 +17,7 @@ from edgeprune.models.weights import ModuleStore
 from edgeprune.prune import Plan
 from edgeprune.prune.modules import materialize
 from edgeprune.recover.distill import TopK, distillation_loss, tail_log
+from edgeprune.recover.student import stored_dtype, student
 from edgeprune.recover.trainer import Recovery, TrainingData, batch_rows, merged
 
 C = tuple(range(128))
@@ -126,7 +127,7 @@ def test_distillation_brings_the_pruned_model_closer_to_the_teacher(teacher, dat
     before_model = materialize(ModuleStore(teacher), PLAN)
     before = _kl_to_teacher(teacher, lambda t: before_model(t).logits, data.windows)
     recovery = _recovery(teacher, data, tmp_path, method=method, max_steps=40, learning_rate=2e-3)
-    tensors = recovery.run()
+    tensors = dict(recovery.run())
     log = recovery.log
     assert log.steps == 40 and log.stopped_by == "max_steps" and log.tokens == 40 * 3 * 24
     assert np.mean(log.losses[-5:]) < 0.7 * np.mean(log.losses[:5])
@@ -145,7 +146,7 @@ def test_merged_lora_computes_what_the_unmerged_model_does(teacher, data, tmp_pa
     tokens = data.windows[:2]
     with torch.no_grad():
         unmerged = recovery.model(tokens).logits
-    tensors = merged(recovery.model, recovery.settings)
+    tensors = dict(merged(recovery.model, recovery.settings))
     plain = materialize(ModuleStore(teacher), PLAN, overrides={n: (lambda t=t: t) for n, t in tensors.items()})
     with torch.no_grad():
         assert_close(plain(tokens).logits, unmerged, rtol=0, atol=1e-5)
@@ -158,7 +159,7 @@ class _Killed(Exception):
 
 def test_a_killed_recovery_resumes_from_its_checkpoint_to_the_same_weights(teacher, data, tmp_path, monkeypatch):
     settings = {"max_steps": 10, "learning_rate": 2e-3, "checkpoint_seconds": 1e-6}  # a checkpoint every step
-    uninterrupted = _recovery(teacher, data, tmp_path / "a", **settings).run()
+    uninterrupted = dict(_recovery(teacher, data, tmp_path / "a", **settings).run())
 
     killed = _recovery(teacher, data, tmp_path / "b", **settings)
     step = killed._step
@@ -172,7 +173,7 @@ def test_a_killed_recovery_resumes_from_its_checkpoint_to_the_same_weights(teach
     with pytest.raises(_Killed):
         killed.run()
     resumed = _recovery(teacher, data, tmp_path / "b", **settings)
-    tensors = resumed.run()
+    tensors = dict(resumed.run())
     assert resumed.log.resumed_at_step == 6 and resumed.log.steps == 10
     assert len(resumed.log.losses) == 10
     assert tensors.keys() == uninterrupted.keys()
@@ -196,7 +197,7 @@ def test_recovered_weights_export_to_gguf_with_the_usual_parity(teacher, data, t
     student = materialize(ModuleStore(big_vocab_teacher), PLAN)
     recovery = Recovery(student, TrainingData(tokens, logp, index),
                         RecoverySettings(max_steps=6, batch_size=2, learning_rate=5e-3, top_k=16), 2, tmp_path / "c")
-    tensors = recovery.run()
+    tensors = dict(recovery.run())
     overrides = {n: (lambda t=t: t) for n, t in tensors.items()}
     path = tmp_path / "recovered.gguf"
     write_gguf(ModuleStore(big_vocab_teacher), PLAN, embedded_tokenizer_spec, path, "F32",
@@ -213,3 +214,39 @@ def test_plain_fine_tuning_lowers_the_cross_entropy_of_the_text(teacher, data, t
     recovery = _recovery(teacher, data, tmp_path, objective="sft", max_steps=30, learning_rate=2e-3)
     recovery.run()
     assert np.mean(recovery.log.losses[-5:]) < 0.9 * np.mean(recovery.log.losses[:5])
+
+
+# -- the student -----------------------------------------------------------------------------------
+def test_a_lora_student_keeps_a_16_bit_base_and_computes_what_an_fp32_copy_does(teacher, data, tmp_path):
+    narrow = ModuleStore(tiny_llama(tied=True, vocab=VOCAB).to(torch.bfloat16))
+    assert stored_dtype(narrow) == torch.bfloat16 and stored_dtype(ModuleStore(teacher)) == torch.float32
+    small = student(narrow, PLAN, "lora")
+    wide = materialize(narrow, PLAN)  # the same bf16 values, widened to fp32 once
+    linears = [m for m in small.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert small.model.embed_tokens.weight.dtype == torch.bfloat16 and small.model.norm.weight.dtype == torch.float32
+    size = sum(p.numel() * p.element_size() for p in small.parameters())
+    assert size < 0.6 * sum(p.numel() * p.element_size() for p in wide.parameters())
+    assert all(p.dtype == torch.float32 for p in student(narrow, PLAN, "full").parameters())
+    tokens = data.windows[:2]
+    with torch.no_grad():
+        assert_close(small(tokens).logits, wide(tokens).logits, rtol=0, atol=1e-5)
+
+    settings = RecoverySettings(max_steps=8, batch_size=3, top_k=32, learning_rate=5e-3)
+    trained_small = Recovery(small, data, settings, 2, tmp_path / "a")
+    trained_wide = Recovery(wide, data, settings, 2, tmp_path / "b")
+    saved = []  # what autograd keeps for the backward pass: never a widened copy of a base weight
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((tuple(t.shape), t.dtype)) or t, lambda t: t):
+        trained_small.model(input_ids=tokens).logits.sum().backward()
+    weights = {tuple(m.weight.shape) for m in linears}
+    assert not [s for s in saved if s[1] == torch.float32 and s[0] in weights]
+    assert any(s[1] == torch.bfloat16 and s[0] in weights for s in saved)
+    trained_wide.model(input_ids=tokens).logits.sum().backward()  # the same gradients as the fp32 copy's
+    for p, q in zip(trained_small.params, trained_wide.params, strict=True):
+        assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+    trained_small.optimizer.zero_grad()
+    trained_wide.optimizer.zero_grad()
+    got, expected = dict(trained_small.run()), dict(trained_wide.run())
+    assert got.keys() == expected.keys() and all(t.dtype == torch.float32 for t in got.values())
+    for name in got:  # Adam's normalised steps carry rounding-level differences along: 1e-4 of weights ~0.02
+        assert_close(got[name], expected[name], rtol=0, atol=1e-4)

@@ -3,15 +3,16 @@ evaluator (stages, llama.cpp quantization and quality), timed as their twins, an
 
 from __future__ import annotations
 
-import gguf
 import pytest
 
 from conftest import tiny_evaluator
+from edgeprune.chat_health import QUESTIONS
 from edgeprune.config import CalibrationSettings, RecoverySettings
 from edgeprune.evaluator import CandidateEvaluator
+from edgeprune.gguf_file import read_gguf
 from edgeprune.prune import Plan
 from edgeprune.recover import RecoveryJob
-from edgeprune.recover.select import recover_best
+from edgeprune.recover.select import chat_of_pick, recover_best
 from edgeprune.report import _recovery_lines, outcome_to_dict
 from edgeprune.search import SearchOutcome, State
 from edgeprune.search.budget import MEETS, SHORT_OF_SPEEDUP, Budget
@@ -25,7 +26,7 @@ SETTINGS = RecoverySettings(enabled=True, candidates=2, extra_samples=0, batch_s
 
 
 def _layout(path) -> list[tuple[str, str, tuple[int, ...]]]:
-    return [(t.name, t.tensor_type.name, tuple(int(x) for x in t.shape)) for t in gguf.GGUFReader(str(path)).tensors]
+    return [(t.name, t.tensor_type.name, tuple(int(x) for x in t.shape)) for t in read_gguf(path).tensors]
 
 
 @pytest.fixture
@@ -67,7 +68,15 @@ def test_the_best_pruned_candidates_within_budget_are_recovered_and_compete_for_
     again = SearchOutcome(list(built), BUDGET, within[0], built[0], "test", [])
     assert recover_best(again, evaluator, job)["candidates"] == rows
 
+    # The recovered pick's chat answers beside its twin's (a tiny random model's: judged, whatever they say).
+    record["chat"] = chat_of_pick(outcome, lambda name: evaluator.runtime(name).format,
+                                  evaluator.context.reference.tokenizer, 2)
+    assert record["chat"]["candidate"] == outcome.selected.id
+    assert [a["question"] for a in record["chat"]["before"]] == [a["question"] for a in record["chat"]["after"]] \
+        == list(QUESTIONS)
+
     report = {"search": outcome_to_dict(outcome) | {"recovery": record}}
     assert report["search"]["candidates"][4]["recovered_from"] == within[0].id
     markdown = "\n".join(_recovery_lines(record))
     assert "## Recovery" in markdown and f"| {within[0].id}r | {within[0].id} |" in markdown
+    assert f"Chat answers of {outcome.selected.id}" in markdown and QUESTIONS[0] in markdown

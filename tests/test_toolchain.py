@@ -195,3 +195,23 @@ def test_unpacking_refuses_members_that_leave_the_tree(tmp_path, bad, needle):
         _extract_vendored(_sdist(tmp_path / "bad.tar.gz", [GOOD[0], *bad, *GOOD[1:]]), tmp_path / "bad")
     assert not (tmp_path / "escape").exists() and not (tmp_path / "outside").exists()
     assert not os.path.lexists("/tmp/edgeprune-escape")
+
+
+def test_what_stands_where_a_cache_entry_goes_is_cleared_before_a_build(tmp_path):
+    """A broken link or an unfinished directory at the entry's path would fail the final rename,
+    after the compile: it is removed first (the caller holds the entry's lock)."""
+    from edgeprune.toolchain.build import _cached, _clear
+
+    broken = tmp_path / "x86_64-linux-gnu-0123"
+    broken.symlink_to(tmp_path / "gone")
+    assert _cached(broken) is None
+    _clear(broken)
+    assert not broken.is_symlink() and not broken.exists()
+
+    unfinished = tmp_path / "aarch64-linux-gnu-4567"
+    (unfinished / "bin").mkdir(parents=True)
+    (unfinished / "bin" / "llama-cli").write_bytes(b"\x7fELF")
+    assert _cached(unfinished) is None
+    _clear(unfinished)
+    assert not unfinished.exists()
+    _clear(unfinished)  # nothing there: nothing to do

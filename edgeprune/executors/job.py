@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -106,8 +107,10 @@ class BuildContext:
             return None
         return (collect or self.runner.run)(SparseWeights(self.reference, job.plan, job.sparsity, self.splits))
 
-    def quality_stage(self, stage: CandidateModel, model: StageOutput, threads: int) -> CandidateQuality:
-        return CandidateQuality(stage.file(model), model.key, self.splits, self.ref_logps, threads, stage.format)
+    def quality_stage(self, stage: CandidateModel, model: StageOutput, threads: int,
+                      settings: dict[str, Any] | None = None) -> CandidateQuality:
+        return CandidateQuality(stage.file(model), model.key, self.splits, self.ref_logps, threads, stage.format,
+                                settings)
 
     def run(self, job: CandidateJob, threads: int, where: str) -> Built:
         """Build the job's file and measure its quality, each stage unless the cache has it."""

@@ -19,6 +19,7 @@ import logging
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ class Preset:
         return out
 
     def parameters(self) -> int:
-        return sum(_numel(shape) for _, shape in self.tensors())
+        return sum(prod(shape) for _, shape in self.tensors())
 
     def bf16_bytes(self) -> int:
         return 2 * self.parameters()
@@ -104,7 +105,7 @@ class Preset:
         shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
         size = 0
         for name, shape in self.tensors():
-            nbytes = 2 * _numel(shape)
+            nbytes = 2 * prod(shape)
             if shards[-1] and size + nbytes > SHARD_BYTES:
                 shards.append([])
                 size = 0
@@ -241,13 +242,6 @@ def preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def tensor_seed(seed: int, name: str) -> int:
     """Each tensor's own generator seed: its values do not depend on the other tensors or the sharding."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
@@ -259,7 +253,7 @@ def tensor_chunks(name: str, shape: tuple[int, ...], seed: int, std: float = 0.0
     import numpy as np
     import torch
 
-    n = _numel(shape)
+    n = prod(shape)
     if len(shape) == 1 and not name.endswith("bias"):  # RMSNorm weights
         yield np.full(n, 0x3F80, dtype=np.uint16)  # bf16 1.0
         return
@@ -278,7 +272,7 @@ def _header(tensors: list[tuple[str, tuple[int, ...]]]) -> bytes:
     entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape in tensors:
-        nbytes = 2 * _numel(shape)
+        nbytes = 2 * prod(shape)
         entries[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(entries, separators=(",", ":")).encode()

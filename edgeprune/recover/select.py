@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
+from edgeprune.chat_health import chat_answers, summary
 from edgeprune.events import STAGE, event
 from edgeprune.recover import RecoveryJob
+from edgeprune.runtimes.artifacts import ModelFormat
 from edgeprune.search import Candidate, SearchOutcome
 
 log = logging.getLogger(__name__)
@@ -59,3 +62,15 @@ def recover_best(outcome: SearchOutcome, evaluator: Recovers, job: RecoveryJob) 
                  row["after_kld"], row["recovered_share"] * 100)
     return record | {"candidates": rows, "seconds": time.perf_counter() - t0,
                      "selected_before": before.id if before else None, "selected": outcome.selected.id}
+
+
+def chat_of_pick(outcome: SearchOutcome, format_of: Callable[[str], ModelFormat], tokenizer: Any,
+                 threads: int) -> dict[str, Any]:
+    """A recovered pick's chat answers and its twin's: recovery must not buy its KLD with the chat."""
+    pick = outcome.selected
+    twin = next(c for c in outcome.candidates if c.id == pick.recovered_from)
+    answers = {when: chat_answers(format_of(c.state.runtime), c.model, tokenizer, threads)
+               for when, c in (("before", twin), ("after", pick))}
+    log.info("%s's chat answers: %s (before recovery: %s)", pick.id, summary(answers["after"]),
+             summary(answers["before"]))
+    return {"candidate": pick.id, **answers}

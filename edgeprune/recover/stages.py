@@ -7,6 +7,7 @@ model itself) and measures a recovered candidate as any other.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import shutil
 from importlib import metadata
@@ -25,6 +26,7 @@ from edgeprune.pipeline import WEIGHTS_DIR, quick_copy
 from edgeprune.progress import progress
 from edgeprune.prune import Plan
 from edgeprune.recover.distill import TopK
+from edgeprune.recover.student import student
 from edgeprune.recover.trainer import Recovery, TrainingData
 from edgeprune.stages import Stage, StageOutput
 
@@ -180,18 +182,13 @@ class RecoveredWeights(Stage):
     def run(self, out_dir: Path) -> dict[str, Any]:
         from safetensors.torch import save_file
 
-        from edgeprune.prune.modules import materialize
-
-        student = materialize(self.reference.weights, self.plan)
-        recovery = Recovery(student, TeacherTargets.data(self.text, self.teacher), self.settings, self.threads,
+        model = student(self.reference.weights, self.plan, self.settings.method)
+        recovery = Recovery(model, TeacherTargets.data(self.text, self.teacher), self.settings, self.threads,
                             self.checkpoints())
-        tensors = recovery.run()
         (out_dir / WEIGHTS_DIR).mkdir()
-        by_layer: dict[int, dict[str, torch.Tensor]] = {}
-        for name, tensor in tensors.items():
-            by_layer.setdefault(int(name.split(".")[2]), {})[name] = tensor
-        for i, layer in sorted(by_layer.items()):
-            save_file(layer, out_dir / WEIGHTS_DIR / f"layer-{i}.safetensors")
+        # Merged tensors arrive in layer order: each layer's file written once its last tensor is in.
+        for i, layer in itertools.groupby(recovery.run(), key=lambda item: int(item[0].split(".")[2])):
+            save_file(dict(layer), out_dir / WEIGHTS_DIR / f"layer-{i}.safetensors")
         shutil.rmtree(self.checkpoints(), ignore_errors=True)
         record = recovery.log.summary() | {"method": self.settings.method, "description": self.settings.describe(),
                                            "threads": self.threads}

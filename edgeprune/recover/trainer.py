@@ -15,6 +15,7 @@ import os
 import re
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ def trainable(student: torch.nn.Module, settings: RecoverySettings) -> torch.nn.
         p.requires_grad_(False)
     if settings.method == "lora":
         from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora import LoraLayer
 
         config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
                             target_modules=LORA_TARGETS, bias="none")
@@ -83,22 +85,37 @@ def trainable(student: torch.nn.Module, settings: RecoverySettings) -> torch.nn.
             # peft asks transformers 5 a deprecated question; nothing for the user to act on.
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             torch.manual_seed(settings.seed)  # seeded adapters: a rerun, or a resumed run, starts from the same ones
-            return get_peft_model(student, config)
+            model = get_peft_model(student, config)
+            # peft draws adapters in the base weight's dtype, then widens them: drawn again in fp32,
+            # so a 16-bit base (student.py) starts from the same adapters as an fp32 one.
+            for module in model.modules():
+                if isinstance(module, LoraLayer):
+                    module.reset_lora_parameters("default", True)
+            return model
     for p in student.model.layers.parameters():
         p.requires_grad_(True)
     return student
 
 
-def merged(model: torch.nn.Module, settings: RecoverySettings) -> dict[str, torch.Tensor]:
-    """The trained decoder tensors as plain weights, by name in the pruned model: LoRA merged into its
-    base weights (only the adapted ones returned), or every decoder weight of a full fine-tune."""
+def merged(model: torch.nn.Module, settings: RecoverySettings) -> Iterator[tuple[str, torch.Tensor]]:
+    """The trained decoder tensors as plain fp32 weights, by name in the pruned model, in layer order
+    and one at a time: each adapted base weight widened with its LoRA delta added (a 16-bit base
+    never takes the delta in 16 bits), or every decoder weight of a full fine-tune."""
     if settings.method == "lora":
-        model = model.merge_and_unload()
-        pattern = re.compile(LORA_TARGETS + r"\.weight$")
-        return {n: t.detach().float().cpu().contiguous() for n, t in model.state_dict().items()
-                if pattern.fullmatch(n)}
-    return {n: t.detach().float().cpu().contiguous() for n, t in model.state_dict().items()
-            if n.startswith("model.layers.")}
+        from peft.tuners.lora import LoraLayer
+
+        pattern = re.compile(LORA_TARGETS)
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLayer):
+                name = name.removeprefix("base_model.model.")
+                assert pattern.fullmatch(name), name
+                with torch.no_grad():
+                    weight = module.get_base_layer().weight.float() + module.get_delta_weight("default").float()
+                yield f"{name}.weight", weight.cpu().contiguous()
+        return
+    for name, tensor in model.state_dict().items():
+        if name.startswith("model.layers."):
+            yield name, tensor.detach().float().cpu().contiguous()
 
 
 def learning_rate(settings: RecoverySettings, step: int, done: float) -> float:
@@ -132,7 +149,8 @@ class Recovery:
         self.optimizer = torch.optim.AdamW(self.params, lr=settings.peak_lr(), weight_decay=0.0)
         self.log = TrainingLog()
 
-    def run(self) -> dict[str, torch.Tensor]:
+    def run(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Train; then the merged tensors (`merged`), one at a time."""
         s = self.settings
         budget = s.minutes * 60
         self._resume()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -71,5 +71,11 @@ class ModelFormat(ABC):
         """Write the candidate as `out`."""
 
     @abstractmethod
-    def sequence_logits(self, model: Path, windows: np.ndarray, threads: int) -> Iterator[np.ndarray]:
-        """The model's logits at every position of every window, one [len, vocab] array at a time."""
+    def sequence_logits(self, model: Path, windows: np.ndarray, threads: int,
+                        settings: Mapping[str, Any] | None = None) -> Iterator[np.ndarray]:
+        """The model's logits at every position of every window, one [len, vocab] array at a time;
+        `settings`: runtime settings to run with (those that change logits are used, `Runtime.lossy_settings`)."""
+
+    @abstractmethod
+    def greedy(self, model: Path, prompt: list[int], max_tokens: int, threads: int, stop: frozenset[int]) -> list[int]:
+        """Greedy tokens after `prompt`, up to `max_tokens`, ending before a token in `stop`."""

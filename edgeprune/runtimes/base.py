@@ -108,6 +108,15 @@ class Runtime(ABC):
         the default first (`Workload.settings`)."""
         return {"threads": thread_counts(cores)}
 
+    def settings_gap(self, settings: dict[str, Any], cores: int, model: Path) -> str | None:
+        """Why the runtime cannot run `model` with `settings` (a combination `settings_space` allows), or None."""
+        return None
+
+    def lossy_settings(self, settings: dict[str, Any], cores: int) -> dict[str, Any]:
+        """Those of `settings` that change the model's output beyond rounding (a quantized KV
+        cache): the pick's quality is measured again when one is chosen."""
+        return {}
+
     @abstractmethod
     def search_quant(self, settings: SearchSettings) -> str:
         """The quantization a profile's search gives this runtime's candidates."""

@@ -11,12 +11,15 @@ noise would ship for nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgeprune.errors import EdgepruneError
+from edgeprune.evaluate import Quality
 from edgeprune.measure import Workload
 from edgeprune.runtimes.base import Runner
 
@@ -24,6 +27,8 @@ log = logging.getLogger(__name__)
 
 MIN_GAIN = 0.03
 MIN_WINS = 0.75
+# How much held-out KLD a faster but lossy setting may cost the pick (a q8_0 KV cache: ~1e-3 here).
+MAX_LOSSY_KLD_RISE = 0.01
 
 
 @dataclass
@@ -45,9 +50,12 @@ class Tuning:
     chosen: dict[str, Any]
     default: dict[str, Any]
     trials: list[Trial] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # values the runtime cannot run with the best so far
+    lossy: dict[str, Any] | None = None  # the quality check of chosen settings that change the output
 
     def to_dict(self) -> dict[str, Any]:
         return {"chosen": self.chosen, "default": self.default, "trials": [asdict(t) for t in self.trials],
+                "skipped": self.skipped, **({"lossy_check": self.lossy} if self.lossy else {}),
                 "rule": f"a value replaces the current one at a median paired speed-up of at least {1 + MIN_GAIN:.2f}x "
                         f"that wins at least {MIN_WINS:.0%} of the pairs (request latency, timed alongside)"}
 
@@ -62,15 +70,30 @@ def better(speedup: float, wins: float) -> bool:
     return speedup >= 1.0 + MIN_GAIN and wins >= MIN_WINS
 
 
-def tune(timer: Runner, model: Path, workload: Workload, space: dict[str, tuple[Any, ...]]) -> Tuning:
+def tune(timer: Runner, model: Path, workload: Workload, space: dict[str, tuple[Any, ...]],
+         gap: Callable[[dict[str, Any]], str | None] = lambda settings: None) -> Tuning:
+    """`gap`: why the runtime cannot run a combination (`Runtime.settings_gap`): such a value is
+    skipped, e.g. a quantized KV cache when flash attention was not faster. A value whose run fails
+    anyway is skipped too, saying how: the defaults, timed as the search's candidates were, still ship."""
     default = {name: values[0] for name, values in space.items()}
     best = dict(default)
     trials: list[Trial] = []
+    skipped: list[dict[str, Any]] = []
     for name, values in space.items():
         winner: Trial | None = None
         for value in values[1:]:
             settings = best | {name: value}
-            record = timer.benchmark(model, replace(workload, settings=settings, baseline_settings=best), model)
+            why = gap(settings)
+            if why is not None:
+                log.info("settings %s: not timed, %s", _show(settings), why)
+                skipped.append({"setting": name, "value": value, "why": why})
+                continue
+            try:
+                record = timer.benchmark(model, replace(workload, settings=settings, baseline_settings=best), model)
+            except EdgepruneError as e:  # e.g. a flash attention kernel the device's build lacks
+                log.warning("settings %s: the run failed, not shipped: %s", _show(settings), e)
+                skipped.append({"setting": name, "value": value, "why": f"the run failed: {e}"})
+                continue
             speedup, wins = paired(record.runs, record.baseline_runs)
             trial = Trial(name, value, settings, dict(best), speedup, wins,
                           float(np.median([r["decode_tok_s"] for r in record.runs])),
@@ -85,7 +108,22 @@ def tune(timer: Runner, model: Path, workload: Workload, space: dict[str, tuple[
             winner.kept = True
             best = winner.settings
     log.info("runtime settings: %s", _show(best))
-    return Tuning(best, default, trials)
+    return Tuning(best, default, trials, skipped)
+
+
+def lossy_check(tuning: Tuning, lossy: dict[str, Any], as_searched: Quality, with_them: Quality) -> Tuning:
+    """Settings that change the output (`lossy`, among `tuning.chosen`) ship only if the pick's
+    held-out KLD measured with them (`with_them`) rises by at most MAX_LOSSY_KLD_RISE over its KLD
+    as searched; else those settings go back to their defaults."""
+    rise = with_them.mean_kld - as_searched.mean_kld
+    kept = rise <= MAX_LOSSY_KLD_RISE
+    log.info("with %s the pick's KLD is %.4f (%+.4f): %s", _show(lossy), with_them.mean_kld, rise,
+             "shipped" if kept else "not shipped")
+    check = {"settings": lossy, "kld": with_them.mean_kld, "top1": with_them.top1_agreement,
+             "kld_as_searched": as_searched.mean_kld, "kept": kept,
+             "rule": f"kept if the held-out KLD rises by at most {MAX_LOSSY_KLD_RISE}"}
+    chosen = tuning.chosen if kept else tuning.chosen | {k: tuning.default[k] for k in lossy}
+    return replace(tuning, chosen=chosen, lossy=check)
 
 
 def _show(settings: dict[str, Any]) -> str:

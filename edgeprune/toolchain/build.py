@@ -90,7 +90,17 @@ def ensure_binaries(spec: BuildSpec, cache_dir: Path, jobs: int | None = None) -
     with _locked(entry.with_name(f"{entry.name}.lock")):
         if (found := _cached(entry)) is not None:  # another process built it while we waited
             return found
+        _clear(entry)
         return _build(spec, source, cache_key(spec, source), entry, jobs or len(os.sched_getaffinity(0)))
+
+
+def _clear(entry: Path) -> None:
+    """Remove what stands where a cache entry goes without being one (a broken link, a directory
+    without its info file): the finished build is renamed there."""
+    if entry.is_symlink() or entry.is_file():
+        entry.unlink()
+    elif entry.exists():
+        shutil.rmtree(entry)
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,22 +59,17 @@ def load(path: Path, n_ctx: int, threads: int, logits_all: bool = False, f32_kv_
     """Load a GGUF. The KV cache is F16 as deployed, unless `f32_kv_cache` (for parity checks:
     F16 K/V rounding alone moves a pruned model's logits by up to ~0.2). `n_batch` (default
     `n_ctx`) bounds the tokens of one decode call, and with them the output and compute buffers.
-    `settings`: threads, flash attention and physical batch, as a benchmark or a bundle runs them
-    (default: `threads`, no flash attention, each decode call computed whole)."""
+    `settings`: threads, flash attention, physical batch and KV cache type, as a benchmark or a
+    bundle runs them (default: `threads`, no flash attention, each decode call computed whole)."""
     import llama_cpp
 
     route_logs_to_python()
     settings = settings or LlamaSettings(threads, ubatch=n_batch or n_ctx)
+    context = settings.context_kwargs(n_batch or n_ctx)
+    if f32_kv_cache:
+        context |= {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32}
     try:
-        return llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            logits_all=logits_all,
-            type_k=llama_cpp.GGML_TYPE_F32 if f32_kv_cache else None,
-            type_v=llama_cpp.GGML_TYPE_F32 if f32_kv_cache else None,
-            verbose=False,
-            **settings.context_kwargs(n_batch or n_ctx),
-        )
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=logits_all, verbose=False, **context)
     except (ValueError, RuntimeError) as e:
         raise EdgepruneError(f"llama.cpp cannot load {path.name}: {e}") from None
 
@@ -102,13 +97,16 @@ _LOGITS_CHUNK = 128
 
 
 def sequence_logits(path: Path, sequences: np.ndarray, threads: int, f32_kv_cache: bool = False,
-                    doing: str = "computing the logits of") -> Iterator[np.ndarray]:
+                    doing: str = "computing the logits of",
+                    settings: Mapping[str, Any] | None = None) -> Iterator[np.ndarray]:
     """llama.cpp's logits for every position of every sequence, one [len, vocab] array at a time
-    (the model is loaded once). `doing` names the work in a crash's error."""
-    return isolated.stream(doing, path, _sequence_logits, path, sequences, threads, f32_kv_cache)
+    (the model is loaded once). `doing` names the work in a crash's error; `settings`: flash
+    attention and KV cache type to run with (`LlamaSettings`; threads and batch are this call's)."""
+    return isolated.stream(doing, path, _sequence_logits, path, sequences, threads, f32_kv_cache, dict(settings or {}))
 
 
-def _sequence_logits(path: Path, sequences: np.ndarray, threads: int, f32_kv_cache: bool) -> Iterator[np.ndarray]:
+def _sequence_logits(path: Path, sequences: np.ndarray, threads: int, f32_kv_cache: bool,
+                     settings: dict[str, Any]) -> Iterator[np.ndarray]:
     # Decoded _LOGITS_CHUNK tokens at a time into one result array: with a whole window per call,
     # llama.cpp's output and compute buffers and llama-cpp-python's `scores` each held a
     # [window, vocab] copy (~400 MiB here for 512 x 49k, against ~150 MiB this way).
@@ -116,7 +114,8 @@ def _sequence_logits(path: Path, sequences: np.ndarray, threads: int, f32_kv_cac
 
     length = sequences.shape[1]
     chunk = min(_LOGITS_CHUNK, length)
-    llm = load(path, n_ctx=length, threads=threads, f32_kv_cache=f32_kv_cache, n_batch=chunk)
+    run_as = LlamaSettings.of(settings | {"threads": threads, "ubatch": chunk}, threads)
+    llm = load(path, n_ctx=length, threads=threads, f32_kv_cache=f32_kv_cache, n_batch=chunk, settings=run_as)
     n_vocab = llm.n_vocab()
     batch = ll.llama_batch_init(chunk, 0, 1)
     logits = np.empty((length, n_vocab), dtype=np.float32)

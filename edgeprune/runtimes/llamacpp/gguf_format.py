@@ -3,8 +3,9 @@ an importance matrix collected on the pruned model, then quantized by llama.cpp.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,8 +32,13 @@ class Gguf(ModelFormat):
         quantize(intermediate, out, job.quant.quant, job.threads, imatrix, recipe)
         intermediate.unlink()
 
-    def sequence_logits(self, model: Path, windows: np.ndarray, threads: int) -> Iterator[np.ndarray]:
-        return llamacpp.sequence_logits(model, windows, threads, doing="measuring the quality of")
+    def sequence_logits(self, model: Path, windows: np.ndarray, threads: int,
+                        settings: Mapping[str, Any] | None = None) -> Iterator[np.ndarray]:
+        return llamacpp.sequence_logits(model, windows, threads, doing="measuring the quality of", settings=settings)
+
+    def greedy(self, model: Path, prompt: list[int], max_tokens: int, threads: int, stop: frozenset[int]) -> list[int]:
+        answer = llamacpp.greedy_answer(model, prompt, max_tokens, threads)  # ends at the GGUF's own EOG tokens
+        return answer[:next((i for i, t in enumerate(answer) if t in stop), len(answer))]
 
 
 GGUF = Gguf()

@@ -9,6 +9,7 @@ from typing import Any
 from edgeprune.config import SearchSettings, Target
 from edgeprune.devices.base import Device
 from edgeprune.errors import EdgepruneError
+from edgeprune.gguf_file import hparams, read_gguf
 from edgeprune.latency.traffic import ModelTraffic
 from edgeprune.quantize.llamacpp import QUANT_FTYPES
 from edgeprune.runtimes import isolated, llamacpp
@@ -71,6 +72,17 @@ class LlamaCpp(Runtime):
 
     def settings_space(self, cores: int) -> dict[str, tuple[Any, ...]]:
         return settings.space(cores)
+
+    def settings_gap(self, chosen: dict[str, Any], cores: int, model: Path) -> str | None:
+        try:
+            run_as = LlamaSettings.of(chosen, cores)
+        except ValueError as e:
+            return str(e)
+        shape = hparams(read_gguf(model))
+        return run_as.kv_gap(shape.head_dim, shape.value_dim)
+
+    def lossy_settings(self, chosen: dict[str, Any], cores: int) -> dict[str, Any]:
+        return LlamaSettings.of(chosen, cores).lossy()
 
     def package(self, out: Path, model: str, target: Target, programs: Binaries,
                 chosen: dict[str, Any]) -> dict[str, Any]:

@@ -5,8 +5,9 @@ is calibrated, round-to-nearest otherwise), the weights in `model.onnx.data` bes
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,8 +48,12 @@ class Onnx(ModelFormat):
                 quantizer.close()
                 log.info("GPTQ on %d calibration tokens in %.1f s", quantizer.tokens, quantizer.seconds)
 
-    def sequence_logits(self, model: Path, windows: np.ndarray, threads: int) -> Iterator[np.ndarray]:
-        return session.sequence_logits(model, windows, threads)
+    def sequence_logits(self, model: Path, windows: np.ndarray, threads: int,
+                        settings: Mapping[str, Any] | None = None) -> Iterator[np.ndarray]:
+        return session.sequence_logits(model, windows, threads)  # its searched settings (threads) change none
+
+    def greedy(self, model: Path, prompt: list[int], max_tokens: int, threads: int, stop: frozenset[int]) -> list[int]:
+        return session.greedy(model, prompt, max_tokens, threads, stop)
 
 
 ONNX = Onnx()

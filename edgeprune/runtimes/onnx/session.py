@@ -70,14 +70,19 @@ def sequence_logits(model: Path, windows: np.ndarray, threads: int) -> Iterator[
         yield logits[0]
 
 
-def greedy(model: Path, prompt: list[int], answer_tokens: int, threads: int) -> list[int]:
-    """Greedy tokens after `prompt`, decoded one at a time through the cache."""
+def greedy(model: Path, prompt: list[int], answer_tokens: int, threads: int,
+           stop: frozenset[int] = frozenset()) -> list[int]:
+    """Greedy tokens after `prompt`, decoded one at a time through the cache, ending before a `stop` token."""
     decoder = Decoder(model, SessionSettings(threads))
     logits, cache = decoder.step(np.array([prompt]), decoder.empty_cache(1))
     out: list[int] = []
     for _ in range(answer_tokens):
-        out.append(int(np.argmax(logits[0, -1])))
-        logits, cache = decoder.step(np.array([[out[-1]]]), cache)
+        token = int(np.argmax(logits[0, -1]))
+        if token in stop:
+            break
+        out.append(token)
+        if len(out) < answer_tokens:
+            logits, cache = decoder.step(np.array([[token]]), cache)
     return out
 
 
