@@ -39,20 +39,12 @@ from edgeprune.prune import LayerShape, ModelShape, Plan
 from edgeprune.prune.apply import Loader, PrunedTensor, pruned_tensors
 from edgeprune.runtimes.onnx import nbits
 from edgeprune.runtimes.onnx.graph import MICROSOFT, GraphWriter, save
+from edgeprune.runtimes.onnx.io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, past_names, present_names
 from edgeprune.runtimes.onnx.weights import OnnxWeights
 
 log = logging.getLogger(__name__)
 
-INPUT_IDS, ATTENTION_MASK, LOGITS = "input_ids", "attention_mask", "logits"
 MAX_CONTEXT = 4096  # rows of the RoPE tables: the longest sequence the graph runs (capped by the model's)
-
-
-def past_names(layer: int) -> tuple[str, str]:
-    return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
-
-
-def present_names(layer: int) -> tuple[str, str]:
-    return f"present.{layer}.key", f"present.{layer}.value"
 
 
 class MetadataKeys:

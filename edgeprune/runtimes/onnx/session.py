@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeprune.runtimes.onnx.llama import ATTENTION_MASK, INPUT_IDS, LOGITS
+from edgeprune.runtimes.onnx.io_names import ATTENTION_MASK, INPUT_IDS, LOGITS, PAST, PRESENT, past_of, present_of
 
 OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 
@@ -46,7 +46,7 @@ class Decoder:
         self.session = open_session(path, settings)
         # past_key_values.{i}.key / .value: [batch, kv_heads, past_sequence, head_dim], the head dims fixed
         self.cache = {i.name: (int(i.shape[1]), int(i.shape[3])) for i in self.session.get_inputs()
-                      if i.name.startswith("past_key_values.")}
+                      if i.name.startswith(PAST)}
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
@@ -58,8 +58,7 @@ class Decoder:
         mask = np.ones((tokens.shape[0], past + tokens.shape[1]), np.int64)
         results = self.session.run(self.outputs, {INPUT_IDS: tokens.astype(np.int64), ATTENTION_MASK: mask, **cache})
         named = dict(zip(self.outputs, results, strict=True))
-        return named[LOGITS], {name.replace("present.", "past_key_values.", 1): value
-                               for name, value in named.items() if name.startswith("present.")}
+        return named[LOGITS], {past_of(name): value for name, value in named.items() if name.startswith(PRESENT)}
 
 
 def sequence_logits(model: Path, windows: np.ndarray, threads: int) -> Iterator[np.ndarray]:
@@ -117,7 +116,7 @@ class BoundDecoder:
         else:
             self.io.bind_output(LOGITS, "cpu")
         for name, buffer in self.cache.items():
-            self.io.bind_ortvalue_output(name.replace("past_key_values.", "present.", 1), buffer)
+            self.io.bind_ortvalue_output(present_of(name), buffer)
         self._decoding = decoding
 
     def _run(self, tokens: np.ndarray, past: int) -> np.ndarray:

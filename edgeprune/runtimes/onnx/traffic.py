@@ -12,6 +12,7 @@ import onnx
 from onnx import helper
 
 from edgeprune.latency.traffic import ModelTraffic
+from edgeprune.runtimes.onnx.io_names import PAST
 
 KV_BYTES = 4  # the graph's cache is fp32
 HEADS = ("lm_head.", "model.embed_tokens.")  # node names of the output head (a tied one is named for the table)
@@ -38,7 +39,7 @@ def onnx_traffic(path: Path) -> ModelTraffic:
     gathered: set[str] = set()
     counted: set[str] = set()
     cache_dims = {i.name: (i.type.tensor_type.shape.dim[1].dim_value, i.type.tensor_type.shape.dim[3].dim_value)
-                  for i in graph.input if i.name.startswith("past_key_values.")}
+                  for i in graph.input if i.name.startswith(PAST)}
     kv_bytes = sum(heads * dim * KV_BYTES for heads, dim in cache_dims.values())
     attention_flops = 0
     for node in graph.node:
