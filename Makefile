@@ -24,7 +24,9 @@ HOST_WHEEL_DIR := $(WHEELHOUSE)/$(shell $(BASELINE) wheel-key $(LLAMA_CPP_PYTHON
 
 .PHONY: install demo test test-fast lint clean toolchain doctor
 
-install: $(VENV)/.installed $(LLAMA_SRC)/convert_hf_to_gguf.py
+DEVICE_PACKAGES := $(DEPS)/device-packages
+
+install: $(VENV)/.installed $(LLAMA_SRC)/convert_hf_to_gguf.py $(DEVICE_PACKAGES)/aarch64/sources.json
 
 $(DEPS)/$(SDIST).tar.gz:
 	mkdir -p $(DEPS)
@@ -60,6 +62,12 @@ $(LLAMA_SRC)/convert_hf_to_gguf.py: | $(DEPS)/$(SDIST).tar.gz
 	mv $(DEPS)/$(SDIST)/vendor/llama.cpp $(LLAMA_SRC)
 	rm -rf $(DEPS)/$(SDIST)
 	touch $@
+
+# The package files of the Python an ONNX Runtime bundle runs on an aarch64 device (~50 MB): Debian
+# 12's arm64 CPython and glibc, and the aarch64 wheels of onnxruntime, numpy and tokenizers at the
+# versions installed here. Tests assemble it from these and never download.
+$(DEVICE_PACKAGES)/aarch64/sources.json: $(VENV)/.installed
+	$(BIN)/python -m edgeprune.runtimes.onnx.device_python aarch64 $(DEVICE_PACKAGES)
 
 demo: install
 	$(BIN)/edgeprune build --target demo -o out/demo --force
