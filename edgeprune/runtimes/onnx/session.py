@@ -4,7 +4,7 @@ quality measure's input) and a greedy decode through the KV cache."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +130,18 @@ class BoundDecoder:
         self.decoder.session.run_with_iobinding(self.io)
         logits = self.logits if decoding else self.io.get_outputs()[0]
         return logits.numpy()[0, -1]
+
+    def continuation(self, prompt: list[int], pick: Callable[[np.ndarray], int]) -> Iterator[int]:
+        """Tokens after `prompt`, each chosen by `pick` from the logits before it, while the cache has room."""
+        logits = self._run(np.array([prompt], np.int64), 0)
+        past = len(prompt)
+        while True:
+            token = pick(logits)
+            yield token
+            if past >= self.n_ctx:
+                return
+            logits = self._run(np.array([[token]], np.int64), past)
+            past += 1
 
     def timed_generation(self, prompt: list[int], answer_tokens: int, tokens: list[int] | None = None) -> dict:
         """The same SLO-shaped request as llama.cpp's `timed_generation`: prefill, then exactly
