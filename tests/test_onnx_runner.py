@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -34,9 +36,9 @@ def installed(tmp_path_factory):
     tokenizer = tiny_tokenizer(VOCAB)
     tokenizer.chat_template = TEMPLATE
     tokenizer.backend_tokenizer.save(str(root / "tokenizer.json"))
-    prefix, suffix = runner.prompt_format(tokenizer)
-    runner.install(root / "runner", {"model": "../model.onnx", "tokenizer": "../tokenizer.json", "prefix": prefix,
-                                     "suffix": suffix, "stop": [2], "answer_tokens": 12, "threads": 1})
+    runner.install(root / "runner", {"model": "../model.onnx", "tokenizer": "../tokenizer.json",
+                                     "chat": runner.chat_format(tokenizer), "stop": [2], "answer_tokens": 12,
+                                     "threads": 1})
     return root, tokenizer
 
 
@@ -48,11 +50,18 @@ def _run(argv: list[str]) -> dict:
 
 def test_the_template_is_rendered_around_the_question(installed):
     _, tokenizer = installed
-    assert runner.prompt_format(tokenizer) == ("<s>user\n", "</s>\n<s>assistant\n")
-    assert runner.prompt_format(tokenizer, system="Be brief.") == ("<s>system\nBe brief.</s>\n<s>user\n",
-                                                                  "</s>\n<s>assistant\n")
-    tokenizer_without = tiny_tokenizer(VOCAB)
-    assert runner.prompt_format(tokenizer_without) == ("", "")
+    fmt = runner.chat_format(tokenizer)
+    assert fmt == {"user": ["<s>user\n", "</s>\n<s>assistant\n"],
+                   "system_user": ["<s>system\n", "</s>\n<s>user\n", "</s>\n<s>assistant\n"]}
+    for system in (None, "Be brief."):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "Hi?"}]
+        assert runner.render(fmt, "Hi?", system) == tokenizer.apply_chat_template(messages, tokenize=False,
+                                                                                   add_generation_prompt=True)
+    assert runner.chat_format(tiny_tokenizer(VOCAB))["user"] == ["", ""]
+    tokenizer_twice = tiny_tokenizer(VOCAB)
+    tokenizer_twice.chat_template = "{{ messages[0]['content'] }}{{ messages[0]['content'] }}"
+    with pytest.raises(ValueError, match="does not place the user message once"):
+        runner.chat_format(tokenizer_twice)
 
 
 def test_the_installed_runner_answers_as_the_hosts_session(installed):
@@ -85,3 +94,44 @@ def test_the_runner_on_the_devices_python_under_qemu_answers_the_hosts_best_toke
     for i, token in enumerate(got["answer"]):
         row = logits[len(got["prompt"]) - 1 + i]
         assert row[token] >= row.max() - 1e-3, (i, token, int(row.argmax()))
+
+
+def test_the_server_answers_single_turn_chats_as_run_does(installed):
+    root, _ = installed
+    config = str(root / "runner" / runner.CONFIG)
+    expected = _run([sys.executable, "-I", str(root / "runner"), config, "Pump 3 reported", "--system", "Be brief.",
+                     "--tokens"])
+    server = subprocess.Popen([sys.executable, "-I", str(root / "runner"), config, "--serve", "--port", "0"],
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stderr.readline()
+        assert line.startswith("listening on http://127.0.0.1:"), line
+        url = line.split()[-1]
+
+        def post(body: dict) -> tuple[int, dict]:
+            request = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=120) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        status, body = post({"messages": [{"role": "system", "content": "Be brief."},
+                                          {"role": "user", "content": "Pump 3 reported"}], "max_tokens": 12})
+        assert status == 200 and body["usage"] == {"prompt_tokens": len(expected["prompt"]),
+                                                   "completion_tokens": len(expected["answer"]),
+                                                   "total_tokens": len(expected["prompt"]) + len(expected["answer"])}
+        (choice,) = body["choices"]
+        assert choice["message"]["content"] == installed[1].decode(expected["answer"], skip_special_tokens=True)
+        assert choice["finish_reason"] == ("length" if len(expected["answer"]) == 12 else "stop")
+        status, body = post({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                          {"role": "user", "content": "c"}]})
+        assert status == 400 and "single-turn" in body["error"]["message"]
+        status, body = post({"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000})
+        assert status == 400 and "exceed the 2048-token context" in body["error"]["message"]
+        with urllib.request.urlopen(f"{url}/health", timeout=30) as response:
+            assert json.loads(response.read()) == {"status": "ok"}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,10 +1,12 @@
-"""An ONNX Runtime bundle's program: one chat answer to a question, on stdout.
+"""An ONNX Runtime bundle's program: one chat answer to a question on stdout (run.sh), or an
+OpenAI-style HTTP API (serve.sh, `--serve`).
 
 It runs on the device's own Python (device_python.py: onnxruntime, numpy and tokenizers) and imports
 nothing of edgeprune but this module, session.py and io_names.py, which `install` puts into the
-bundle at their package paths. The chat template is rendered at packaging time around a placeholder
-(`prompt_format`): a single-turn prompt is then the text before it, the question, the text after it,
-so the device needs no template engine. Greedy by default, as the search measured the model.
+bundle at their package paths. The chat template is rendered at packaging time around placeholders
+(`chat_format`): a single-turn prompt is then fixed text around the system message and the
+question, so the device needs no template engine; multi-turn chats are refused, saying so. Greedy
+by default, as the search measured the model.
 """
 
 from __future__ import annotations
@@ -13,31 +15,53 @@ import argparse
 import json
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 
 CONFIG = "runner.json"
-_QUESTION = "\uE000question\uE000"  # a private-use placeholder no template produces by itself
+# Private-use placeholders no template produces by itself.
+_QUESTION, _SYSTEM = "\uE000question\uE000", "\uE000system\uE000"
 _SHIPPED = ("runner.py", "session.py", "io_names.py")  # this module and what it imports of edgeprune
 
 
-def prompt_format(tokenizer, system: str | None = None) -> tuple[str, str]:
-    """The text before and after the user's question in a single-turn chat prompt that asks for the
-    assistant's answer; without a chat template, the question alone."""
+def chat_format(tokenizer) -> dict[str, list[str]]:
+    """The fixed text around the runtime's parts of a single-turn chat prompt that asks for the
+    assistant's answer: `user` [before, after] the question, `system_user` [before, between, after]
+    a system message and the question. Without a chat template, the question alone."""
     if not getattr(tokenizer, "chat_template", None):
-        return "", ""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": _QUESTION}]
+        return {"user": ["", ""], "system_user": ["", "\n\n", ""]}
+    user = _around(tokenizer, [{"role": "user", "content": _QUESTION}])
+    system_user = _around(tokenizer, [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": _QUESTION}])
+    return {"user": user, "system_user": system_user}
+
+
+def _around(tokenizer, messages: list[dict[str, str]]) -> list[str]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if text.count(_QUESTION) != 1:
-        raise ValueError("the chat template does not place the user's message once, verbatim")
-    before, after = text.split(_QUESTION)
-    return before, after
+    parts = [text]
+    for message in messages:
+        head, sep, tail = parts[-1].partition(message["content"])
+        if not sep or message["content"] in tail:
+            raise ValueError(f"the chat template does not place the {message['role']} message once, verbatim")
+        parts[-1:] = [head, tail]
+    return parts
+
+
+def render(fmt: dict[str, list[str]], question: str, system: str | None = None) -> str:
+    """A single-turn chat prompt in the model's template (`chat_format`)."""
+    if system is None:
+        before, after = fmt["user"]
+        return before + question + after
+    before, between, after = fmt["system_user"]
+    return before + system + between + question + after
 
 
 def install(directory: Path, config: dict) -> None:
     """This program into `directory` (run it as `python DIRECTORY runner.json QUESTION`), with
-    `config`: model, tokenizer (paths relative to the config), prefix, suffix, stop ids, answer_tokens, threads."""
+    `config`: model, tokenizer (paths relative to the config), chat (`chat_format`), stop ids,
+    answer_tokens, threads."""
     package = directory / "edgeprune" / "runtimes" / "onnx"
     package.mkdir(parents=True, exist_ok=True)
     for level in (directory / "edgeprune", directory / "edgeprune" / "runtimes", package):
@@ -62,43 +86,157 @@ def pick_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.ran
     return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    from edgeprune.runtimes.onnx.session import BoundDecoder, SessionSettings
+class Answerer:
+    """The bundle's model and tokenizer, answering one request at a time through one session whose
+    cache holds `context` positions (`open`; a request overwrites the last one's from position 0)."""
 
-    parser = argparse.ArgumentParser(prog="run.sh", description="One chat answer on stdout, then exit.")
+    def __init__(self, config_path: Path, threads: int | None) -> None:
+        from tokenizers import Tokenizer
+
+        self.config = json.loads(config_path.read_text())
+        self.base = config_path.parent
+        self.tokenizer = Tokenizer.from_file(str(self.base / self.config["tokenizer"]))
+        self.threads = threads or self.config["threads"]
+        self.stop = set(self.config["stop"])
+        self.lock = threading.Lock()
+        self.decoder = None
+        self.context = 0
+
+    def open(self, context: int) -> Answerer:
+        from edgeprune.runtimes.onnx.session import BoundDecoder, SessionSettings
+
+        self.decoder = BoundDecoder(self.base / self.config["model"], SessionSettings(self.threads), context)
+        self.context = context
+        return self
+
+    def prompt(self, question: str, system: str | None = None) -> list[int]:
+        # The template's text carries the special tokens it needs (BOS included), as the host renders them.
+        return self.tokenizer.encode(render(self.config["chat"], question, system), add_special_tokens=False).ids
+
+    def answer(self, prompt: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int = 0) -> tuple[list[int], str]:
+        """The answer's tokens and why it ended ("stop": an end-of-turn token; "length": max_tokens)."""
+        if len(prompt) + max_tokens > self.context:
+            raise ValueError(f"{len(prompt)} prompt tokens and {max_tokens} answer tokens exceed the "
+                             f"{self.context}-token context")
+        rng = np.random.default_rng(seed)
+        out: list[int] = []
+        with self.lock:
+            if self.decoder is None:
+                raise RuntimeError("open() the answerer before asking it")
+            for token in self.decoder.continuation(prompt, lambda logits: pick_token(logits, temperature, top_p, rng)):
+                if token in self.stop:
+                    return out, "stop"
+                out.append(token)
+                if len(out) == max_tokens:
+                    break
+        return out, "length"
+
+    def text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def serve(answerer: Answerer, host: str, port: int) -> None:
+    """An OpenAI-style HTTP API: POST /v1/chat/completions (single-turn: an optional system message
+    and one user message), GET /health and /v1/models."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    name = Path(answerer.config["model"]).name
+
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, status: int, message: str) -> None:
+            self._send(status, {"error": {"message": message, "type": "invalid_request_error"}})
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path == "/health":
+                self._send(200, {"status": "ok"})
+            elif self.path == "/v1/models":
+                self._send(200, {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "edgeprune"}]})
+            else:
+                self._error(404, f"no {self.path} here: POST /v1/chat/completions, GET /health, GET /v1/models")
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path != "/v1/chat/completions":
+                self._error(404, f"no {self.path} here: POST /v1/chat/completions")
+                return
+            try:
+                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                system, question = _single_turn(request.get("messages"))
+                prompt = answerer.prompt(question, system)
+                max_tokens = int(request.get("max_tokens") or answerer.config["answer_tokens"])
+                tokens, finish = answerer.answer(prompt, max_tokens, float(request.get("temperature", 0.0)),
+                                                 float(request.get("top_p", 1.0)), int(request.get("seed", 0)))
+            except (ValueError, TypeError, KeyError) as e:
+                self._error(400, str(e))
+                return
+            self._send(200, {
+                "id": f"chatcmpl-{int(time.time() * 1000)}", "object": "chat.completion", "created": int(time.time()),
+                "model": name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answerer.text(tokens)},
+                             "finish_reason": finish}],
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(tokens),
+                          "total_tokens": len(prompt) + len(tokens)}})
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server's signature)
+            sys.stderr.write(f"{self.address_string()} {format % args}\n")
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    sys.stderr.write(f"listening on http://{host}:{server.server_address[1]}\n")
+    sys.stderr.flush()
+    server.serve_forever()
+
+
+def _single_turn(messages: object) -> tuple[str | None, str]:
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise ValueError("messages must be a list of {role, content} objects")
+    roles = [m.get("role") for m in messages]
+    if roles not in (["user"], ["system", "user"]):
+        raise ValueError("this server answers single-turn chats: an optional system message, then one user "
+                         "message; put earlier turns into the user message as text")
+    contents = [m.get("content") for m in messages]
+    if not all(isinstance(c, str) for c in contents):
+        raise ValueError("each message's content must be a string")
+    return (contents[0] if len(contents) == 2 else None), contents[-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="run.sh", description="One chat answer on stdout, then exit; or, with "
+                                     "--serve, an OpenAI-style HTTP API.")
     parser.add_argument("config", type=Path, help=f"the bundle's {CONFIG}")
-    parser.add_argument("question")
+    parser.add_argument("question", nargs="?")
+    parser.add_argument("--system", help="a system message before the question")
     parser.add_argument("-n", "--max-tokens", type=int, help="answer tokens at most (default: the target's SLO)")
     parser.add_argument("-t", "--threads", type=int, help="default: as the search chose")
     parser.add_argument("--temp", type=float, default=0.0, help="0: greedy, as measured (default)")
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokens", action="store_true", help="print the prompt's and the answer's token ids as JSON")
+    parser.add_argument("--serve", action="store_true", help="serve HTTP instead of answering one question")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--context", type=int, default=2048, help="--serve: prompt + answer tokens at most")
     args = parser.parse_args(argv)
     if not args.config.is_file():
         parser.error(f"{args.config} does not exist")
-    config = json.loads(args.config.read_text())
-    base = args.config.parent
-
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(base / config["tokenizer"]))
-    # The template's text carries the special tokens it needs (BOS included), as the host's renders them.
-    prompt = tokenizer.encode(config["prefix"] + args.question + config["suffix"], add_special_tokens=False).ids
-    budget = args.max_tokens or config["answer_tokens"]
-    decoder = BoundDecoder(base / config["model"], SessionSettings(args.threads or config["threads"]),
-                           len(prompt) + budget)
-    rng = np.random.default_rng(args.seed)
-    stop = set(config["stop"])
-    answer: list[int] = []
-    for token in decoder.continuation(prompt, lambda logits: pick_token(logits, args.temp, args.top_p, rng)):
-        if token in stop:
-            break
-        answer.append(token)
-        if len(answer) == budget:
-            break
+    if args.serve == (args.question is not None):
+        parser.error("give a question, or --serve")
+    if args.serve:
+        serve(Answerer(args.config, args.threads).open(args.context), args.host, args.port)
+        return 0
+    answerer = Answerer(args.config, args.threads)
+    budget = args.max_tokens or answerer.config["answer_tokens"]
+    prompt = answerer.prompt(args.question, args.system)
+    tokens, _ = answerer.open(len(prompt) + budget).answer(prompt, budget, args.temp, args.top_p, args.seed)
     if args.tokens:
-        print(json.dumps({"prompt": prompt, "answer": answer}))
+        print(json.dumps({"prompt": prompt, "answer": tokens}))
     else:
-        sys.stdout.write(tokenizer.decode(answer, skip_special_tokens=True) + "\n")
+        sys.stdout.write(answerer.text(tokens) + "\n")
     return 0
