@@ -80,6 +80,10 @@ def test_a_package_unpacks_inside_its_root_with_absolute_links_made_relative(tmp
     assert link.read_bytes() == b"\x7fELF" and link.resolve().is_relative_to(root.resolve())
     assert not (tmp_path / "escape").exists()
 
+    deb.write_bytes(_deb({"./out": ("link", "../../.."), "./out/evil": ("file", b"no")}))
+    with pytest.raises(EdgepruneError, match="would write ./out/evil outside the directory it is unpacked in"):
+        unpack(deb, root)
+
     deb.write_bytes(deb.read_bytes()[:-40])
     with pytest.raises(EdgepruneError, match="truncated: its member data.tar.xz runs past the end"):
         ar_members(deb)

@@ -132,12 +132,15 @@ def unpack(deb: Path, root: Path) -> None:
     data = next((v for k, v in ar_members(deb).items() if k.startswith("data.tar")), None)
     if data is None:
         raise EdgepruneError(f"{deb.name} holds no data.tar member: not a binary package.")
+    inside = root.resolve()
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         for member in tar.getmembers():
-            relative = Path(member.name.lstrip("./"))
-            if not member.name.lstrip("./") or ".." in relative.parts:
+            relative = Path(_in_archive(member.name))
+            if not relative.parts or ".." in relative.parts:
                 continue
             target = root / relative
+            if not target.parent.resolve().is_relative_to(inside):  # through a link leading out
+                raise EdgepruneError(f"{deb.name} would write {member.name} outside the directory it is unpacked in.")
             if member.isdir():
                 target.mkdir(parents=True, exist_ok=True)
             elif member.issym():
@@ -156,4 +159,9 @@ def unpack(deb: Path, root: Path) -> None:
             elif member.islnk():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.unlink(missing_ok=True)
-                shutil.copy2(root / Path(member.linkname.lstrip("./")), target)
+                shutil.copy2(root / _in_archive(member.linkname), target)
+
+
+def _in_archive(name: str) -> str:
+    """A tar member's path relative to the archive's root ("./usr/bin/x" -> "usr/bin/x")."""
+    return name.removeprefix("./").lstrip("/")
