@@ -119,18 +119,14 @@ class Answerer:
         if len(prompt) + max_tokens > self.context:
             raise ValueError(f"{len(prompt)} prompt tokens and {max_tokens} answer tokens exceed the "
                              f"{self.context}-token context")
+        from edgeprune.runtimes.onnx.session import until
+
         rng = np.random.default_rng(seed)
-        out: list[int] = []
         with self.lock:
             if self.decoder is None:
                 raise RuntimeError("open() the answerer before asking it")
-            for token in self.decoder.continuation(prompt, lambda logits: pick_token(logits, temperature, top_p, rng)):
-                if token in self.stop:
-                    return out, "stop"
-                out.append(token)
-                if len(out) == max_tokens:
-                    break
-        return out, "length"
+            picked = self.decoder.continuation(prompt, lambda logits: pick_token(logits, temperature, top_p, rng))
+            return until(picked, self.stop, max_tokens)
 
     def text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -4,7 +4,7 @@ quality measure's input) and a greedy decode through the KV cache."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,17 +72,22 @@ def sequence_logits(model: Path, windows: np.ndarray, threads: int) -> Iterator[
 def greedy(model: Path, prompt: list[int], answer_tokens: int, threads: int,
            stop: frozenset[int] = frozenset()) -> list[int]:
     """Greedy tokens after `prompt`, decoded one at a time through the cache, ending before a `stop` token."""
-    decoder = Decoder(model, SessionSettings(threads))
-    logits, cache = decoder.step(np.array([prompt]), decoder.empty_cache(1))
+    if answer_tokens <= 0:
+        return []
+    decoder = BoundDecoder(model, SessionSettings(threads), len(prompt) + answer_tokens)
+    return until(decoder.continuation(prompt, lambda logits: int(np.argmax(logits))), stop, answer_tokens)[0]
+
+
+def until(tokens: Iterator[int], stop: Collection[int], limit: int) -> tuple[list[int], str]:
+    """`tokens` up to a `stop` token (not included: "stop") or `limit` of them ("length")."""
     out: list[int] = []
-    for _ in range(answer_tokens):
-        token = int(np.argmax(logits[0, -1]))
+    for token in tokens:
         if token in stop:
-            break
+            return out, "stop"
         out.append(token)
-        if len(out) < answer_tokens:
-            logits, cache = decoder.step(np.array([[token]]), cache)
-    return out
+        if len(out) >= limit:
+            break
+    return out, "length"
 
 
 class BoundDecoder:
