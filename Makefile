@@ -26,7 +26,8 @@ HOST_WHEEL_DIR := $(WHEELHOUSE)/$(shell $(BASELINE) wheel-key $(LLAMA_CPP_PYTHON
 
 DEVICE_PACKAGES := $(DEPS)/device-packages
 
-install: $(VENV)/.installed $(LLAMA_SRC)/convert_hf_to_gguf.py $(DEVICE_PACKAGES)/aarch64/sources.json
+install: $(VENV)/.installed $(LLAMA_SRC)/convert_hf_to_gguf.py $(DEVICE_PACKAGES)/aarch64/sources.json \
+	$(DEVICE_PACKAGES)/x86_64/sources.json
 
 $(DEPS)/$(SDIST).tar.gz:
 	mkdir -p $(DEPS)
@@ -63,11 +64,11 @@ $(LLAMA_SRC)/convert_hf_to_gguf.py: | $(DEPS)/$(SDIST).tar.gz
 	rm -rf $(DEPS)/$(SDIST)
 	touch $@
 
-# The package files of the Python an ONNX Runtime bundle runs on an aarch64 device (~50 MB): Debian
-# 12's arm64 CPython and glibc, and the aarch64 wheels of onnxruntime, numpy and tokenizers at the
-# versions installed here. Tests assemble it from these and never download.
-$(DEVICE_PACKAGES)/aarch64/sources.json: $(VENV)/.installed
-	$(BIN)/python -m edgeprune.runtimes.onnx.device_python aarch64 $(DEVICE_PACKAGES)
+# The package files of the Python an ONNX Runtime bundle runs on its device, for aarch64 and x86_64
+# (~50 MB each): Debian 12's CPython and glibc, and the wheels of onnxruntime, numpy and tokenizers
+# at the versions installed here. Tests assemble it from these and never download.
+$(DEVICE_PACKAGES)/%/sources.json: $(VENV)/.installed
+	$(BIN)/python -m edgeprune.runtimes.onnx.device_python $* $(DEVICE_PACKAGES)
 
 demo: install
 	$(BIN)/edgeprune build --target demo -o out/demo --force

@@ -180,8 +180,8 @@ def _latency_model_summary(predictor: SearchPredictor, host: Any, estimates: dic
 def allowed_runtimes(target: Target, chosen: tuple[str, ...] = (),
                      family: str = "llama") -> tuple[list[Runtime], dict[str, str]]:
     """The runtimes a build searches, the baseline's first: `chosen` (--runtime), else the target's
-    [runtime] allowed list, else every runtime that can ship a bundle for the target and run a
-    model of `family`; and why each runtime left out is left out."""
+    [runtime] allowed list, else every runtime that runs a model of `family` and needs no asking
+    (`Runtime.opt_in`); and why each runtime left out is left out."""
     names = chosen or target.runtime.allowed
     source = "--runtime" if chosen else f"target {target.name}'s [runtime] table" if names else None
     unknown = [n for n in names if n not in Runtime.registry]
@@ -192,7 +192,7 @@ def allowed_runtimes(target: Target, chosen: tuple[str, ...] = (),
         get_runtime(n) for n in sorted(Runtime.registry) if n != DEFAULT]
     excluded: dict[str, str] = {}
     for runtime in list(runtimes):
-        gap = runtime.family_gap(family) or runtime.bundle_gap(target)
+        gap = runtime.family_gap(family) or (None if names else runtime.opt_in)
         if gap and names:
             raise EdgepruneError(f"{runtime.name} cannot be searched for target {target.name}: {gap}.")
         if gap:
@@ -304,7 +304,8 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
         },
         "target": {"name": target.name, **target.model_dump(mode="json")},
         "profile": {"name": profile.name, **profile.model_dump()},
-        "runtime": {"name": shipped.name, "version": shipped.version(), "format": shipped.format.name},
+        "runtime": {"name": shipped.name, "version": shipped.version(), "format": shipped.format.name,
+                    "quant": shipped.search_quant(profile.search)},
         "runtimes": {
             "searched": [{"name": r.name, "version": r.version(), "format": r.format.name,
                           "quant": r.search_quant(profile.search), "runner": timers[r.name].name}

@@ -1,7 +1,8 @@
 """The build's output directory, a deployable bundle — written atomically.
 
-The model file (model-<name>-<quant>.gguf), what the runtime puts beside it to run it on the
-target (llama.cpp's: bin/, run.sh, serve.sh), README.md (model card), report.json, report.md, report.html
+The model file (model-<name>-<quant>.gguf or .onnx), what the runtime puts beside it to run it on
+the target (llama.cpp's: bin/, run.sh, serve.sh; ONNX Runtime's: python/, runner/, tokenizer.json,
+run.sh, serve.sh), README.md (model card), report.json, report.md, report.html
 and manifest.json (sha256 of every file). Everything is
 assembled in a temporary sibling directory and renamed into place when complete, so a failed or
 interrupted build never leaves a half-written output.
@@ -167,13 +168,12 @@ def write_output(out: Path, outcome: SearchOutcome, report: dict[str, Any], refe
         selected = outcome.selected
         model = None
         if selected is not None:
-            model = model_filename(reference.source.model_id, report["profile"]["search"]["quant"],
-                                   runtime.format.suffix)
-            shutil.copyfile(selected.model, tmp / model)
+            model = model_filename(reference.source.model_id, _quant(report), runtime.format.suffix)
+            runtime.format.copy(selected.model, tmp / model)  # with the weights a format keeps beside it
             report["artifact"] = model
         settings = report.get("runtime_settings", {}).get("chosen", {})
         if model is not None and programs is not None:
-            report["toolchain"] = runtime.package(tmp, model, target, programs, settings)
+            report["toolchain"] = runtime.package(tmp, model, target, programs, settings, reference.tokenizer)
         (tmp / "report.json").write_text(json.dumps(report, indent=1))
         for name, text in render_reports(report).items():
             (tmp / name).write_text(text)
@@ -226,7 +226,12 @@ class ManifestRun(_Open):
 
 class ManifestToolchain(_Open):
     arch: str
-    llama_cpp: str
+    runtime_version: str | None = None  # what the bundle's programs run the model with
+    llama_cpp: str | None = None  # llama.cpp's bundles before runtime_version
+
+    @property
+    def version(self) -> str:
+        return self.runtime_version or self.llama_cpp or "unknown"
 
 
 class ManifestTarget(_Open):
@@ -251,6 +256,11 @@ def manifest_hashes(manifest: dict[str, Any]) -> dict[str, str]:
     return manifest.get("files", {}) | manifest.get("run", {}).get("files", {})
 
 
+def _quant(report: dict[str, Any]) -> str:
+    """The shipped runtime's quantization (reports before the field: llama.cpp's, the profile's)."""
+    return report["runtime"].get("quant") or report["profile"]["search"]["quant"]
+
+
 def model_card(report: dict[str, Any], target: Target, programs: list[str]) -> str:
     """README.md of the bundle: what the model is, what was measured where, how to run it;
     `programs`: the runtime's lines about the programs it put in the bundle."""
@@ -273,7 +283,7 @@ def model_card(report: dict[str, Any], target: Target, programs: list[str]) -> s
         *([f"- Recovery: {sel['recovery']['description']} ({sel['recovery']['steps']} steps, "
            f"{sel['recovery']['tokens']:,} tokens), distilled toward the source model after pruning"]
           if sel.get("recovery") else []),
-        f"- Quantization: {report['profile']['search']['quant']}, {size / MIB:.1f} MiB",
+        f"- Quantization: {_quant(report)}, {size / MIB:.1f} MiB",
         f"- Quality against the source model (held-out text): mean KLD {sel['mean_kld']:.3f}, top-1 agreement "
         f"{sel['top1_agreement'] * 100:.1f}%, perplexity {sel['perplexity']:.2f} "
         f"(source {report['calibration']['reference_perplexity']:.2f})",

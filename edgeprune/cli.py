@@ -342,7 +342,8 @@ def verify(bundle: Path, answer_tokens: int, repetitions: int, trusted_key: Path
     agree = f"{a['positions']} greedy tokens, {a['top1']} of them the host's first choice"
     if a["top1"] < a["positions"]:
         w = a["worst"]
-        agree += (f", the rest within its top {a['top_k']} and {a['gap_allowed']:g} logit (largest gap "
+        top = f"its top {a['top_k']} and " if a["top_k"] else ""
+        agree += (f", the rest within {top}{a['gap_allowed']:g} logit of its best (largest gap "
                   f"{a['max_gap']:.3f} at token {w['token']}: {w['device']!r} where the host prefers {w['host']!r})")
     click.echo(f"Answer:     {agree}, in {ans.device_seconds:.1f} s{speed}: {ans.prompt!r} -> {ans.device_text!r}")
     if r.slo is None:

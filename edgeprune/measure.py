@@ -48,7 +48,7 @@ class BenchmarkRecord:
     # The unpruned model's runs, alternated with these ones (empty for the baseline itself):
     # speed-ups are ratios of runs taken side by side.
     baseline_runs: list[dict[str, float]] = field(default_factory=list)
-    runner: str = "llama-cpp-python"  # or "llama-bench": the device's own llama.cpp binaries
+    runner: str = "llama-cpp-python"  # what timed it (`Runner.name`): "llama-bench" runs the device's own llama.cpp
     cpu: str = ""  # the device's CPU model
     cpus: list[int] | None = None  # cores the runner was pinned to (None: not pinned)
     emulated: bool = False  # timed under an emulator: never evidence for a budget verdict

@@ -40,7 +40,7 @@ from edgeprune.errors import EdgepruneError, VerificationFailed
 from edgeprune.hashing import sha256_file
 from edgeprune.measure import Workload
 from edgeprune.report import render_reports
-from edgeprune.runtimes.base import AnswerCheck, Programs, Runner, Runtime
+from edgeprune.runtimes.base import AnswerCheck, Runner, Runtime
 from edgeprune.runtimes.registry import get_runtime
 from edgeprune.search.budget import MEETS, Budget
 from edgeprune.signing import SignatureInvalid, verify_file
@@ -184,8 +184,8 @@ def _open_device(config: DeviceConfig, bundle: Path, arch: str) -> Device:
 
 def _check_slo(timer: Runner, model: Path, target: ManifestTarget, settings: dict[str, Any],
                repetitions: int) -> dict[str, Any]:
-    """llama-bench with the SLO's workload and the bundle's runtime settings (threads: the target's
-    unless chosen, at most the device's cores), judged against the budget.
+    """The SLO's workload timed with the bundle's runtime settings (threads: the target's unless
+    chosen, at most the device's cores), judged against the budget.
 
     A speed-up criterion needs the unpruned model timed alongside, which a bundle does not hold:
     only the latency budget and the RAM ceiling are judged on the device."""
@@ -259,9 +259,9 @@ def verify(bundle: Path, device: DeviceConfig | None = None, answer_tokens: int 
         raise VerificationFailed(f"Bundle {bundle} should hold one model at its top level, found {len(models)}.")
     model = bundle / models[0]
     result = VerifyResult(bundle, config.url, toolchain.arch, files_checked=n_files, signature=signature,
-                          runtime=runtime.name, bundle_runtime=toolchain.llama_cpp)
+                          runtime=runtime.name, bundle_runtime=toolchain.version)
     with _open_device(config, bundle, toolchain.arch) as dev:
-        binaries = Programs(bundle / "bin", toolchain.arch)
+        binaries = runtime.bundle_programs(bundle, toolchain.arch)
         result.answer = runtime.check_answer(dev, binaries, model, PROMPT, answer_tokens, threads)
         target = manifest.target
         if dev.emulated:

@@ -135,3 +135,23 @@ def test_the_server_answers_single_turn_chats_as_run_does(installed):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_verify_reads_a_devices_answer_with_the_hosts_logits(installed):
+    from edgeprune.runtimes.onnx.answers import MAX_LOGIT_GAP, read_answer
+
+    root, _ = installed
+    model, prompt = root / "model.onnx", [5, 17, 33, 101, 7]
+    greedy = session.greedy(model, prompt, 6, 1)
+    assert len(greedy) == 6
+    same = read_answer(model, prompt, greedy, {2}, 6, 1)
+    assert same.passed and same.positions == same.top1 == 6 and same.max_gap <= 1e-6
+    (logits,) = session.sequence_logits(model, np.array([prompt + greedy]), threads=1)
+    worst = int(logits[len(prompt) + 2].argmin())  # the host's last choice for the answer's token 3
+    wrong = read_answer(model, prompt, [*greedy[:3], worst, *greedy[4:]], {2}, 6, 1)
+    assert not wrong.passed and wrong.failure.startswith("at token 3 the device continues with") and \
+        wrong.max_gap > MAX_LOGIT_GAP and wrong.positions == 4
+    # An answer cut short must end where the host would stop: here no stop token is the host's best.
+    short = read_answer(model, prompt, greedy[:2], {int(logits[len(prompt) + 1].argmin())}, 6, 1)
+    assert not short.passed and "its end of answer" in short.failure
+    assert "more than the 6 asked for" in read_answer(model, prompt, greedy + [1], {2}, 6, 1).failure

@@ -93,6 +93,10 @@ class Device(ABC):
         """The path under which the device sees a local file (copied there if need be)."""
         return str(path)
 
+    def stage_tree(self, directory: Path) -> str:
+        """The path under which the device sees a local directory (copied there whole if need be)."""
+        return str(directory)
+
     def tool(self, argv: list[str]) -> list[str]:
         """How the device runs one of its architecture's binaries (an emulator prefixes it)."""
         return argv

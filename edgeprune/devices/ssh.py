@@ -16,6 +16,8 @@ import logging
 import math
 import shlex
 import subprocess
+import tarfile
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +71,8 @@ class SshDevice(Device):
         self.address = SshAddress.parse(config.url)
         self._info: tuple[str, int, str] | None = None
         self._workdir: str | None = None
-        self._staged: dict[tuple[str, int, int], str] = {}
+        self._staged: dict[tuple[str, int, int], str] = {}  # a file by (path, size, mtime)
+        self._trees: dict[str, str] = {}  # a directory by the hash of its path and listing
 
     # -- connection --------------------------------------------------------------------------
 
@@ -184,12 +187,8 @@ class SshDevice(Device):
         st = path.stat()
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
         if key not in self._staged:
-            if self._workdir is None:
-                mktemp = ["sh", "-c", 'mktemp -d "${TMPDIR:-/tmp}/edgeprune.XXXXXX"']
-                out = self.exec(mktemp, "creating a work directory")
-                self._workdir = out.stdout.decode().strip()
             tag = hashlib.sha256(repr(key).encode()).hexdigest()[:12]
-            remote = f"{self._workdir}/{tag}-{path.name}"
+            remote = f"{self._work_directory()}/{tag}-{path.name}"
             log.info("copying %s (%.1f MiB) to %s", path.name, st.st_size / 2**20, self.url)
             script = 'cat > "$1" && if [ "$2" = x ]; then chmod +x "$1"; fi'
             self.exec(["sh", "-c", script, "edgeprune-copy", remote, "x" if executable else "-"],
@@ -197,10 +196,36 @@ class SshDevice(Device):
             self._staged[key] = remote
         return self._staged[key]
 
+    def stage_tree(self, directory: Path) -> str:
+        # One tar stream, not a copy per file: a bundle's Python is thousands of files.
+        files = sorted(p for p in directory.rglob("*") if p.is_file())
+        listing = [(str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        key = hashlib.sha256(repr((str(directory.resolve()), listing)).encode()).hexdigest()
+        if key not in self._trees:
+            remote = f"{self._work_directory()}/{key[:12]}-{directory.name}"
+            log.info("copying %s (%d files, %.1f MiB) to %s", directory.name, len(files),
+                     sum(size for _, size, _ in listing) / 2**20, self.url)
+            with tempfile.TemporaryDirectory() as tmp:
+                archive = Path(tmp) / "tree.tar"
+                with tarfile.open(archive, mode="w") as tar:
+                    for path, (name, _, _) in zip(files, listing, strict=True):
+                        tar.add(path, arcname=name, recursive=False)
+                self.exec(["sh", "-c", 'mkdir -p -- "$1" && tar -xf - -C "$1"', "edgeprune-copy", remote],
+                          f"copying {directory.name}", stdin=archive)
+            self._trees[key] = remote
+        return self._trees[key]
+
+    def _work_directory(self) -> str:
+        if self._workdir is None:
+            mktemp = ["sh", "-c", 'mktemp -d "${TMPDIR:-/tmp}/edgeprune.XXXXXX"']
+            self._workdir = self.exec(mktemp, "creating a work directory").stdout.decode().strip()
+        return self._workdir
+
     def close(self) -> None:
         if self._workdir is not None:
             workdir, self._workdir = self._workdir, None
             self._staged.clear()
+            self._trees.clear()
             try:
                 self.exec(["rm", "-rf", "--", workdir], "removing the work directory", timeout=60)
             except EdgepruneError as e:

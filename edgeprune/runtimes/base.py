@@ -38,6 +38,23 @@ class Programs:
 
 
 @dataclass
+class Agreement:
+    """A device's greedy answer as the host reads it: per token, the host's rank and logit gap."""
+
+    top_k: int  # the host's ranks a device token may take (0: any, the gap alone decides)
+    gap_allowed: float  # how far below the host's best logit it may be
+    positions: int = 0  # device tokens judged, plus its end of text if it stopped early
+    top1: int = 0  # of them, exactly the host's first choice
+    max_gap: float = 0.0  # host's best logit minus the device token's, the largest over positions
+    worst: dict[str, Any] | None = None  # the position of max_gap: token index, device and host pieces
+    failure: str = ""  # why the answer is out of tolerance; empty if within it
+
+    @property
+    def passed(self) -> bool:
+        return not self.failure
+
+
+@dataclass
 class AnswerCheck:
     """A bundle's programs on a device: each one starts, and a greedy answer there, read by the host."""
 
@@ -75,6 +92,8 @@ class Runtime(ABC):
     default_quant: ClassVar[str]
     recipes: ClassVar[bool] = False  # whether llama.cpp's per-tensor recipes apply to its candidates
     families: ClassVar[tuple[str, ...] | None] = None  # the model families it runs (None: all of them)
+    # Why a build searches it only when asked to (--runtime, a target's [runtime] table); None: always.
+    opt_in: ClassVar[str | None] = None
     registry: ClassVar[dict[str, type[Runtime]]] = {}
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -134,11 +153,6 @@ class Runtime(ABC):
             return None
         return f"edgeprune writes {', '.join(self.families)} models for {self.name} so far, not {family} models"
 
-    def bundle_gap(self, target: Target) -> str | None:
-        """Why this runtime cannot ship a bundle for `target` yet (None: it can). A build searches it
-        only where it can; `check_target_programs` then says what is missing on this machine."""
-        return None
-
     @abstractmethod
     def check_target_programs(self, target: Target, cache_dir: Path) -> None:
         """Refuse now, before any work, if the target's programs can be neither found nor made here."""
@@ -152,9 +166,16 @@ class Runtime(ABC):
         """`target_programs`' output as a device of `arch` runs it (`runner(binaries=...)`)."""
 
     @abstractmethod
-    def package(self, out: Path, model: str, target: Target, programs: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    def package(self, out: Path, model: str, target: Target, programs: Any, settings: dict[str, Any],
+                tokenizer: Any) -> dict[str, Any]:
         """Put `programs` and the scripts that run `model` with `settings` (chosen by the search) into
-        the bundle directory `out`; return the manifest's record of how the programs were made."""
+        the bundle directory `out` (and `tokenizer`, a transformers tokenizer, if the model file does
+        not hold its own); return the manifest's `toolchain`: how the programs were made, with at
+        least `arch` and `runtime_version`."""
+
+    @abstractmethod
+    def bundle_programs(self, bundle: Path, arch: str) -> Programs:
+        """The programs `package` put into `bundle`, as `check_answer` and `runner(binaries=...)` take them."""
 
     @abstractmethod
     def card(self, programs: Any) -> list[str]:

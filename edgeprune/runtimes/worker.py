@@ -25,10 +25,11 @@ def request(workload: Workload, model: str, baseline: str | None, pin: bool) -> 
     return json.dumps(workload.to_dict() | {"model": model, "baseline": baseline, "pin": pin}).encode()
 
 
-def record(device: Device, model: Path, stdout: bytes) -> BenchmarkRecord:
+def record(device: Device, model: Path, stdout: bytes, runner: str) -> BenchmarkRecord:
+    """The record a worker printed for `model`, timed by `runner` (`Runner.name`)."""
     try:
         raw = json.loads(stdout)
-        return BenchmarkRecord(device=device.url, emulated=device.emulated, **raw)
+        return BenchmarkRecord(device=device.url, emulated=device.emulated, runner=runner, **raw)
     except (ValueError, TypeError) as e:
         raise DeviceError(f"The benchmark of {model.name} on {device.url} printed no usable record ({e}).") from None
 
@@ -92,7 +93,7 @@ class WorkerRunner(Runner):
         if run.returncode != 0:
             tail = (run.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
             raise DeviceError(f"The benchmark of {model.name} failed on {device.url}: {tail}")
-        return record(device, model, run.stdout)
+        return record(device, model, run.stdout, self.name)
 
 
     def crashed(self, returncode: int, model: Path) -> EdgepruneError:

@@ -8,14 +8,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from edgeprune.devices.base import Device
 from edgeprune.errors import VerificationFailed
 from edgeprune.runtimes import isolated, llamacpp
-from edgeprune.runtimes.base import AnswerCheck, Programs
+from edgeprune.runtimes.base import Agreement, AnswerCheck, Programs
 from edgeprune.runtimes.llamacpp.tools import ToolsRunner
 from edgeprune.toolchain import TOOLS
 
@@ -28,22 +28,6 @@ log = logging.getLogger(__name__)
 # README). A damaged or different model's tokens sit many logits down or outside the top 5.
 TOP_K = 5
 MAX_LOGIT_GAP = 1.0
-
-@dataclass
-class Agreement:
-    """The device's greedy answer as the host reads it: per token, the host's rank and logit gap."""
-
-    positions: int = 0  # device tokens judged, plus its end of text if it stopped early
-    top1: int = 0  # of them, exactly the host's first choice
-    max_gap: float = 0.0  # host's best logit minus the device token's, the largest over positions
-    worst: dict[str, Any] | None = None  # the position of max_gap: token index, device and host pieces
-    failure: str = ""  # why the answer is out of tolerance; empty if within it
-    top_k: int = TOP_K
-    gap_allowed: float = MAX_LOGIT_GAP
-
-    @property
-    def passed(self) -> bool:
-        return not self.failure
 
 
 def host_answer(model: Path, prompt: str, answer_tokens: int, threads: int) -> tuple[list[int], str]:
@@ -99,7 +83,7 @@ def _agreement(model: Path, prompt: str, device_output: bytes, answer_tokens: in
     # Already in llama.cpp's child process: tokenize with the loaded model, not in another child.
     # A prompt has at most one token per byte, plus BOS.
     llm = llamacpp.load(model, n_ctx=len(prompt.encode()) + 1 + len(device_output) + 8, threads=threads)
-    result = Agreement()
+    result = Agreement(top_k=TOP_K, gap_allowed=MAX_LOGIT_GAP)
     try:
         prompt_tokens = llm.tokenize(prompt.encode(), add_bos=True, special=True)
         vocab = llama_cpp.llama_model_get_vocab(llm.model)

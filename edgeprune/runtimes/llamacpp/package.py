@@ -13,11 +13,13 @@ from edgeprune.config import Target
 from edgeprune.runtimes.llamacpp.settings import LlamaSettings
 from edgeprune.toolchain import TOOLS, Binaries
 
+BIN = "bin"
+
 
 def package(out: Path, model: str, target: Target, binaries: Binaries, settings: LlamaSettings) -> dict[str, Any]:
-    (out / "bin").mkdir()
+    (out / BIN).mkdir()
     for tool in TOOLS:
-        shutil.copy2(binaries.path(tool), out / "bin" / tool)
+        shutil.copy2(binaries.path(tool), out / BIN / tool)
     _write_script(out / "run.sh", run_script(model, target, settings))
     _write_script(out / "serve.sh", serve_script(model, target, settings))
     return toolchain_summary(binaries)
@@ -33,7 +35,7 @@ def toolchain_summary(binaries: Binaries) -> dict[str, Any]:
     """What the manifest records of the binaries: how they were built, not how long it took."""
     keep = ("key", "triple", "arch", "cpu_flags", "llama_cpp", "llama_cpp_source_sha256", "compiler",
             "cmake_options", "toolchain_file")
-    return {k: binaries.info[k] for k in keep}
+    return {k: binaries.info[k] for k in keep} | {"runtime_version": binaries.info["llama_cpp"]}
 
 
 def _describe(settings: LlamaSettings) -> str:

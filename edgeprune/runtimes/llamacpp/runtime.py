@@ -84,9 +84,13 @@ class LlamaCpp(Runtime):
     def lossy_settings(self, chosen: dict[str, Any], cores: int) -> dict[str, Any]:
         return LlamaSettings.of(chosen, cores).lossy()
 
-    def package(self, out: Path, model: str, target: Target, programs: Binaries,
-                chosen: dict[str, Any]) -> dict[str, Any]:
+    def package(self, out: Path, model: str, target: Target, programs: Binaries, chosen: dict[str, Any],
+                tokenizer: Any) -> dict[str, Any]:
+        # The GGUF holds its tokenizer and chat template.
         return package.package(out, model, target, programs, LlamaSettings.of(chosen, target.hardware.cores))
+
+    def bundle_programs(self, bundle: Path, arch: str) -> Programs:
+        return Programs(bundle / package.BIN, arch)
 
     def card(self, programs: Binaries) -> list[str]:
         return package.card(programs)

@@ -43,7 +43,7 @@ WHEELS = ("onnxruntime", "numpy", "tokenizers")
 SOURCES = "sources.json"
 MADE = "device-python.json"
 # Bump when the assembly below changes what a root holds: roots are keyed by inputs and this.
-ASSEMBLY = 1
+ASSEMBLY = 2
 # Not needed to run a model: documentation, and numpy's own test suite.
 _TRIM = ("usr/share/doc", "usr/share/man", "usr/share/lintian", "usr/share/gdb", "usr/share/binfmts",
          "usr/share/applications", "usr/share/pixmaps", "usr/lib/python3/dist-packages/numpy/_core/tests")
@@ -60,6 +60,10 @@ class Arch:
     def loader(self) -> str:
         return {"arm64": "lib/ld-linux-aarch64.so.1", "amd64": "lib64/ld-linux-x86-64.so.2"}[self.debian]
 
+    @property
+    def library_dirs(self) -> tuple[str, str]:
+        return f"lib/{self.triplet}", f"usr/lib/{self.triplet}"
+
 
 ARCHES = {"aarch64": Arch("arm64", "aarch64", "aarch64-linux-gnu"),
           "x86_64": Arch("amd64", "x86_64", "x86_64-linux-gnu")}
@@ -73,10 +77,18 @@ class DevicePython:
 
     def argv(self, root: str | Path | None = None) -> list[str]:
         """The command that starts this Python with the root at `root` (default: where it is here)."""
-        at = Path(root or self.root)
-        a = ARCHES[self.arch]
-        libs = ":".join(str(at / d / a.triplet) for d in ("lib", "usr/lib"))
-        return [str(at / a.loader), "--library-path", libs, str(at / "usr" / "bin" / f"python{PYTHON}")]
+        return command(self.arch, str(root or self.root))
+
+
+INTERPRETER = f"usr/bin/python{PYTHON}"
+
+
+def command(arch: str, root: str) -> list[str]:
+    """The command that starts the device Python for `arch` whose root is at `root` (a path, or a
+    shell expression such as "$py" for a script): through its own loader, with its own libraries."""
+    a = ARCHES[arch]
+    libs = ":".join(f"{root}/{d}" for d in a.library_dirs)
+    return [f"{root}/{a.loader}", "--library-path", libs, f"{root}/{INTERPRETER}"]
 
 
 def _arch(arch: str) -> Arch:
@@ -84,6 +96,14 @@ def _arch(arch: str) -> Arch:
         raise EdgepruneError(f"edgeprune assembles the ONNX Runtime bundle's Python for {', '.join(ARCHES)}, "
                              f"not {arch}.")
     return ARCHES[arch]
+
+
+def check(arch: str) -> None:
+    """Refuse, before any work, an architecture edgeprune cannot assemble a Python for, or a host
+    without the libraries whose versions the device must run."""
+    _arch(arch)
+    for name in WHEELS:
+        _host_version(name)
 
 
 def _checkout_dir() -> Path:
@@ -201,11 +221,26 @@ def _assemble(found: Path, sources: dict, root: Path, versions: dict[str, str]) 
                     (site / info.filename).chmod(mode)
     for path in _TRIM:
         shutil.rmtree(root / path, ignore_errors=True)
+    _resolve_links(root)
     loader = root / ARCHES[sources["arch"]].loader
     if not loader.exists():
         raise EdgepruneError(f"The unpacked libc6 has no dynamic loader at {loader.relative_to(root)}.")
     (root / MADE).write_text(json.dumps({"arch": sources["arch"], "versions": versions, "sources": sources},
                                         indent=2) + "\n")
+
+
+def _resolve_links(root: Path) -> None:
+    """Replace each link by a copy of what it leads to, and drop a link that leads nowhere (in a
+    package, to a file of another package): a bundle holds only regular files, so `verify` can
+    refuse any link as tampering."""
+    for link in sorted(p for p in root.rglob("*") if p.is_symlink()):
+        target = link.resolve()
+        link.unlink()
+        if target.is_file() and target.is_relative_to(root.resolve()):
+            shutil.copy2(target, link)
+    left = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_symlink()]
+    if left:
+        raise EdgepruneError(f"The device's Python still holds links after resolving them: {', '.join(left[:3])}.")
 
 
 def main(argv: list[str]) -> int:

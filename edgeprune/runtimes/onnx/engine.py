@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgeprune.runtimes.onnx.session import BoundDecoder, SessionSettings
+from edgeprune.runtimes.onnx.session import BoundDecoder, SessionSettings, system_info, version
+
+__all__ = ["load", "system_info", "version"]
 
 
 class OnnxEngine:
@@ -27,16 +29,3 @@ class OnnxEngine:
 
 load = OnnxEngine
 
-
-def version() -> str:
-    import onnxruntime
-
-    return f"onnxruntime {onnxruntime.__version__}"
-
-
-def system_info() -> str:
-    import onnxruntime
-
-    settings = SessionSettings(threads=0)
-    return (f"providers {','.join(onnxruntime.get_available_providers())}; ran {settings.provider}, "
-            f"graph optimization {settings.optimization}")

@@ -2,17 +2,20 @@
 OpenAI-style HTTP API (serve.sh, `--serve`).
 
 It runs on the device's own Python (device_python.py: onnxruntime, numpy and tokenizers) and imports
-nothing of edgeprune but this module, session.py and io_names.py, which `install` puts into the
-bundle at their package paths. The chat template is rendered at packaging time around placeholders
-(`chat_format`): a single-turn prompt is then fixed text around the system message and the
-question, so the device needs no template engine; multi-turn chats are refused, saying so. Greedy
-by default, as the search measured the model.
+nothing of edgeprune but the import-free modules `install` puts into the bundle at their package
+paths (_SHIPPED); `--bench` times a benchmark worker's request there (what `verify` measures the
+SLO with on the device), printing the worker's record. The chat template is rendered at packaging
+time around placeholders (`chat_format`): a single-turn prompt is then fixed text around the
+system message and the question, so the device needs no template engine; multi-turn chats are
+refused, saying so. Greedy by default, as the search measured the model.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shutil
 import sys
 import threading
@@ -24,7 +27,8 @@ import numpy as np
 CONFIG = "runner.json"
 # Private-use placeholders no template produces by itself.
 _QUESTION, _SYSTEM = "\uE000question\uE000", "\uE000system\uE000"
-_SHIPPED = ("runner.py", "session.py", "io_names.py")  # this module and what it imports of edgeprune
+# This module and what it imports of edgeprune, by their paths in the package.
+_SHIPPED = ("runtimes/onnx/runner.py", "runtimes/onnx/session.py", "runtimes/onnx/io_names.py", "memory.py", "cpu.py")
 
 
 def chat_format(tokenizer) -> dict[str, list[str]]:
@@ -62,13 +66,13 @@ def install(directory: Path, config: dict) -> None:
     """This program into `directory` (run it as `python DIRECTORY runner.json QUESTION`), with
     `config`: model, tokenizer (paths relative to the config), chat (`chat_format`), stop ids,
     answer_tokens, threads."""
-    package = directory / "edgeprune" / "runtimes" / "onnx"
-    package.mkdir(parents=True, exist_ok=True)
-    for level in (directory / "edgeprune", directory / "edgeprune" / "runtimes", package):
-        (level / "__init__.py").write_text("")
-    here = Path(__file__).parent
+    source = Path(__file__).parents[2]  # the edgeprune package
     for name in _SHIPPED:
-        shutil.copyfile(here / name, package / name)
+        path = directory / "edgeprune" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / name, path)
+    for level in (directory / "edgeprune", *(p for p in (directory / "edgeprune").rglob("*") if p.is_dir())):
+        (level / "__init__.py").touch()
     main_module = "from edgeprune.runtimes.onnx.runner import main\n\nraise SystemExit(main())\n"
     (directory / "__main__.py").write_text(main_module)
     (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -130,6 +134,41 @@ class Answerer:
 
     def text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def versions() -> dict[str, str]:
+    """What this program runs on: the Python and the libraries that answer."""
+    import onnxruntime
+    import tokenizers
+
+    return {"python": platform.python_version(), "machine": platform.machine(), "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__, "tokenizers": tokenizers.__version__}
+
+
+def bench(request: dict) -> dict:
+    """Time a benchmark worker's request (bench_worker.py: prompt, answer_tokens, threads, warmup,
+    repetitions, settings, pin; no baseline) on this Python; the worker's record."""
+    from edgeprune.cpu import cpu_model
+    from edgeprune.memory import peak_rss_bytes
+    from edgeprune.runtimes.onnx.session import BoundDecoder, SessionSettings, system_info, version
+
+    if request.get("baseline"):
+        raise ValueError("the bundle's runner times its own model alone, not beside a baseline")
+    prompt, answer, threads = request["prompt"], request["answer_tokens"], request["threads"]
+    if request.get("pin"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+    settings = SessionSettings(int((request.get("settings") or {}).get("threads", threads)))
+    t0 = time.perf_counter()
+    decoder = BoundDecoder(Path(request["model"]), settings, len(prompt) + answer + 8)
+    load_s = time.perf_counter() - t0
+    tokens: list[int] = []
+    for i in range(request["warmup"]):
+        decoder.timed_generation(prompt, answer, tokens if i == 0 else None)
+    peak = peak_rss_bytes()
+    runs = [decoder.timed_generation(prompt, answer, None if tokens else tokens) for _ in range(request["repetitions"])]
+    return {"runs": runs, "baseline_runs": [], "load_s": load_s, "peak_rss_bytes": peak, "threads": settings.threads,
+            "runtime": version(), "system_info": system_info(), "cpu": cpu_model(),
+            "cpus": sorted(os.sched_getaffinity(0)) if request.get("pin") else None, "tokens": tokens}
 
 
 def serve(answerer: Answerer, host: str, port: int) -> None:
@@ -204,6 +243,10 @@ def _single_turn(messages: object) -> tuple[str | None, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--bench"]:  # a worker's request on stdin, its record on stdout
+        json.dump(bench(json.load(sys.stdin)), sys.stdout)
+        return 0
     parser = argparse.ArgumentParser(prog="run.sh", description="One chat answer on stdout, then exit; or, with "
                                      "--serve, an OpenAI-style HTTP API.")
     parser.add_argument("config", type=Path, help=f"the bundle's {CONFIG}")
@@ -214,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temp", type=float, default=0.0, help="0: greedy, as measured (default)")
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tokens", action="store_true", help="print the prompt's and the answer's token ids as JSON")
+    parser.add_argument("--tokens", action="store_true", help="print the prompt's and the answer's token ids, and "
+                        "what ran them, as JSON")
     parser.add_argument("--serve", action="store_true", help="serve HTTP instead of answering one question")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
@@ -232,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = answerer.prompt(args.question, args.system)
     tokens, _ = answerer.open(len(prompt) + budget).answer(prompt, budget, args.temp, args.top_p, args.seed)
     if args.tokens:
-        print(json.dumps({"prompt": prompt, "answer": tokens}))
+        print(json.dumps({"prompt": prompt, "answer": tokens, "versions": versions()}))
     else:
         sys.stdout.write(answerer.text(tokens) + "\n")
     return 0

@@ -24,6 +24,20 @@ class SessionSettings:
     provider: str = "CPUExecutionProvider"
 
 
+def version() -> str:
+    import onnxruntime
+
+    return f"onnxruntime {onnxruntime.__version__}"
+
+
+def system_info() -> str:
+    import onnxruntime
+
+    settings = SessionSettings(threads=0)
+    return (f"providers {','.join(onnxruntime.get_available_providers())}; ran {settings.provider}, "
+            f"graph optimization {settings.optimization}")
+
+
 def open_session(path: Path, settings: SessionSettings):
     import onnxruntime as ort
 
