@@ -189,8 +189,8 @@ class RuntimeTable(Strict):
     structure it tries in each of them and keeps the best quality within budget across them."""
 
     allowed: tuple[str, ...] = Field(
-        default=(), description="runtime names, the baseline's first; empty: every runtime searched unasked (llama.cpp; "
-        "onnxruntime is searched when named)")
+        default=(), description="runtime names, the baseline's first; empty: every runtime searched unasked "
+        "(llama.cpp; onnxruntime is searched when named)")
 
     @field_validator("allowed")
     @classmethod
