@@ -19,6 +19,15 @@ from edgeprune.models.tokenizer import TokenizerSpec
 REPO = Path(__file__).resolve().parent.parent
 
 
+def flip_byte(path: Path) -> None:
+    """Change one bit of the byte in the middle of `path`, in place."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x01]))
+
+
 def session_cache_path() -> Path:
     return Path(os.environ.get("EDGEPRUNE_TEST_CACHE", REPO / ".cache" / "tests"))
 

@@ -8,18 +8,15 @@ import shlex
 import shutil
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_cli import edgeprune
 
+from conftest import flip_byte
 from edgeprune.bundle import MEASURED_FILES, manifest_hashes
 from edgeprune.hashing import sha256_file
 from edgeprune.toolchain import TOOLS
-
-
-def edgeprune(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgeprune", *args], capture_output=True, text=True)
 
 
 def build_arm_bundle(out: Path, cache_dir: Path) -> subprocess.CompletedProcess:
@@ -135,11 +132,7 @@ def test_one_changed_byte_fails_verification_naming_the_file(bundle, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
     gguf = copy / report["artifact"]
-    with open(gguf, "r+b") as f:
-        f.seek(gguf.stat().st_size // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x01]))
+    flip_byte(gguf)
     proc = edgeprune("verify", str(copy), "--device", "qemu-aarch64")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"{report['artifact']} does not match its sha256" in proc.stderr

@@ -17,9 +17,10 @@ WITHOUT_DAC_OVERRIDE = ("setpriv", "--inh-caps=-dac_override,-dac_read_search",
                         "--bounding-set=-dac_override,-dac_read_search")
 
 
-def edgeprune(*args: str, cwd=None, env=None, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def edgeprune(*args: str, cwd=None, env=None, prefix: tuple[str, ...] = (), timeout: float | None = None
+              ) -> subprocess.CompletedProcess:
     return subprocess.run([*prefix, sys.executable, "-m", "edgeprune", *args], capture_output=True, text=True,
-                          cwd=cwd, env=None if env is None else os.environ | env)
+                          cwd=cwd, env=None if env is None else os.environ | env, timeout=timeout)
 
 
 def unreadable(path: Path, text: str) -> Path:

@@ -48,9 +48,8 @@ from edgeprune.runtimes.llamacpp.gguf_format import GGUF
 from edgeprune.runtimes.registry import get_runtime
 
 
-def edgeprune(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgeprune", *args], capture_output=True, text=True, timeout=300,
-                          **kwargs)
+def edgeprune(*args: str) -> subprocess.CompletedProcess:
+    return edgeprune_cli(*args, timeout=300)  # a fault must end in an error, never hang
 
 
 # -- verify: damaged manifest, leftover temporary files, symlinks and special files, signatures --------

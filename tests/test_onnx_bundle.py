@@ -11,21 +11,18 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
+from test_cli import edgeprune
 
+from conftest import flip_byte
 from edgeprune.bundle import manifest_hashes
 from edgeprune.devices import get_device
 from edgeprune.hashing import sha256_file
 
 pytestmark = pytest.mark.slow
-
-
-def edgeprune(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgeprune", *args], capture_output=True, text=True)
 
 
 def build(target: str, out: Path, cache_dir: Path) -> Path:
@@ -114,11 +111,7 @@ def test_a_changed_byte_or_runner_fails_verification(arm_bundle, tmp_path):
     copy = tmp_path / "flipped"
     shutil.copytree(arm_bundle, copy)
     data = copy / (report["artifact"] + ".data")
-    with open(data, "r+b") as f:
-        f.seek(data.stat().st_size // 2)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x01]))
+    flip_byte(data)
     proc = edgeprune("verify", str(copy), "--device", "qemu-aarch64")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"{data.name} does not match its sha256" in proc.stderr and "python/" not in proc.stderr

@@ -6,19 +6,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_cli import edgeprune
 
 from edgeprune.bundle import manifest_hashes
 from edgeprune.hashing import sha256_file
 
 pytestmark = pytest.mark.slow
-
-
-def edgeprune(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgeprune", *args], capture_output=True, text=True)
 
 
 def device_flags(sshd) -> list[str]:

@@ -15,10 +15,11 @@ runtime, and `edgeprune.runtimes.registry` is the one place that loads them all.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from edgeprune.errors import VerificationFailed
 from edgeprune.runtimes.threads import thread_counts
 
 if TYPE_CHECKING:
@@ -69,6 +70,15 @@ class AnswerCheck:
     device_decode_tok_s: float | None = None
     device_prefill_tok_s: float | None = None
     device_seconds: float = 0.0
+
+    def judge(self, judged: Agreement, model: Path, url: str, programs: str) -> None:
+        """Record how the host read the device's answer; VerificationFailed if out of tolerance."""
+        self.agreement = asdict(judged)
+        if not judged.passed:
+            raise VerificationFailed(
+                f"{model.name}: the device's greedy answer is not the host's within tolerance: {judged.failure}; "
+                f"device {self.device_text!r}, host {self.host_text!r}; {programs} or the model do not run correctly "
+                f"on {url}.")
 
 
 class Runner(ABC):

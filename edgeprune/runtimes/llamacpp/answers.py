@@ -8,12 +8,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from edgeprune.devices.base import Device
-from edgeprune.errors import VerificationFailed
 from edgeprune.runtimes import isolated, llamacpp
 from edgeprune.runtimes.base import Agreement, AnswerCheck, Programs
 from edgeprune.runtimes.llamacpp.tools import ToolsRunner
@@ -148,12 +146,7 @@ def check_answer(device: Device, binaries: Programs, model: Path, prompt: str, a
     host_threads = min(threads, os.cpu_count() or 1)
     check.host_tokens, check.host_text = host_answer(model, prompt, answer_tokens, host_threads)
     judged = agreement(model, prompt, completion.output, answer_tokens, host_threads)
-    check.agreement = asdict(judged)
-    if not judged.passed:
-        raise VerificationFailed(
-            f"{model.name}: the device's greedy answer is not the host's within tolerance: {judged.failure}; device "
-            f"{check.device_text!r}, host {check.host_text!r}; the binaries or the model do not run correctly on "
-            f"{device.url}.")
+    check.judge(judged, model, device.url, "the binaries")
     log.info("device answer: %d tokens within the host's top %d, %d its first choice, largest gap %.3f",
              judged.positions, TOP_K, judged.top1, judged.max_gap)
     return check

@@ -12,7 +12,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -103,12 +102,7 @@ def check_answer(device: Device, programs: Programs, model: Path, prompt: str, a
     check.host_text = tokenizer.decode(check.host_tokens, skip_special_tokens=True)
     judged = read_answer(model, host_prompt, answer, stop, answer_tokens, host_threads,
                          lambda t: tokenizer.decode([t], skip_special_tokens=False))
-    check.agreement = asdict(judged)
-    if not judged.passed:
-        raise VerificationFailed(
-            f"{model.name}: the device's greedy answer is not the host's within tolerance: {judged.failure}; device "
-            f"{check.device_text!r}, host {check.host_text!r}; the bundle's programs or the model do not run "
-            f"correctly on {device.url}.")
+    check.judge(judged, model, device.url, "the bundle's programs")
     log.info("device answer: %d tokens, %d the host's first choice, largest gap %.2g", judged.positions, judged.top1,
              judged.max_gap)
     return check
