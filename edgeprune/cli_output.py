@@ -29,7 +29,7 @@ def print_summary(result) -> None:
         echo(f"Report:     {result.output_dir / 'report.html'} (plots; tables in report.md)")
         return
     artifact = result.output_dir / report["artifact"]
-    echo(f"Artifact:   {artifact} ({artifact.stat().st_size / MIB:.1f} MiB)")
+    echo(f"Artifact:   {artifact} ({sel['size_bytes'] / MIB:.1f} MiB)")  # an ONNX file's weights are beside it
     pruned = sel["step"] if sel["step"] != "unpruned" else "nothing (the unpruned model meets the budget)"
     echo(f"Pruned:     {pruned}")
     if sel.get("recovered_from"):

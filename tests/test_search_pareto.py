@@ -14,9 +14,19 @@ from edgeprune.evaluate import Quality
 from edgeprune.latency import LatencyModel, ModelTraffic
 from edgeprune.measure import BenchmarkRecord, Workload
 from edgeprune.prune import ModelShape, Plan
-from edgeprune.search import Candidate, SearchPredictor, SearchSpace, State, greedy_search, pareto, run_search
+from edgeprune.search import (
+    Candidate,
+    SearchPredictor,
+    SearchRuntime,
+    SearchSpace,
+    State,
+    greedy_search,
+    pareto,
+    run_search,
+)
 from edgeprune.search.estimate import AdditiveProxy, QualityModel, SpeedCorrection
 from edgeprune.search.pareto import KLD_TOLERANCE, NOT_BETTER
+from edgeprune.search.space import LLAMA_CPP
 
 SHAPE = ModelShape(n_layers=12, n_head=6, n_head_kv=2, head_dim=8, hidden=48, ffn=1024, vocab=100)
 IMPORTANCE = Importance(layer_scores=[0.9, 0.3, 0.05, 0.04, 0.03, 0.06, 0.07, 0.02, 0.08, 0.1, 0.2, 0.5],
@@ -280,3 +290,52 @@ def test_a_journal_replays_what_a_killed_run_timed_in_order(tmp_path):
     assert BenchmarkJournal.for_build(tmp_path, {"target": "arm16g"}).pending == 0  # another build's
     again.finish()
     assert not again.path.exists()
+
+
+ORT = SearchRuntime("onnxruntime")
+
+
+class TwoRuntimeDevice(FakeDevice):
+    """ONNX Runtime reads the same bytes as llama.cpp (so the roofline sees no difference) and runs
+    `speed` times as fast, at `kld` more quality lost to its own quantization."""
+
+    def __init__(self, speed: float, kld: float) -> None:
+        super().__init__()
+        self.speed, self.extra = speed, kld
+
+    def units(self, state: State, true: bool) -> float:
+        units = FakeDevice.units(replace(state, runtime=LLAMA_CPP.name), true)
+        return units / self.speed if true and state.runtime == ORT.name else units
+
+    def speedup(self, state: State) -> float:
+        return self.units(State(0), True) / self.units(state, True)
+
+    def kld(self, state: State) -> float:
+        return super().kld(state) + (self.extra if state.runtime == ORT.name else 0.0)
+
+    def traffic(self, state: State) -> ModelTraffic:
+        return replace(super().traffic(state), runtime=state.runtime)
+
+
+@pytest.mark.parametrize("speed, kld, winner", [(1.7, 0.05, ORT.name), (0.7, 0.0, LLAMA_CPP.name)])
+def test_a_runtime_is_timed_before_its_predictions_rule_it_out(speed, kld, winner):
+    budget = 1.5
+    two = SearchSpace(SHAPE, IMPORTANCE, settings(), runtimes=(LLAMA_CPP, ORT))
+    truth = TwoRuntimeDevice(speed, kld)
+    within = [s for s in [State(0), *two.grid()] if truth.speedup(s) >= budget * (1 + NOISE)]
+    best = min(within, key=truth.kld)
+    assert best.runtime == winner
+    device = TwoRuntimeDevice(speed, kld)
+    slo = SLO(prompt_tokens=8, answer_tokens=ANSWER, speedup=budget)
+    found = run_search("pareto", two, device, slo, 24, predictor(device))
+    # The other runtime's best plan is built and timed, whatever the roofline says of it, once
+    # llama.cpp's path has nothing left: the path it takes alone.
+    calibration = next(c for c in found.candidates if c.state.runtime == ORT.name)
+    assert calibration.state == State(0, runtime=ORT.name) and calibration.measured
+    alone_device = TwoRuntimeDevice(speed, kld)
+    alone = run_search("pareto", space(), alone_device, slo, 24, predictor(alone_device))
+    assert [c.state for c in found.candidates[:len(alone.candidates)]] == [c.state for c in alone.candidates]
+    assert found.selected.state.runtime == winner and found.selected.confirmed
+    assert found.selected.quality.mean_kld <= truth.kld(best) * (1 + KLD_TOLERANCE)
+    if winner == LLAMA_CPP.name:  # slower everywhere: timed once, then predicted, never built again
+        assert [c.state.runtime for c in found.candidates].count(ORT.name) == 1

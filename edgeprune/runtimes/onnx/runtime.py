@@ -32,8 +32,9 @@ class OnnxRuntime(Runtime):
     quant_types = tuple(WEIGHTS)
     default_quant = DEFAULT
     families = ("llama",)  # runtimes/onnx/llama.py writes Llama's layer: no biases or Q/K norms
-    opt_in = ("searched only when asked for (--runtime onnxruntime, or a target's [runtime] table): searching it "
-              "beside llama.cpp doubles a build's candidates")
+    opt_in = ("searched only when asked for (--runtime onnxruntime, or a target's [runtime] table): beside "
+              "llama.cpp it costs at least one more build (twice the candidates with the greedy strategy), and its "
+              "bundle carries a Python for the device")
 
     def search_quant(self, settings: SearchSettings) -> str:
         return settings.onnx_quant
