@@ -1,4 +1,5 @@
-"""`edgeprune bench MODEL.gguf --target T`: one GGUF, the target's SLO workload, on its device."""
+"""`edgeprune bench MODEL --target T`: one model file (a GGUF, or an ONNX file), the target's SLO
+workload, on its device, through the runtime that runs that kind of file."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from edgeprune.config import Target
+from edgeprune.errors import EdgepruneError
 from edgeprune.fleet import open_fleet
 from edgeprune.gguf_file import read_gguf
 from edgeprune.latency import LatencyModel, ModelTraffic, Observation, host_profile, roofline_fraction
 from edgeprune.measure import BenchmarkRecord, Workload
 from edgeprune.runtimes import llamacpp
-from edgeprune.runtimes.registry import get_runtime
+from edgeprune.runtimes.base import Runtime
+from edgeprune.runtimes.registry import runtime_for
 from edgeprune.search.budget import Budget
 
 log = logging.getLogger(__name__)
@@ -38,31 +41,63 @@ class BenchResult:
     # decode tok/s as a share of bandwidth / bytes read per token, and whose bandwidth that is
     roofline: dict[str, Any] | None = None
     estimate: dict[str, Any] | None = None  # the target's latency transferred from this measurement
+    size_bytes: int = 0  # every file the model is made of
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": str(self.model), "target": self.target, "device": self.device, "arch": self.arch,
+        return {"model": str(self.model), "size_bytes": self.size_bytes, "target": self.target, "device": self.device,
+                "arch": self.arch,
                 "budget": self.budget.to_dict(), "verdict": self.verdict, "notes": self.notes,
                 "roofline": self.roofline, "estimate_on_target": self.estimate, "benchmark": self.record.to_dict()}
 
 
-def prompt_tokens(model: Path, n: int) -> tuple[int, ...]:
+# Where an ONNX file's tokenizer is: beside it in a bundle, in the HF checkpoint `prune` writes.
+TOKENIZERS = ("tokenizer.json", "hf/tokenizer.json")
+
+
+def prompt_tokens(model: Path, n: int, baseline: Path | None = None) -> tuple[int, ...]:
+    """PROSE as `model`'s tokens, repeated to n (after the GGUF's BOS)."""
+    if model.suffix != ".gguf":
+        found = next((model.parent / t for t in TOKENIZERS if (model.parent / t).is_file()), None)
+        if found is not None:
+            from tokenizers import Tokenizer
+
+            body = Tokenizer.from_file(str(found)).encode(PROSE, add_special_tokens=False).ids
+            return tuple((body * (n // len(body) + 1))[:n])
+        if baseline is None:
+            raise EdgepruneError(f"{model} has no tokenizer beside it ({' or '.join(TOKENIZERS)}): give --baseline "
+                                 "UNPRUNED.gguf, whose vocabulary the prompt is then written in.")
+        model = baseline
     tokens = llamacpp.tokenize(model, PROSE)
     bos, body = tokens[:1], tokens[1:]
     return tuple((bos + body * (n // len(body) + 1))[:n])
 
 
+def _check_files(model: Path, baseline: Path | None, runtime: Runtime) -> None:
+    """A missing or broken file is one sentence here, not a runner's traceback."""
+    if baseline is not None:
+        if baseline.suffix != ".gguf":
+            raise EdgepruneError(f"--baseline {baseline} is not a GGUF: the unpruned model is timed with llama.cpp.")
+        read_gguf(baseline)
+    if model.suffix == ".gguf":
+        read_gguf(model)
+        return
+    missing = [f for f in runtime.format.files(model) if not f.is_file()]
+    if missing:
+        raise EdgepruneError(f"{missing[0]} does not exist: {model.name} is a {runtime.format.name} model made of "
+                             f"{', '.join(f.name for f in runtime.format.files(model))}, side by side.")
+
+
 def bench(model: Path, target: Target, cache_dir: Path, baseline: Path | None = None, repetitions: int = 5,
           warmup: int = 1) -> BenchResult:
-    for path in (model, baseline):
-        if path is not None:
-            read_gguf(path)  # a missing or broken file is one sentence here, not a runner's traceback
+    runtime = runtime_for(model)
+    _check_files(model, baseline, runtime)
     slo = target.slo
-    runtime = get_runtime()
     with open_fleet(target, cache_dir, [runtime], judging=False) as fleet:
         timer = fleet.primary[runtime.name]
         device = timer.device
         threads = min(target.hardware.cores, device.cores)
-        workload = Workload(prompt_tokens(model, slo.prompt_tokens), slo.answer_tokens, threads, warmup, repetitions)
+        workload = Workload(prompt_tokens(model, slo.prompt_tokens, baseline), slo.answer_tokens, threads, warmup,
+                            repetitions)
         log.info("timing %s on %s: %d-token prompt + %d-token answer, %d threads, %d runs", model.name, device.url,
                  slo.prompt_tokens, slo.answer_tokens, threads, repetitions)
         record = timer.benchmark(model, workload, baseline)
@@ -84,7 +119,8 @@ def bench(model: Path, target: Target, cache_dir: Path, baseline: Path | None = 
     elif arch != target.hardware.arch:
         notes.append(f"Measured on {arch}, a stand-in for the {target.hardware.arch} target: the verdict is this "
                      "device's, not the target's.")
-    result = BenchResult(model, target.name, target.device.url, arch, record, budget, verdict, notes)
+    result = BenchResult(model, target.name, target.device.url, arch, record, budget, verdict, notes,
+                         size_bytes=runtime.format.size_bytes(model))
     if not record.emulated and record.runs:
         _physical_limits(result, runtime.traffic(model), workload, cache_dir, local, target)
     return result

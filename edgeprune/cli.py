@@ -372,7 +372,8 @@ def verify(bundle: Path, answer_tokens: int, repetitions: int, trusted_key: Path
 @logging_options
 def bench(model: Path, target_name: str, baseline: Path | None, repetitions: int, cache_dir: Path | None,
           as_json: bool, device_overrides: dict) -> None:
-    """Time MODEL.gguf with the target's SLO workload on its device (or --device) and judge it against the budget.
+    """Time MODEL (a GGUF, or an ONNX file beside its .onnx.data) with the target's SLO workload on its
+    device (or --device) and judge it against the budget.
 
     Exit status 0: within budget (or nothing to judge, e.g. emulated); 1: over budget; 2: bad input.
     """

@@ -49,7 +49,7 @@ def print_summary(result) -> None:
 def print_bench(r) -> None:
     rec, s = r.record, r.record.summary
     label = " (emulated)" if rec.emulated else ""
-    click.echo(f"Model:      {r.model.name} ({r.model.stat().st_size / MIB:.1f} MiB)")
+    click.echo(f"Model:      {r.model.name} ({r.size_bytes / MIB:.1f} MiB)")
     click.echo(f"Device:     {r.device} ({r.arch}{', ' + rec.cpu if rec.cpu else ''}), {rec.threads} threads"
                f"{', pinned to cores ' + ','.join(map(str, rec.cpus)) if rec.cpus else ''}; {rec.runtime}")
     if rec.ram_cap_exceeded:

@@ -4,8 +4,11 @@ it cannot serve yet is refused in one sentence."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+from test_cli import edgeprune
 
 from conftest import tiny_llama
 from edgeprune.config import load_target
@@ -71,3 +74,24 @@ def test_a_search_times_onnx_candidates_only_where_edgeprunes_python_is(tmp_path
     runtime.check_target_programs(load_target("arm16g"), tmp_path)  # a bundle for aarch64 can be made
     with get_device("qemu-aarch64") as device, pytest.raises(EdgepruneError, match="has no Python"):
         runtime.runner(device)
+
+
+def test_bench_times_an_onnx_file_beside_its_baseline_and_names_what_is_missing(files, tmp_path):
+    model = tmp_path / "m.onnx"
+    get_runtime("onnxruntime").format.copy(files["int4"], model)
+    proc = edgeprune("bench", str(model), "-t", "demo", "--baseline", str(files["gguf"]), "-r", "2", "--json")
+    assert proc.returncode in (0, 1), proc.stderr  # within budget or not: this CPU's business
+    result = json.loads(proc.stdout)
+    record = result["benchmark"]
+    assert record["runner"] == "onnxruntime-python" and len(record["runs"]) == len(record["baseline_runs"]) == 2
+    assert record["summary"]["paired_speedup"] > 0 and result["verdict"] in ("meets", "short of the speed-up")
+    assert result["size_bytes"] == sum(f.stat().st_size for f in (model, tmp_path / "m.onnx.data"))
+    assert 0 < result["roofline"]["fraction"]
+    # Without a baseline the prompt needs the tokenizer beside the model (a bundle's, or prune's hf/).
+    alone = edgeprune("bench", str(model), "-t", "demo", "-r", "1")
+    assert alone.returncode == 2 and "has no tokenizer beside it" in alone.stderr and "Traceback" not in alone.stderr
+    (tmp_path / "m.onnx.data").unlink()
+    gone = edgeprune("bench", str(model), "-t", "demo", "--baseline", str(files["gguf"]))
+    assert gone.returncode == 2 and "m.onnx.data does not exist" in gone.stderr
+    other = edgeprune("bench", str(tmp_path / "m.bin"), "-t", "demo")
+    assert other.returncode == 2 and "runs .gguf (llama.cpp), .onnx (onnxruntime) files" in other.stderr
