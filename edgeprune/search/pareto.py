@@ -203,14 +203,14 @@ class ParetoSearch(SearchLoop, name="pareto"):
         EXACT_PER_ROUND plans a round). Without a candidate within budget: the lowest predicted KLD
         among those at least as likely as not to meet the budget (else the likeliest). With one: those
         as likely, predicted to beat its KLD by more than the predictions' measured error, by expected
-        gain (chance x KLD gained)."""
+        gain (chance x KLD gained). When none is left, another runtime's first plan (_calibrations)."""
         best = self.best_within()
         bar = best.quality.mean_kld / (1 + self.kld_tolerance()) if best is not None else float("inf")
         built = {s.runtime for s in self.seen}  # a runtime's plans are predicted once one of them is measured
         options = [(s, self.chance(s, self.planned[s])) for s in self.grid if s not in self.seen and s.runtime in built]
         if best is None and options and not any(c >= 0.5 for _, c in options):
             top = max(c for _, c in options)
-            return [s for s, c in options if c == top][:n] if top >= MIN_CHANCE else []
+            return [s for s, c in options if c == top][:n] if top >= MIN_CHANCE else self._calibrations()[:n]
         likely = 0.5  # near the budget a timing's noise decides: a coin toss or better is worth a benchmark
 
         def rank(state: State, chance: float) -> tuple[float, bool]:
