@@ -83,8 +83,8 @@ def _check_files(model: Path, baseline: Path | None, runtime: Runtime) -> None:
         return
     missing = [f for f in runtime.format.files(model) if not f.is_file()]
     if missing:
-        raise EdgepruneError(f"{missing[0]} does not exist: {model.name} is a {runtime.format.name} model made of "
-                             f"{', '.join(f.name for f in runtime.format.files(model))}, side by side.")
+        names = " and ".join(f.name for f in runtime.format.files(model))
+        raise EdgepruneError(f"{missing[0]} does not exist: the model is {names}, side by side.")
 
 
 def bench(model: Path, target: Target, cache_dir: Path, baseline: Path | None = None, repetitions: int = 5,
