@@ -48,8 +48,8 @@ from edgeprune.runtimes.llamacpp.gguf_format import GGUF
 from edgeprune.runtimes.registry import get_runtime
 
 
-def edgeprune(*args: str) -> subprocess.CompletedProcess:
-    return edgeprune_cli(*args, timeout=300)  # a fault must end in an error, never hang
+def edgeprune(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return edgeprune_cli(*args, env=env, timeout=300)  # a fault must end in an error, never hang
 
 
 # -- verify: damaged manifest, leftover temporary files, symlinks and special files, signatures --------
@@ -124,7 +124,7 @@ def test_build_refuses_an_unusable_signing_key_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
     key, _ = ssh_keypair(tmp_path, "good")
     proc = edgeprune("build", "--target", "demo", "-o", str(tmp_path / "out"), "--sign", str(key),
-                     env=os.environ | {"PATH": str(tmp_path / "nothing")})
+                     env={"PATH": str(tmp_path / "nothing")})
     assert proc.returncode == 2 and "ssh-keygen is not installed" in proc.stderr, proc.stderr
 
 
