@@ -11,12 +11,12 @@ from typing import Any
 from edgeprune.config import Target
 from edgeprune.errors import EdgepruneError
 from edgeprune.fleet import open_fleet
-from edgeprune.gguf_file import read_gguf
 from edgeprune.latency import LatencyModel, ModelTraffic, Observation, host_profile, roofline_fraction
 from edgeprune.measure import BenchmarkRecord, Workload
 from edgeprune.runtimes import llamacpp
+from edgeprune.runtimes.artifacts import ModelFormat
 from edgeprune.runtimes.base import Runtime
-from edgeprune.runtimes.registry import runtime_for
+from edgeprune.runtimes.registry import get_runtime, runtime_for
 from edgeprune.search.budget import Budget
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,9 @@ class BenchResult:
 TOKENIZERS = ("tokenizer.json", "hf/tokenizer.json")
 
 
-def prompt_tokens(model: Path, n: int, baseline: Path | None = None) -> tuple[int, ...]:
+def prompt_tokens(model: Path, fmt: ModelFormat, n: int, baseline: Path | None = None) -> tuple[int, ...]:
     """PROSE as `model`'s tokens, repeated to n (after the GGUF's BOS)."""
-    if model.suffix != ".gguf":
+    if not fmt.vocabulary_inside:
         found = next((model.parent / t for t in TOKENIZERS if (model.parent / t).is_file()), None)
         if found is not None:
             from tokenizers import Tokenizer
@@ -75,16 +75,12 @@ def prompt_tokens(model: Path, n: int, baseline: Path | None = None) -> tuple[in
 def _check_files(model: Path, baseline: Path | None, runtime: Runtime) -> None:
     """A missing or broken file is one sentence here, not a runner's traceback."""
     if baseline is not None:
-        if baseline.suffix != ".gguf":
-            raise EdgepruneError(f"--baseline {baseline} is not a GGUF: the unpruned model is timed with llama.cpp.")
-        read_gguf(baseline)
-    if model.suffix == ".gguf":
-        read_gguf(model)
-        return
-    missing = [f for f in runtime.format.files(model) if not f.is_file()]
-    if missing:
-        names = " and ".join(f.name for f in runtime.format.files(model))
-        raise EdgepruneError(f"{missing[0]} does not exist: the model is {names}, side by side.")
+        baseline_runtime = get_runtime()  # the unpruned model is timed with the default runtime
+        if baseline.suffix != baseline_runtime.format.suffix:
+            raise EdgepruneError(f"--baseline {baseline} is not a {baseline_runtime.format.name.upper()}: the unpruned "
+                                 f"model is timed with {baseline_runtime.name}.")
+        baseline_runtime.format.check(baseline)
+    runtime.format.check(model)
 
 
 def bench(model: Path, target: Target, cache_dir: Path, baseline: Path | None = None, repetitions: int = 5,
@@ -96,8 +92,8 @@ def bench(model: Path, target: Target, cache_dir: Path, baseline: Path | None = 
         timer = fleet.primary[runtime.name]
         device = timer.device
         threads = min(target.hardware.cores, device.cores)
-        workload = Workload(prompt_tokens(model, slo.prompt_tokens, baseline), slo.answer_tokens, threads, warmup,
-                            repetitions)
+        prompt = prompt_tokens(model, runtime.format, slo.prompt_tokens, baseline)
+        workload = Workload(prompt, slo.answer_tokens, threads, warmup, repetitions)
         log.info("timing %s on %s: %d-token prompt + %d-token answer, %d threads, %d runs", model.name, device.url,
                  slo.prompt_tokens, slo.answer_tokens, threads, repetitions)
         record = timer.benchmark(model, workload, baseline)

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from edgeprune.errors import EdgepruneError
 from edgeprune.export import Provenance
 from edgeprune.hashing import code_hash, sha256_json
 from edgeprune.models.streamed import Overrides
@@ -47,6 +48,7 @@ class ModelFormat(ABC):
     name: ClassVar[str]
     suffix: ClassVar[str]
     code_modules: ClassVar[tuple[str, ...]]  # the code that writes and reads its files
+    vocabulary_inside: ClassVar[bool] = False  # the model file holds its tokenizer (llama.cpp's GGUF does)
 
     @property
     def model_file(self) -> str:
@@ -55,6 +57,14 @@ class ModelFormat(ABC):
     def files(self, model: Path) -> list[Path]:
         """Every file the model is made of (a format may keep weights beside the model file)."""
         return [model]
+
+    def check(self, model: Path) -> None:
+        """One sentence when a file of the model is missing or broken (before a runner meets it)."""
+        files = self.files(model)
+        missing = next((f for f in files if not f.is_file()), None)
+        if missing is not None:
+            whole = f": the model is {' and '.join(f.name for f in files)}, side by side" if len(files) > 1 else ""
+            raise EdgepruneError(f"{missing} does not exist{whole}.")
 
     def copy(self, model: Path, dst: Path) -> None:
         """Copy the model to `dst` (a file name of this format), with every file it is made of."""

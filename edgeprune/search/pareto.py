@@ -206,7 +206,7 @@ class ParetoSearch(SearchLoop, name="pareto"):
         gain (chance x KLD gained). When none is left, another runtime's first plan (_calibrations)."""
         best = self.best_within()
         bar = best.quality.mean_kld / (1 + self.kld_tolerance()) if best is not None else float("inf")
-        built = {s.runtime for s in self.seen}  # a runtime's plans are predicted once one of them is measured
+        built = self._built_runtimes()  # a runtime's plans are predicted once one of them is measured
         options = [(s, self.chance(s, self.planned[s])) for s in self.grid if s not in self.seen and s.runtime in built]
         if best is None and options and not any(c >= 0.5 for _, c in options):
             top = max(c for _, c in options)
@@ -234,7 +234,7 @@ class ParetoSearch(SearchLoop, name="pareto"):
 
     def _calibrations(self) -> list[State]:
         """For each runtime with nothing built yet, its plan of lowest predicted KLD (the unpruned structure)."""
-        built = {s.runtime for s in self.seen}
+        built = self._built_runtimes()
         by_runtime: dict[str, list[State]] = {}
         for s in self.grid:
             if s.runtime not in built:
@@ -297,6 +297,9 @@ class ParetoSearch(SearchLoop, name="pareto"):
               cand.quality.mean_kld, reason, **self._fields(cand, "skipped"))
         self.progress()
         return True
+
+    def _built_runtimes(self) -> set[str]:
+        return {s.runtime for s in self.seen}
 
     def _timed_in(self, runtime: str) -> bool:
         return any(c.measured and c.state.runtime == runtime for c in self.seen.values())

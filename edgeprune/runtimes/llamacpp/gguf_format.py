@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from edgeprune.export import write_gguf
+from edgeprune.gguf_file import read_gguf
 from edgeprune.models.streamed import DecoderStream
 from edgeprune.quantize import RECIPES, collect_imatrix, quantize, tensor_shapes
 from edgeprune.runtimes import llamacpp
@@ -20,6 +21,10 @@ class Gguf(ModelFormat):
     name = "gguf"
     suffix = ".gguf"
     code_modules = (__name__,)
+    vocabulary_inside = True
+
+    def check(self, model: Path) -> None:
+        read_gguf(model)  # a GGUF's header and tensor extents, each fault in one sentence
 
     def realize(self, job: Realization, out: Path) -> None:
         intermediate = out.with_name(out.stem + "-16bit.gguf")
