@@ -100,6 +100,19 @@ def stage_timeline(cache: Path, since: float) -> list[dict[str, Any]]:
     return out
 
 
+def search_summary(search: dict[str, Any]) -> dict[str, Any]:
+    """What a build's search chose, and each candidate's structure, KLD, speed-up and verdict."""
+    cands = search.get("candidates", [])
+    pick = next((c for c in cands if c["selected"]), None)
+    return {k: search.get(k) for k in ("selected", "stop_reason", "candidate_files")} | {
+        "candidates": len(cands),
+        "selected_step": pick["step"] if pick else None,
+        "selected_speedup": pick["speedup"] if pick else None,
+        "trail": [{k: c.get(k) for k in ("id", "step", "mean_kld", "speedup", "peak_rss_bytes", "verdict")}
+                  for c in cands],
+    }
+
+
 def run_command(name: str, argv: list[str], model_dir: Path, work: Path, limit: int | None,
                 keep_cache: bool, resume: bool = False) -> dict[str, Any]:
     """One edgeprune command in a fresh process, cache and output directory, under the memory limit.
@@ -135,8 +148,7 @@ def run_command(name: str, argv: list[str], model_dir: Path, work: Path, limit: 
         "stages": stage_timeline(cache, started),
         "cache_disk_bytes": disk_use(cache),
         "cache_disk_peak_bytes": disk.peak,
-        "search": {k: report.get("search", {}).get(k) for k in ("selected", "stop_reason", "candidate_files")}
-        | {"candidates": len(report.get("search", {}).get("candidates", []))},
+        "search": search_summary(report.get("search", {})),
         "output_disk_bytes": disk_use(out),
         "log": str(log),
         # Wall times are only comparable on an otherwise idle machine: the 1-minute load around the run.
@@ -196,6 +208,15 @@ def print_table(results: dict[str, Any]) -> None:
                   f"{cg:>7}{run['peak_anon_bytes'] / GIB / billions:>7.2f}"
                   f"{run['wall_s'] / billions:>7.0f}{run['cache_disk_bytes'] / GIB:>10.2f}"
                   f"{run.get('cache_disk_peak_bytes', 0) / GIB:>6.1f}")
+    for row in results["models"]:
+        search = (row.get("build") or {}).get("search")
+        if search:
+            argv = row["build"]["argv"]
+            strategy = argv[argv.index("--strategy") + 1] if "--strategy" in argv else "the profile's"
+            print(f"{row['model']} build ({strategy} strategy, {search['candidates']} candidates): "
+                  f"{search.get('selected_step') or search['selected'] or 'nothing selected'}"
+                  + (f", {search['selected_speedup']:.2f}x" if search.get("selected_speedup") else "")
+                  + f"; {search['stop_reason']}")
     for command, fit in results["extrapolation_70b"].items():
         if fit["points"]:
             figures = [f"{label} {fit[key] / scale:.1f} {unit}" if fit[key] is not None else f"{label}: no rising fit"
