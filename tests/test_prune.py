@@ -1,5 +1,7 @@
 """Plans and their torch application: every structure equals masking the original model."""
 
+import random
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -44,6 +46,13 @@ def test_plan_round_trips_and_is_a_stable_key():
     assert Plan.from_dict(plan.to_dict()).key() == plan.key()
     assert Plan().is_identity and not plan.is_identity
     assert "ffn" not in Plan(drop_layers=(1,)).to_dict()  # keys of plans without FFN pruning are unchanged
+
+
+def test_ffn_channels_are_a_hex_bitmask_lowest_channel_first():
+    # The mask is in cache keys and GGUF metadata: its spelling must not change.
+    assert Plan(ffn=((0, (8, 0, 3)),)).to_dict()["ffn"] == {"0": "109"}  # bits 0, 3, 8
+    wide = tuple(sorted(random.Random(0).sample(range(14336), 12000)))  # an 8B layer's channels
+    assert Plan.from_dict(Plan(ffn=((5, wide), (6, (14335,)))).to_dict()).ffn == ((5, wide), (6, (14335,)))
 
 
 def test_a_layer_without_attention_and_mlp_is_dropped():

@@ -17,7 +17,7 @@ def select_channels(channel_scores: torch.Tensor, keep: int) -> tuple[int, ...]:
     if not 0 <= keep <= channel_scores.numel():
         raise ValueError(f"cannot keep {keep} of {channel_scores.numel()} channels")
     best = torch.argsort(channel_scores, descending=True, stable=True)[:keep]
-    return tuple(sorted(int(i) for i in best))
+    return tuple(best.sort().values.tolist())  # not by iterating the tensor: an 8B's 14k channels, 32 layers
 
 
 def group_scores(head_scores: torch.Tensor, n_head_kv: int) -> torch.Tensor:

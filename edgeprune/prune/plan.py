@@ -78,16 +78,21 @@ class LayerShape:
 
 def _encode_channels(channels: tuple[int, ...]) -> str:
     """FFN channel sets are long (thousands per layer): a hex bitmask keeps plans and GGUF metadata small."""
-    return format(sum(1 << c for c in channels), "x") if channels else ""
+    if not channels:
+        return ""
+    bits = bytearray(max(channels) // 8 + 1)  # set bit by bit: summing 1 << c is quadratic in the width
+    for c in channels:
+        bits[c >> 3] |= 1 << (c & 7)
+    return format(int.from_bytes(bits, "little"), "x")
 
 
 def _decode_channels(mask: str) -> tuple[int, ...]:
-    value = int(mask, 16) if mask else 0
-    return tuple(i for i in range(value.bit_length()) if value >> i & 1)
+    low_first = bin(int(mask, 16))[:1:-1] if mask else ""
+    return tuple(i for i, bit in enumerate(low_first) if bit == "1")
 
 
 def _normalise(entries: Any) -> tuple[tuple[int, tuple[int, ...]], ...]:
-    return tuple(sorted((int(layer), tuple(sorted(int(i) for i in kept))) for layer, kept in entries))
+    return tuple(sorted((int(layer), tuple(sorted(map(int, kept)))) for layer, kept in entries))
 
 
 @dataclass(frozen=True)
