@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from transformers import AutoConfig
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -41,9 +43,7 @@ def random_importance(shape: ModelShape, seed: int = 0) -> Importance:
 
 
 def measure(model: str, profile: str, repetitions: int) -> dict:
-    p = PRESETS[model]
-    shape = ModelShape(n_layers=p.layers, n_head=p.heads, n_head_kv=p.kv_heads, head_dim=p.head_dim,
-                       hidden=p.hidden, ffn=p.ffn, vocab=p.vocab)
+    shape = ModelShape.from_config(AutoConfig.for_model(**PRESETS[model].config(None, None)))  # family included
     importance, settings = random_importance(shape), load_profile(profile).search
     plan_s = []
     for _ in range(repetitions):  # a fresh space each time: its per-layer selections start empty

@@ -316,8 +316,7 @@ def main() -> None:
             if not args.skip_build:
                 build = ["build", "--model", str(model_dir), "--profile", "quick", "--target", args.target,
                          "--speedup", str(args.speedup), *strategy, *calib]
-                row["build"] = run_command("build", build,
-                                           model_dir, work, limit, args.keep_caches, args.resume)
+                row["build"] = run_command("build", build, model_dir, work, limit, args.keep_caches, args.resume)
                 save(results, args.out)
         except CgroupUnavailable as e:
             sys.exit(f"error: {e} Run with --limit-gib 0 to measure without a limit.")
