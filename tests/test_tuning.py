@@ -65,10 +65,10 @@ def test_llama_settings_spell_the_same_everywhere():
     import llama_cpp
 
     s = LlamaSettings.of({"flash_attn": "on", "ubatch": 256, "kv_cache": "q8_0"}, threads=3)
-    assert s.cli_args() == ["-t", "3", "-fa", "on", "-ub", "256", "-ctk", "q8_0", "-ctv", "q8_0"]
+    assert s.cli_args() == ["-t", "3", "-fa", "on", "-ub", "256", "-ctk", "q8_0", "-ctv", "q8_0", "-lm", "none"]
     assert s.context_kwargs(n_batch=100) == {"n_threads": 3, "n_threads_batch": 3, "flash_attn": True,
                                              "n_batch": 100, "n_ubatch": 100, "type_k": llama_cpp.GGML_TYPE_Q8_0,
-                                             "type_v": llama_cpp.GGML_TYPE_Q8_0}
+                                             "type_v": llama_cpp.GGML_TYPE_Q8_0, "use_mmap": False}
     assert LlamaSettings(2).context_kwargs(8)["type_k"] == llama_cpp.GGML_TYPE_F16
     assert LlamaSettings.of(s.to_dict(), threads=8) == s
     assert s.lossy() == {"kv_cache": "q8_0"} and LlamaSettings(2).lossy() == {}
@@ -186,3 +186,28 @@ def test_a_kv_cache_the_models_head_width_cannot_hold_is_skipped_saying_why(tmp_
     (skip,) = tuning.skipped
     assert skip["setting"] == "kv_cache" and skip["value"] == "q8_0"
     assert skip["why"].startswith("the run failed:") and "tiny.gguf" in skip["why"]
+
+
+def test_a_timed_model_is_read_into_memory_not_mapped(q4_model):
+    """The benchmark worker's engine loads the weights as the bundle's scripts do (`-lm none`): with
+    the file mapped, peak RSS would count the weights llama.cpp repacks twice. The same load with
+    llama.cpp's default maps the file, so the check can fail."""
+    from pathlib import Path
+
+    import llama_cpp
+
+    from edgeprune.runtimes.llamacpp.engine import LlamaCppEngine
+
+    def mapped() -> bool:
+        return str(q4_model.resolve()) in Path("/proc/self/maps").read_text()
+
+    engine = LlamaCppEngine(q4_model, n_ctx=64, threads=2, settings={})
+    try:
+        assert not mapped()
+    finally:
+        engine.close()
+    default = llama_cpp.Llama(model_path=str(q4_model), n_ctx=64, verbose=False)
+    try:
+        assert mapped()
+    finally:
+        default.close()

@@ -17,6 +17,11 @@ KV_CACHES = ("f16", "q8_0")
 LOSSLESS_KV = "f16"
 _GGML_TYPES = {"f16": 1, "q8_0": 8}  # ggml.h's enum ggml_type (a stable ABI), for llama_cpp.Llama
 _BLOCK = {"f16": 1, "q8_0": 32}  # elements per block: a cached head's width must be a multiple
+# Not searched: weights are read into memory, never memory-mapped (llama.cpp's load mode "none"),
+# wherever a model is timed or deployed. With the mapping, llama.cpp repacks Q4_0/Q4_K/IQ4_NL into
+# anonymous memory beside the mapped file, so peak RSS counts those weights twice (an 8B Q4_K_M:
+# 7.79 GiB mapped, 4.72 GiB read); the RAM verdict must judge what the device needs.
+LOAD_MODE = "none"
 
 
 @dataclass(frozen=True)
@@ -45,13 +50,14 @@ class LlamaSettings:
     def cli_args(self) -> list[str]:
         """The same settings for llama.cpp's programs (llama-bench, llama-completion, llama-server)."""
         return ["-t", str(self.threads), "-fa", self.flash_attn, "-ub", str(self.ubatch),
-                "-ctk", self.kv_cache, "-ctv", self.kv_cache]
+                "-ctk", self.kv_cache, "-ctv", self.kv_cache, "-lm", LOAD_MODE]
 
     def context_kwargs(self, n_batch: int) -> dict[str, Any]:
         """For llama_cpp.Llama: a decode call of up to `n_batch` tokens, computed `ubatch` at a time."""
         return {"n_threads": self.threads, "n_threads_batch": self.threads, "flash_attn": self.flash_attn == "on",
                 "n_batch": n_batch, "n_ubatch": min(self.ubatch, n_batch),
-                "type_k": _GGML_TYPES[self.kv_cache], "type_v": _GGML_TYPES[self.kv_cache]}
+                "type_k": _GGML_TYPES[self.kv_cache], "type_v": _GGML_TYPES[self.kv_cache],
+                "use_mmap": LOAD_MODE != "none"}
 
     def kv_gap(self, key_dim: int, value_dim: int) -> str | None:
         """Why a model whose attention heads are `key_dim`/`value_dim` wide cannot cache them in this
