@@ -53,11 +53,10 @@ PROMPT_TOKENS = 64
 # The quick quantized copy of an HF reference that generates calibration text: Q4_0 quantizes
 # fastest after Q8_0 and is half its size, so an 8B copy (4.3 GB) stays resident in 8 GiB.
 QUICK_QUANT = "Q4_0"
-# A model llama.cpp decodes must stay resident: the weights it repacks for faster kernels
-# (ggml-cpu/repack.cpp: Q4_0, Q4_K, IQ4_NL on x86 with AVX2; most types on ARM) are anonymous
-# memory, and the ones it reads through the mapping are page cache a memory cgroup charges too —
-# measured: an 8B Q8_0 copy (8.5 GB) decoded inside an 8 GiB cgroup re-read ~500 MB/s from disk at
-# every token. So every llama.cpp phase counts the whole quantized file.
+# A model llama.cpp decodes is read into anonymous memory, never mapped (llamacpp/settings.py
+# LOAD_MODE), and must stay resident anyway: mapped, an 8B Q8_0 copy (8.5 GB) decoded inside an
+# 8 GiB cgroup re-read ~500 MB/s from disk at every token. So every llama.cpp phase counts the
+# whole quantized file.
 # llama.cpp's logical batch: prompt tokens evaluated per graph when logits of every token are not needed.
 RUNTIME_BATCH = 512
 BINARIES = 64 * MiB  # the bundle's cross-compiled llama.cpp binaries
