@@ -26,6 +26,7 @@ from edgeprune.events import STAGE, event
 from edgeprune.executors import BuildContext, Executor, InProcess, check_executor, open_executor
 from edgeprune.fleet import Fleet, open_fleet
 from edgeprune.footprint import Estimate, Work, compared
+from edgeprune.hashing import code_hash
 from edgeprune.journal import BenchmarkJournal
 from edgeprune.latency import Prediction, host_profile
 from edgeprune.measure import Workload
@@ -256,8 +257,10 @@ def _build(config: BuildConfig, source: ModelSource, weights: WeightStore, targe
     workload = _workload(target, profile, splits, threads)
     sparsity = target.sparsity.spec() if target.sparsity else None
     identity = config.model_dump(mode="json", exclude={"output_dir", "cache_dir", "force", "sign_key"})
-    journal = BenchmarkJournal.for_build(config.cache_dir, identity | {"reference": reference.sha256,
-                                                                        "version": __version__})
+    # The timing code too: an edgeprune that times differently (another load mode, say) must not
+    # replay a killed run's figures.
+    journal = BenchmarkJournal.for_build(config.cache_dir, identity | {
+        "reference": reference.sha256, "version": __version__, "timing": code_hash("edgeprune.runtimes.registry")})
     if journal.pending:
         event(log, STAGE, "resuming a killed run of this build: %d benchmark(s) it took are replayed, not retimed",
               journal.pending, name="resume", benchmarks=journal.pending)
